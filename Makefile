@@ -1,0 +1,43 @@
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TF ?= cpu
+
+.PHONY: help install test test-full lint format train sweep ui bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install the package editable with its dev extras (TF=gpu for a CUDA build)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev,$(TF)]"
+
+test:  ## the fast suite (skips tests marked slow)
+	$(BIN)/pytest -q
+
+test-full:  ## every test, the slow end-to-end ones included
+	$(BIN)/pytest -q -m ""
+
+lint:  ## ruff lint and format check
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format:  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+train:  ## one run with the default config (ARGS="model=mlp ..." to override)
+	$(BIN)/python -m trainer $(ARGS)
+
+sweep:  ## a small Hydra multirun over optimizers and learning rates
+	$(BIN)/python -m trainer -m optimizer=sgd,adam optimizer.lr=1e-3,1e-2 $(ARGS)
+
+ui:  ## the MLflow UI over this directory's store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+bench:  ## side-by-side speed: naive, keras fit, bare compiled loop, ours
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf outputs multirun mlruns .pytest_cache

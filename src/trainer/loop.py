@@ -1,0 +1,145 @@
+"""The compiled GradientTape step and the K-step chunk that runs it.
+
+`train_step` is only the step (tape, loss, gradients, clip, apply). `run(k)` calls one compiled function
+that runs k steps in a `tf.range` loop and gathers each step's loss, gradient norms and learning rate in
+TensorArrays, so a chunk costs one Python call and hands back length-k tensors; nothing in it touches the
+host. k is passed as a tensor, so one trace serves every chunk, the short last one included (as Orbit's
+controller does). Batches are gathered by index from tensors held on the device, reshuffled each epoch
+with a stateless seed of (seed, epoch): the data position is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# The per-step outputs are named as their MLflow metrics. This one is [k, n_variables]: one column per
+# variable, logged as `train/grad_norm/<variable path>`.
+PER_VARIABLE = "train/grad_norm/"
+
+
+def variable_path(v: tf.Variable) -> str:
+    """Keras 3 variables know their path (`mlp/dense_0/kernel`); plain tf.Variables only a name."""
+    return getattr(v, "path", None) or v.name.split(":")[0]
+
+
+class StepLoop:
+    def __init__(
+        self,
+        model,
+        loss_fn: LossFn,
+        optimizer,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        clip_norm: float | None = None,
+        grad_norms: str = "per_variable",
+        jit: bool = False,
+    ):
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
+        self.x, self.y = tf.constant(x), tf.constant(y)
+        self.n = int(x.shape[0])
+        self.steps_per_epoch = self.n // batch_size  # the ragged last batch is dropped: shapes stay fixed
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
+        model(self.x[:batch_size])  # build the variables before the first trace
+        self.variables = list(model.trainable_variables)
+        self.variable_names = [variable_path(v) for v in self.variables]
+        step_fn = tf.function(self.train_step, jit_compile=True) if jit else self.train_step
+        self._step_fn = step_fn
+        self._chunk = tf.function(self._run_chunk)
+        self._eval = tf.function(self._evaluate)
+
+    # --- the step ------------------------------------------------------------------------------
+    def train_step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+        grads = tape.gradient(loss, self.variables)
+        out = {"train/loss": loss, "train/lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
+        if self.grad_norms == "per_variable":
+            out[PER_VARIABLE] = tf.stack([tf.norm(g) for g in grads])
+            out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(tf.square(out[PER_VARIABLE])))
+        elif self.grad_norms == "global" or self.clip_norm:
+            out["train/grad_norm"] = tf.linalg.global_norm(grads)
+        if self.clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm, use_norm=out["train/grad_norm"])
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        if self.grad_norms == "off":
+            out.pop("train/grad_norm", None)
+        return out
+
+    def gradients(self) -> list[tf.Tensor]:
+        """The gradients the next step will see, without applying them (the tape example prints these)."""
+        x, y = self._batch()
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+        return tape.gradient(loss, self.variables)
+
+    # --- the chunk -----------------------------------------------------------------------------
+    def run(self, num_steps: int) -> dict[str, tf.Tensor]:
+        """Run `num_steps` steps in one compiled call; returns per-step values, still on the device."""
+        return self._chunk(tf.constant(num_steps, tf.int32))
+
+    def _run_chunk(self, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        arrays: dict[str, tf.TensorArray] = {}
+        for key, spec in self._output_spec().items():
+            arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
+        for i in tf.range(num_steps):
+            x, y = self._batch()
+            out = self._step_fn(x, y)
+            self.step.assign_add(1)
+            arrays = {k: arrays[k].write(i, tf.cast(out[k], arrays[k].dtype)) for k in arrays}
+        return {k: a.stack() for k, a in arrays.items()}
+
+    def _output_spec(self) -> dict[str, tf.TensorSpec]:
+        spec = {"train/loss": tf.TensorSpec([], tf.float32), "train/lr": tf.TensorSpec([], tf.float32)}
+        if self.grad_norms != "off":
+            spec["train/grad_norm"] = tf.TensorSpec([], tf.float32)
+        if self.grad_norms == "per_variable":
+            spec[PER_VARIABLE] = tf.TensorSpec([len(self.variables)], tf.float32)
+        return spec
+
+    def _batch(self) -> tuple[tf.Tensor, tf.Tensor]:
+        position = self.step % self.steps_per_epoch
+        epoch = self.step // self.steps_per_epoch
+        if position == 0:
+            self.order.assign(self._epoch_order(epoch))
+        start = tf.cast(position, tf.int32) * self.batch_size
+        idx = self.order[start : start + self.batch_size]
+        return tf.gather(self.x, idx), tf.gather(self.y, idx)
+
+    def _epoch_order(self, epoch: tf.Tensor) -> tf.Tensor:
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)])
+        return tf.argsort(tf.random.stateless_uniform([self.n], seed=seed))
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, x: tf.Tensor, y: tf.Tensor, accuracy: bool = False) -> dict[str, tf.Tensor]:
+        """Mean loss (and accuracy) over a whole split, batched so large splits fit; on the device."""
+        return self._eval(x, y, tf.constant(max(self.batch_size, 1024), tf.int32), accuracy)
+
+    def _evaluate(self, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor, accuracy: bool) -> dict[str, tf.Tensor]:
+        n = tf.shape(x)[0]
+        total_loss, correct = tf.constant(0.0), tf.constant(0.0)
+        for start in tf.range(0, n, batch):
+            xb, yb = x[start : start + batch], y[start : start + batch]
+            pred = self.model(xb, training=False)
+            count = tf.cast(tf.shape(xb)[0], tf.float32)
+            total_loss += tf.cast(self.loss_fn(yb, pred), tf.float32) * count
+            if accuracy:
+                correct += tf.reduce_sum(tf.cast(_hits(yb, pred), tf.float32))
+        out = {"loss": total_loss / tf.cast(n, tf.float32)}
+        if accuracy:
+            out["accuracy"] = correct / tf.cast(n, tf.float32)
+        return out
+
+
+def _hits(y: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
+    if y.shape[-1] == 1:  # binary: one logit per example
+        return tf.equal(tf.cast(pred > 0, y.dtype), y)[:, 0]
+    return tf.equal(tf.argmax(pred, axis=-1), tf.argmax(y, axis=-1))
