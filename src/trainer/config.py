@@ -243,9 +243,7 @@ class Tracking:
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "tracking.log_every", self.log_every, "an integer >= 1")
         modes = ("per_variable", "global", "off")
-        _require(
-            self.log_grad_norms in modes, "tracking.log_grad_norms", self.log_grad_norms, " | ".join(modes)
-        )
+        _require(self.log_grad_norms in modes, "tracking.log_grad_norms", self.log_grad_norms, " | ".join(modes))
         _require(self.queue_chunks >= 1, "tracking.queue_chunks", self.queue_chunks, "an integer >= 1")
 
 

@@ -36,7 +36,7 @@ class Dataset:
 def split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int, task: str = "regression") -> Dataset:
     """Shuffle once with `seed`, then hold out the first `val_fraction` of examples for validation."""
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-    n_val = int(round(len(x) * val_fraction))
+    n_val = round(len(x) * val_fraction)
     if n_val == 0:
         return Dataset(x, y, None, None, task)
     if n_val >= len(x):
@@ -126,9 +126,7 @@ def _read_csv(path: Path) -> tuple[list[list[str]], list[str]]:
     header = [h.strip() for h in table[0]]
     bad = next((i for i, r in enumerate(table[1:], start=2) if len(r) != len(header)), None)
     if bad is not None:
-        raise TrainerError(
-            f"{path}: line {bad} has {len(table[bad - 1])} fields, the header has {len(header)}"
-        )
+        raise TrainerError(f"{path}: line {bad} has {len(table[bad - 1])} fields, the header has {len(header)}")
     return table[1:], header
 
 

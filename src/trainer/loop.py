@@ -51,6 +51,7 @@ class StepLoop:
         model(self.x[:batch_size])  # build the variables before the first trace
         self.variables = list(model.trainable_variables)
         self.variable_names = [variable_path(v) for v in self.variables]
+        optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
         step_fn = tf.function(self.train_step, jit_compile=True) if jit else self.train_step
         self._step_fn = step_fn
         self._chunk = tf.function(self._run_chunk)
@@ -69,7 +70,7 @@ class StepLoop:
             out["train/grad_norm"] = tf.linalg.global_norm(grads)
         if self.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self.clip_norm, use_norm=out["train/grad_norm"])
-        self.optimizer.apply_gradients(zip(grads, self.variables))
+        self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
         if self.grad_norms == "off":
             out.pop("train/grad_norm", None)
         return out

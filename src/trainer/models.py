@@ -16,9 +16,7 @@ class Linear(keras.Model):
     def build(self, input_shape) -> None:
         w_init = "glorot_uniform" if self.w_init is None else keras.initializers.Constant(self.w_init)
         self.w = self.add_weight(name="w", shape=(input_shape[-1], self.units), initializer=w_init)
-        self.b = self.add_weight(
-            name="b", shape=(self.units,), initializer=keras.initializers.Constant(self.b_init)
-        )
+        self.b = self.add_weight(name="b", shape=(self.units,), initializer=keras.initializers.Constant(self.b_init))
 
     def call(self, x, training: bool = False):
         return x @ self.w + self.b
@@ -41,9 +39,7 @@ class MLP(keras.Model):
     ):
         super().__init__(**kwargs)
         self.hidden, self.units, self.activation, self.dropout = list(hidden), units, activation, dropout
-        self.blocks = [
-            keras.layers.Dense(h, activation=activation, name=f"dense_{i}") for i, h in enumerate(hidden)
-        ]
+        self.blocks = [keras.layers.Dense(h, activation=activation, name=f"dense_{i}") for i, h in enumerate(hidden)]
         self.drop = keras.layers.Dropout(dropout) if dropout else None
         self.head = keras.layers.Dense(units, name="head")
 

@@ -92,9 +92,7 @@ class MetricSink:
         k = len(next(iter(arrays.values())))
         steps = chunk.first_step + np.arange(k)
         keep = np.flatnonzero(steps % self.log_every == 0) if self.log_every > 1 else np.arange(k)
-        stamps = (
-            np.linspace(chunk.t_start, chunk.t_end, k) * 1000 if k > 1 else np.array([chunk.t_end * 1000])
-        )
+        stamps = np.linspace(chunk.t_start, chunk.t_end, k) * 1000 if k > 1 else np.array([chunk.t_end * 1000])
         points = []
         for name, values in arrays.items():
             if values.ndim == 2:
@@ -129,9 +127,7 @@ class Run:
             tags = {"overrides": " ".join(self.overrides), **self.tags}
             run = mlflow.start_run(run_name=t.run_name, tags=tags)
         except Exception as e:
-            raise TrainerError(
-                f"tracking.uri={self.uri!r}: cannot open the MLflow store ({_first_line(e)})"
-            ) from e
+            raise TrainerError(f"tracking.uri={self.uri!r}: cannot open the MLflow store ({_first_line(e)})") from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)

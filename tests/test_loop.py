@@ -1,0 +1,171 @@
+"""The compiled step against analytic gradients, finite differences and hand-computed trajectories."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import losses
+from trainer.data import regression
+from trainer.loop import PER_VARIABLE, StepLoop
+from trainer.models import MLP, Linear
+from trainer.optim import Schedule
+
+X, Y = np.array([[2.0]], np.float32), np.array([[3.0]], np.float32)
+
+
+def tape_loop(lr: float = 0.01, **kwargs) -> StepLoop:
+    model = Linear(units=1, w_init=0.5, b_init=1.0)
+    return StepLoop(model, losses.squared, keras.optimizers.SGD(lr), X, Y, batch_size=1, **kwargs)
+
+
+def test_tape_example_gradients_are_exact():
+    """TensorFlow's introduction: loss = (3 - (0.5*2 + 1))^2 = 1, dL/dw = -2*1*2 = -4, dL/db = -2."""
+    loop = tape_loop()
+    grads = {name: g.numpy() for name, g in zip(loop.variable_names, loop.gradients(), strict=True)}
+    assert list(grads) == ["linear/w", "linear/b"]
+    assert grads["linear/w"].item() == -4.0
+    assert grads["linear/b"].item() == -2.0
+
+
+def test_sgd_steps_follow_the_hand_computed_trajectory():
+    """With lr: w += 4*lr*r, b += 2*lr*r, so the residual r = 3 - (2w + b) shrinks by (1 - 10 lr) a step."""
+    lr, steps = 0.01, 12
+    loop = tape_loop(lr)
+    out = {k: v.numpy() for k, v in loop.run(steps).items()}
+    r = 1.0
+    w, b, expected_loss = 0.5, 1.0, []
+    for _ in range(steps):
+        expected_loss.append(r * r)
+        w, b = w + 4 * lr * r, b + 2 * lr * r
+        r = 3.0 - (2 * w + b)
+    np.testing.assert_allclose(out["train/loss"], expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(out[PER_VARIABLE][:, 0], 4 * np.sqrt(expected_loss), rtol=1e-5)  # |dL/dw| = 4r
+    np.testing.assert_allclose(out[PER_VARIABLE][:, 1], 2 * np.sqrt(expected_loss), rtol=1e-5)  # |dL/db| = 2r
+    np.testing.assert_allclose(out["train/lr"], lr)
+    np.testing.assert_allclose(loop.model.w.numpy().item(), w, rtol=1e-5)
+    np.testing.assert_allclose(loop.model.b.numpy().item(), b, rtol=1e-5)
+    assert int(loop.step.numpy()) == steps
+
+
+def test_chunks_of_any_size_give_the_same_run_and_trace_once():
+    """k is a tensor: chunks of 5, 5, 3 equal one chunk of 13, and the chunk function is traced once."""
+    data = regression(n_samples=256, n_features=4, val_fraction=0.0)
+
+    def make() -> StepLoop:
+        keras.utils.set_random_seed(1)
+        model = MLP(hidden=[8], units=1)
+        return StepLoop(model, losses.mse, keras.optimizers.Adam(1e-2), data.x_train, data.y_train, 32, seed=3)
+
+    one, many = make(), make()
+    whole = one.run(13)["train/loss"].numpy()
+    parts = np.concatenate([many.run(k)["train/loss"].numpy() for k in (5, 5, 3)])
+    np.testing.assert_allclose(parts, whole, rtol=1e-6)
+    assert many._chunk.experimental_get_tracing_count() == 1
+    for a, b in zip(one.model.weights, many.model.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_norms_match_global_norm_and_finite_differences_on_the_mlp():
+    """Per-variable norms of the tape's gradients equal tf.norm; the global norm equals tf.linalg.global_norm;
+    and the gradient itself matches central finite differences of the loss (float64)."""
+    keras.config.set_dtype_policy("float64")
+    try:
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((16, 3)), rng.standard_normal((16, 2))
+        model = MLP(hidden=[5, 4], units=2, activation="tanh")
+        loop = StepLoop(model, losses.mse, keras.optimizers.SGD(0.0), x, y, batch_size=16)
+        grads = loop.gradients()
+        out = loop.run(1)
+        per_var = out[PER_VARIABLE].numpy()[0]
+        np.testing.assert_allclose(per_var, [tf.norm(g).numpy() for g in grads], rtol=1e-6)
+        np.testing.assert_allclose(out["train/grad_norm"].numpy()[0], tf.linalg.global_norm(grads).numpy(), rtol=1e-6)
+
+        def loss_at() -> float:
+            return float(losses.mse(y, model(x)).numpy())
+
+        eps = 1e-6
+        for var, grad in zip(loop.variables, grads, strict=True):
+            flat = var.numpy().ravel()
+            for i in range(0, flat.size, max(1, flat.size // 5)):  # a few entries of every variable
+                bumped = flat.copy()
+                bumped[i] += eps
+                var.assign(bumped.reshape(var.shape))
+                up = loss_at()
+                bumped[i] -= 2 * eps
+                var.assign(bumped.reshape(var.shape))
+                down = loss_at()
+                var.assign(flat.reshape(var.shape))
+                assert (up - down) / (2 * eps) == pytest.approx(grad.numpy().ravel()[i], rel=1e-5, abs=1e-8)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_clip_norm_bounds_the_update_but_logs_the_unclipped_norm():
+    loop = tape_loop(lr=0.1, clip_norm=1.0)
+    out = loop.run(1)
+    assert out["train/grad_norm"].numpy()[0] == pytest.approx(np.sqrt(20.0), rel=1e-6)  # |(-4, -2)|
+    scale = 1.0 / np.sqrt(20.0)
+    assert loop.model.w.numpy().item() == pytest.approx(0.5 + 0.1 * 4 * scale, rel=1e-6)
+    assert loop.model.b.numpy().item() == pytest.approx(1.0 + 0.1 * 2 * scale, rel=1e-6)
+
+
+def test_each_epoch_sees_every_example_once_in_a_seeded_order():
+    loop = StepLoop(Linear(1), losses.mse, keras.optimizers.SGD(0.0), np.arange(10.0)[:, None], np.zeros((10, 1)), 3)
+    assert loop.steps_per_epoch == 3  # the ragged last batch is dropped
+    seen = []
+    for _ in range(3):
+        x, _ = loop._batch()
+        seen.extend(x.numpy().ravel().tolist())
+        loop.step.assign_add(1)
+    assert len(set(seen)) == 9 and set(seen) <= set(range(10))
+    first_epoch = loop.order.numpy().copy()
+    loop._batch()  # step 3 starts epoch 1: a new order
+    assert not np.array_equal(first_epoch, loop.order.numpy())
+    assert sorted(loop.order.numpy()) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    ("name", "step", "expected"),
+    [
+        ("constant", 500, 0.1),
+        ("cosine", 0, 0.1),
+        ("cosine", 500, 0.05),
+        ("cosine", 1000, 0.0),
+        ("exponential", 100, 0.1 * 0.5),
+        ("warmup_cosine", 0, 0.1 / 100),
+        ("warmup_cosine", 49, 0.1 * 50 / 100),
+        ("warmup_cosine", 100, 0.1),
+        ("warmup_cosine", 1100, 0.0),
+    ],
+)
+def test_schedules_are_the_documented_functions_of_the_step(name, step, expected):
+    kwargs = {"decay_steps": 100, "decay_rate": 0.5} if name == "exponential" else {}
+    warmup = 100 if name == "warmup_cosine" else 0
+    schedule = Schedule(0.1, name=name, total_steps=1000 + warmup, warmup_steps=warmup, **kwargs)
+    assert float(schedule(step)) == pytest.approx(expected, abs=1e-7)
+
+
+def test_logged_learning_rate_is_the_one_the_step_used():
+    lr = Schedule(0.1, name="exponential", total_steps=10, decay_steps=1, decay_rate=0.5)
+    loop = StepLoop(Linear(1, 0.5, 1.0), losses.squared, keras.optimizers.SGD(lr), X, Y, batch_size=1)
+    np.testing.assert_allclose(loop.run(4)["train/lr"].numpy(), [0.1, 0.05, 0.025, 0.0125], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("fn", "y", "pred", "expected"),
+    [
+        (losses.squared, [[3.0, 1.0]], [[2.0, 3.0]], 1.0 + 4.0),
+        (losses.mse, [[3.0, 1.0]], [[2.0, 3.0]], 2.5),
+        (losses.mae, [[3.0, 1.0]], [[2.0, 3.0]], 1.5),
+        (losses.huber, [[0.0, 0.0]], [[0.5, 3.0]], (0.125 + (0.5 + 2.0)) / 2),
+        (losses.binary_crossentropy, [[1.0]], [[0.0]], np.log(2.0)),
+        (losses.categorical_crossentropy, [[0.0, 1.0]], [[0.0, 0.0]], np.log(2.0)),
+    ],
+)
+def test_losses_match_their_formulas(fn, y, pred, expected):
+    value = fn(tf.constant(y), tf.constant(pred))
+    assert float(value) == pytest.approx(expected, rel=1e-6)
