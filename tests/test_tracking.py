@@ -138,7 +138,7 @@ def test_unreachable_store_fails_before_training(tmp_path):
     c = cfg(tmp_path)
     (tmp_path / "a-file").write_text("not a directory")
     c.tracking.uri = f"sqlite:///{tmp_path}/a-file/mlflow.db"  # no store can be made under a file, even by root
-    with pytest.raises(TrainerError, match="tracking.uri"), Run(c):
+    with pytest.raises(TrainerError, match=r"tracking\.uri"), Run(c):
         pass
 
 
