@@ -29,6 +29,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
+    from trainer.fit import Interrupted
     from trainer.train import train
 
     hc = HydraConfig.get()
@@ -39,6 +40,9 @@ def main(cfg: DictConfig) -> float:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"stopped: {e}; continue with: python -m trainer resume={Path(e.directory).parent}", file=sys.stderr)
+        sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 if __name__ == "__main__":

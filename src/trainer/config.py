@@ -203,6 +203,21 @@ class Schedule:
 
 # --- trainer and tracking ----------------------------------------------------------------------
 @dataclass
+class EarlyStopping:
+    patience: int | None = None  # evaluations without improvement before stopping; None: off
+    monitor: str = "val/loss"  # a val/ metric; accuracy-like names are maximised, the rest minimised
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+    restore_best: bool = True  # end with the weights of the best evaluation
+
+    def __post_init__(self) -> None:
+        ok = self.patience is None or self.patience >= 1
+        _require(ok, "trainer.early_stopping.patience", self.patience, "null (off) or an integer >= 1")
+        _require(self.min_delta >= 0, "trainer.early_stopping.min_delta", self.min_delta, "a number >= 0")
+        ok = self.monitor.startswith("val/")
+        _require(ok, "trainer.early_stopping.monitor", self.monitor, "a validation metric such as val/loss")
+
+
+@dataclass
 class TrainerSettings:
     max_steps: int = 1000
     epochs: int | None = None  # when set, wins over max_steps: epochs * (train examples // batch_size)
@@ -215,6 +230,11 @@ class TrainerSettings:
     device: str = "auto"  # auto | cpu | gpu | a TF device string such as /GPU:1
     print_gradients: bool = False  # print each variable's gradient at the first step (a host sync, once)
     progress: bool = True
+    checkpoint_every: int | None = None  # None: at the end (and on Ctrl-C / SIGTERM) only
+    max_to_keep: int = 3
+    deterministic: bool = False  # op determinism: a resumed run ends bitwise equal to an uninterrupted one
+    on_nonfinite: str = "stop"  # stop: fail at the first NaN/Inf; skip_step: leave the weights, count it
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -226,6 +246,11 @@ class TrainerSettings:
         _require(ok, "trainer.eval_every", self.eval_every, "null or an integer >= 1")
         ok = self.clip_norm is None or self.clip_norm > 0
         _require(ok, "trainer.clip_norm", self.clip_norm, "null or a positive number")
+        ok = self.checkpoint_every is None or self.checkpoint_every >= 1
+        _require(ok, "trainer.checkpoint_every", self.checkpoint_every, "null or an integer >= 1")
+        _require(self.max_to_keep >= 1, "trainer.max_to_keep", self.max_to_keep, "an integer >= 1")
+        modes = ("stop", "skip_step")
+        _require(self.on_nonfinite in modes, "trainer.on_nonfinite", self.on_nonfinite, " | ".join(modes))
         ok = self.device in ("auto", "cpu", "gpu") or self.device.startswith("/")
         _require(ok, "trainer.device", self.device, "auto | cpu | gpu | a device string like /GPU:0")
 
@@ -258,6 +283,7 @@ class Config:
     tracking: Tracking = field(default_factory=Tracking)
     experiment: Any = None
     hparams_search: Any = None
+    resume: str | None = None  # a run's output dir or MLflow run id: continue from its last checkpoint
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -39,14 +39,17 @@ class StepLoop:
         seed: int = 0,
         clip_norm: float | None = None,
         grad_norms: str = "per_variable",
+        on_nonfinite: str = "stop",
         jit: bool = False,
     ):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
+        self.on_nonfinite = on_nonfinite
         self.x, self.y = tf.constant(x), tf.constant(y)
         self.n = int(x.shape[0])
         self.steps_per_epoch = self.n // batch_size  # the ragged last batch is dropped: shapes stay fixed
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
         model(self.x[:batch_size])  # build the variables before the first trace
         self.variables = list(model.trainable_variables)
@@ -59,21 +62,40 @@ class StepLoop:
 
     # --- the step ------------------------------------------------------------------------------
     def train_step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One update; a step whose loss or gradients are not finite leaves every variable untouched."""
         with tf.GradientTape() as tape:
             loss = self.loss_fn(y, self.model(x, training=True))
         grads = tape.gradient(loss, self.variables)
         out = {"train/loss": loss, "train/lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
         if self.grad_norms == "per_variable":
-            out[PER_VARIABLE] = tf.stack([tf.norm(g) for g in grads])
-            out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(tf.square(out[PER_VARIABLE])))
-        elif self.grad_norms == "global" or self.clip_norm:
+            out[PER_VARIABLE] = norms = tf.stack([tf.norm(g) for g in grads])
+            out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(tf.square(norms)))
+        else:
+            norms = None
             out["train/grad_norm"] = tf.linalg.global_norm(grads)
+        finite = tf.math.is_finite(loss) & tf.math.is_finite(out["train/grad_norm"])
         if self.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self.clip_norm, use_norm=out["train/grad_norm"])
-        self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
+        tf.cond(finite, lambda: self._apply(grads), tf.no_op)
+        out["finite"] = finite
+        out["bad_variable"] = self._first_nonfinite(grads, norms)
+        if self.on_nonfinite == "skip_step":
+            out["train/skipped_steps"] = self.skipped.assign_add(tf.cast(~finite, tf.int64))
         if self.grad_norms == "off":
-            out.pop("train/grad_norm", None)
+            del out["train/grad_norm"]
         return out
+
+    def _apply(self, grads: list[tf.Tensor]) -> tf.Operation:
+        self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
+        return tf.no_op()
+
+    def _first_nonfinite(self, grads: list[tf.Tensor], norms: tf.Tensor | None) -> tf.Tensor:
+        """Index of the first variable whose gradient is not finite, -1 if none (named in the error)."""
+        if norms is None:
+            norms = tf.stack([tf.reduce_sum(g) for g in grads])  # inf/nan anywhere makes the sum non-finite
+        bad = ~tf.math.is_finite(norms)
+        return tf.cond(tf.reduce_any(bad), lambda: tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32),
+                       lambda: tf.constant(-1, tf.int32))  # fmt: skip
 
     def gradients(self) -> list[tf.Tensor]:
         """The gradients the next step will see, without applying them (the tape example prints these)."""
@@ -84,19 +106,29 @@ class StepLoop:
 
     # --- the chunk -----------------------------------------------------------------------------
     def run(self, num_steps: int) -> dict[str, tf.Tensor]:
-        """Run `num_steps` steps in one compiled call; returns per-step values, still on the device."""
+        """Run up to `num_steps` steps in one compiled call; per-step values come back still on the device.
+
+        `steps` says how many ran: fewer than asked only when on_nonfinite=stop met a non-finite step,
+        whose index in the chunk is then `steps` and whose first bad variable is `bad_variable`.
+        """
         return self._chunk(tf.constant(num_steps, tf.int32))
 
     def _run_chunk(self, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         arrays: dict[str, tf.TensorArray] = {}
         for key, spec in self._output_spec().items():
             arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
+        done, bad_variable = tf.constant(0, tf.int32), tf.constant(-1, tf.int32)
         for i in tf.range(num_steps):
             x, y = self._batch()
             out = self._step_fn(x, y)
+            if self.on_nonfinite == "stop" and not out["finite"]:
+                bad_variable = out["bad_variable"]
+                break
             self.step.assign_add(1)
             arrays = {k: arrays[k].write(i, tf.cast(out[k], arrays[k].dtype)) for k in arrays}
-        return {k: a.stack() for k, a in arrays.items()}
+            done = i + 1
+        result = {k: a.stack()[:done] for k, a in arrays.items()}
+        return {**result, "steps": done, "bad_variable": bad_variable}
 
     def _output_spec(self) -> dict[str, tf.TensorSpec]:
         spec = {"train/loss": tf.TensorSpec([], tf.float32), "train/lr": tf.TensorSpec([], tf.float32)}
@@ -104,6 +136,8 @@ class StepLoop:
             spec["train/grad_norm"] = tf.TensorSpec([], tf.float32)
         if self.grad_norms == "per_variable":
             spec[PER_VARIABLE] = tf.TensorSpec([len(self.variables)], tf.float32)
+        if self.on_nonfinite == "skip_step":
+            spec["train/skipped_steps"] = tf.TensorSpec([], tf.float32)
         return spec
 
     def _batch(self) -> tuple[tf.Tensor, tf.Tensor]:

@@ -8,6 +8,7 @@ Whatever has been submitted is written before the run is closed, on success, err
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -111,6 +112,20 @@ class SqlBulkWriter:
             session.execute(insert(SqlMetric.__table__), rows)
             self.store._update_latest_metrics_if_necessary(latest, session)
 
+    def delete_after(self, step: int) -> None:
+        """Remove train/* points at steps >= `step` and others past it: they are about to be redone."""
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+        from sqlalchemy import and_, delete, or_
+
+        redone = or_(
+            and_(SqlMetric.key.like("train/%"), SqlMetric.step >= step),
+            SqlMetric.step > step,
+        )
+        with self.store.ManagedSessionMaker(read_only=False) as session:
+            session.execute(delete(SqlMetric).where(SqlMetric.run_uuid == self.run_id, redone))
+            stale = and_(SqlLatestMetric.run_uuid == self.run_id, SqlLatestMetric.step >= step)
+            session.execute(delete(SqlLatestMetric).where(stale))  # rewritten by the next points
+
 
 _FLOAT_MAX = 1.7976931348623157e308
 
@@ -212,10 +227,16 @@ class Run:
     error in the `error` tag) or KILLED on Ctrl-C, and the sink is flushed before the status is set.
     """
 
-    def __init__(self, cfg: DictConfig, overrides: Sequence[str] = (), tags: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        overrides: Sequence[str] = (),
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+    ):
         self.cfg, self.overrides, self.tags = cfg, list(overrides), dict(tags or {})
         self.sink: MetricSink | None = None
-        self.run_id = ""
+        self.run_id, self.resumed = run_id or "", run_id is not None
 
     def __enter__(self) -> Run:
         t = self.cfg.tracking
@@ -223,17 +244,20 @@ class Run:
             mlflow.set_tracking_uri(t.uri)
         self.uri = mlflow.get_tracking_uri()
         try:
-            mlflow.set_experiment(t.experiment)
-            tags = {"overrides": " ".join(self.overrides), **self.tags}
-            run = mlflow.start_run(run_name=t.run_name, tags=tags)
+            if self.resumed:  # the same run goes on: params and artifacts are already there
+                run = mlflow.start_run(run_id=self.run_id, tags=self.tags)
+            else:
+                mlflow.set_experiment(t.experiment)
+                tags = {"overrides": " ".join(self.overrides), **self.tags}
+                run = mlflow.start_run(run_name=t.run_name, tags=tags, nested=mlflow.active_run() is not None)
         except Exception as e:
             raise TrainerError(f"tracking.uri={self.uri!r}: cannot open the MLflow store ({_first_line(e)})") from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
-        resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        mlflow.log_params(flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
-        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(self.overrides)), "overrides.yaml")
+        if not self.resumed:
+            mlflow.log_params(flatten(OmegaConf.to_container(self.cfg, resolve=True)))
+            mlflow.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(self.overrides)), "overrides.yaml")
         self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks)
         return self
 
@@ -256,6 +280,20 @@ class Run:
         """A handful of values at one step (validation, summaries): through the sink, so in step order."""
         now = time.time()
         self.sink.submit(Chunk(step, dict(metrics), t_start=now, t_end=now))
+
+    def resume_at(self, step: int) -> None:
+        """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice."""
+        mlflow.set_tag("resumed_at_step", str(step))
+        if isinstance(self.sink.writer, SqlBulkWriter):
+            self.sink.writer.delete_after(step)
+        else:
+            logging.getLogger(__name__).warning(
+                "resume: %s cannot delete metric points; steps after %d logged before the stop may appear twice",
+                self.uri, step,
+            )  # fmt: skip
+
+    def set_tag(self, key: str, value: str) -> None:
+        mlflow.set_tag(key, value)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)

@@ -1,120 +1,82 @@
-"""One training run as one straight sequence: check, build, fit, save, report, return the objective."""
+"""One training run as one straight sequence: check, build, restore, fit, save, report, return the objective."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
-from omegaconf import DictConfig
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
-from trainer import losses
+from trainer import checkpoint, losses
+from trainer.checkpoint import Checkpoints
 from trainer.config import TrainerError, build, check
 from trainer.data import Dataset
+from trainer.fit import Result, console, fit
 from trainer.loop import StepLoop
 from trainer.optim import build_optimizer
-from trainer.tracking import Chunk, Run
-
-console = Console(stderr=True)
-
-CHUNK_SECONDS = 0.2  # auto steps_per_loop aims at chunks this long: responsive progress, negligible overhead
-MAX_STEPS_PER_LOOP = 1000
-
-
-@dataclass
-class Result:
-    steps: int
-    train_loss: float
-    val: dict[str, float]
-    steps_per_sec: float
-    objective: float
+from trainer.tracking import Run
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> float:
     """Train as `cfg` says and return the objective a sweeper minimises (final validation loss)."""
+    resume = checkpoint.find(cfg.resume, cfg.tracking.uri) if cfg.get("resume") else None
+    if resume:
+        cfg = _resumed_config(resume, overrides)
     check(cfg)
     t = cfg.trainer
+    if t.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(t.seed)
     data: Dataset = build(cfg.data)
     total_steps = _total_steps(t, data)
+    output_dir = Path(output_dir or ".")
     with _device(t.device):
         model = build(cfg.model)
         loss_fn = build(cfg.loss)
         _check_loss_fits_data(cfg, loss_fn, data)
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
         loop = _build_loop(cfg, model, loss_fn, optimizer, data)
-        with Run(cfg, overrides) as run:
-            if t.print_gradients:
+        directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
+        state = {"model": model, "optimizer": optimizer, "step": loop.step, "order": loop.order}
+        checkpoints = Checkpoints(directory, t.max_to_keep, skipped=loop.skipped, **state)
+        start = checkpoints.restore_latest() if resume else 0
+        tags = {"checkpoint_dir": str(directory)}
+        with Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) as run:
+            if resume:
+                run.resume_at(start)
+            else:
+                checkpoints.write_run_file(run.run_id, run.uri, cfg)
+            if t.print_gradients and start == 0:
                 _report_gradients(loop, run)
-            result = fit(loop, data, run, t, total_steps)
+            result = fit(loop, data, run, t, total_steps, checkpoints, start)
             if cfg.tracking.log_model:
-                _log_model(model, run, Path(output_dir or "."))
+                _log_model(model, run, output_dir)
             _summarize(result, run)
     return result.objective
 
 
-def fit(loop: StepLoop, data: Dataset, run: Run, t: DictConfig, total_steps: int) -> Result:
-    """The controller: chunks of compiled steps; validation, logging and progress only between chunks."""
-    val = _val_tensors(data)
-    accuracy = data.task != "regression"
-    k = t.steps_per_loop or 10  # auto: two short chunks, then sized from the measured step time
-    step, calls, last = 0, 0, {}
-    t_start = t_first = time.perf_counter()
-    with _progress(t.progress and console.is_terminal, total_steps) as bar:
-        task = bar.add_task("train", total=total_steps, loss=float("nan"))
-        while step < total_steps:
-            n = min(k, total_steps - step, _until_eval(step, t.eval_every))
-            t0 = time.time()
-            last = loop.run(n)
-            run.sink.submit(Chunk(step, last, loop.variable_names, t0, time.time()))
-            step, calls = step + n, calls + 1
-            if calls == 1:
-                t_first = time.perf_counter()  # steps/s is measured past the first call (trace + compile)
-                steps_first = step
-            elif calls == 2 and t.steps_per_loop is None:
-                k = _auto_steps_per_loop(last, n, t_first)
-            if val is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                run.log(step, _prefixed("val", loop.evaluate(*val, accuracy)))
-            bar.update(task, completed=step, loss=run.sink.latest.get("train/loss", float("nan")))
-    train_loss = float(last["train/loss"][-1])  # host sync, once, at the end
-    if step == steps_first:  # a single call: the rate includes the trace
-        t_first, steps_first = t_start, 0
-    steps_per_sec = (step - steps_first) / (time.perf_counter() - t_first)
-    if val is not None:
-        final = {k: float(v) for k, v in loop.evaluate(*val, accuracy).items()}
-        objective = final["loss"]
-    else:  # no held-out split: the objective is the loss over the whole training set
-        final = {}
-        objective = float(loop.evaluate(loop.x, loop.y)["loss"])
-    summary = {"perf/steps_per_sec": steps_per_sec, **_prefixed("val", final)}
-    if not final:
-        summary["train/final_loss"] = objective
-    run.log(step, summary)
-    return Result(step, train_loss, final, steps_per_sec, objective)
-
-
-def _auto_steps_per_loop(last: dict[str, tf.Tensor], n: int, t_start: float) -> int:
-    """Steps per call so that one call lasts about CHUNK_SECONDS; measured once (one host sync)."""
-    np.asarray(last["train/loss"])  # wait for the chunk so the time is real
-    per_step = (time.perf_counter() - t_start) / n
-    return int(np.clip(CHUNK_SECONDS / max(per_step, 1e-6), 1, MAX_STEPS_PER_LOOP))
-
-
-def _until_eval(step: int, eval_every: int | None) -> int:
-    return eval_every - step % eval_every if eval_every else 1 << 62
-
-
-def _prefixed(prefix: str, values: dict) -> dict:
-    return {f"{prefix}/{k}": v for k, v in values.items()}
+def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str]) -> DictConfig:
+    """The run's own config, so the resumed run is the same run; only its length may be changed."""
+    cfg = resume.config
+    cfg.tracking.uri = resume.tracking_uri
+    ignored = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in ("trainer.max_steps", "trainer.epochs"):
+            OmegaConf.update(cfg, key, yaml.safe_load(value))
+        elif key != "resume":
+            ignored.append(override)
+    if ignored:
+        console.print(f"[yellow]resume: the run's own config is used; ignoring {' '.join(ignored)}")
+    return cfg
 
 
 def _total_steps(t: DictConfig, data: Dataset) -> int:
@@ -122,12 +84,6 @@ def _total_steps(t: DictConfig, data: Dataset) -> int:
     if t.batch_size > n:
         raise TrainerError(f"trainer.batch_size={t.batch_size} is larger than the training set ({n} examples)")
     return t.epochs * (n // t.batch_size) if t.epochs else t.max_steps
-
-
-def _val_tensors(data: Dataset) -> tuple[tf.Tensor, tf.Tensor] | None:
-    if data.x_val is None:
-        return None
-    return tf.constant(data.x_val), tf.constant(data.y_val)
 
 
 def _device(name: str):
@@ -144,7 +100,8 @@ def _build_loop(cfg: DictConfig, model, loss_fn, optimizer, data: Dataset) -> St
     try:
         loop = StepLoop(
             model, loss_fn, optimizer, data.x_train, data.y_train, t.batch_size,
-            seed=t.seed, clip_norm=t.clip_norm, grad_norms=cfg.tracking.log_grad_norms, jit=t.jit,
+            seed=t.seed, clip_norm=t.clip_norm, grad_norms=cfg.tracking.log_grad_norms,
+            on_nonfinite=t.on_nonfinite, jit=t.jit,
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
         raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_train.shape[1:]}: "
@@ -195,12 +152,7 @@ def _summarize(r: Result, run: Run) -> None:
     )
 
 
-def _progress(enabled: bool, total: int) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
-        TimeRemainingColumn(), console=console, disable=not enabled,
-    )  # fmt: skip
-
+logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint chatter, which Hydra's logging would show
 
 if os.environ.get("TRAINER_EAGER") == "1":  # debug the step eagerly, as Keras' run_eagerly does
     tf.config.run_functions_eagerly(True)
