@@ -21,9 +21,15 @@ LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 PER_VARIABLE = "train/grad_norm/"
 
 
-def variable_path(v: tf.Variable) -> str:
-    """Keras 3 variables know their path (`mlp/dense_0/kernel`); plain tf.Variables only a name."""
-    return getattr(v, "path", None) or v.name.split(":")[0]
+def variable_path(v: tf.Variable, model_name: str = "") -> str:
+    """`dense_0/kernel`: the variable's path inside the model, the same in every run of a sweep.
+
+    Keras 3 variables know their path (`mlp/dense_0/kernel`); the model's own name is dropped because
+    Keras numbers it per process (`mlp_1` for the second model a multirun builds). Plain tf.Variables
+    only have a name.
+    """
+    path = getattr(v, "path", None) or v.name.split(":")[0]
+    return path.removeprefix(f"{model_name}/") if model_name else path
 
 
 class StepLoop:
@@ -53,7 +59,7 @@ class StepLoop:
         self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
         model(self.x[:batch_size])  # build the variables before the first trace
         self.variables = list(model.trainable_variables)
-        self.variable_names = [variable_path(v) for v in self.variables]
+        self.variable_names = [variable_path(v, getattr(model, "name", "")) for v in self.variables]
         optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
         step_fn = tf.function(self.train_step, jit_compile=True) if jit else self.train_step
         self._step_fn = step_fn

@@ -34,6 +34,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), output_dir: str | Path
     t = cfg.trainer
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
+    keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
     keras.utils.set_random_seed(t.seed)
     data: Dataset = build(cfg.data)
     total_steps = _total_steps(t, data)
@@ -46,6 +47,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), output_dir: str | Path
         loop = _build_loop(cfg, model, loss_fn, optimizer, data)
         directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
         state = {"model": model, "optimizer": optimizer, "step": loop.step, "order": loop.order}
+        state["non_trainable"] = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]
         checkpoints = Checkpoints(directory, t.max_to_keep, skipped=loop.skipped, **state)
         start = checkpoints.restore_latest() if resume else 0
         tags = {"checkpoint_dir": str(directory)}

@@ -1,0 +1,308 @@
+"""Compare finished runs side by side: a sorted table and loss / gradient-norm curves in one PNG.
+
+    python -m trainer.compare                          # every run of experiment tape-trainer
+    python -m trainer.compare --latest-sweep           # the children of the newest sweep (Hydra multirun)
+    python -m trainer.compare --parent <run id> --format markdown --out reports/
+
+It reads only what the trainer logs (the `overrides` tag, `train/*`, `val/*`, `perf/*` metrics), so it works
+on any store the trainer wrote to. When a sweep's parent run is selected, the PNG, the tables and the best
+child are logged back onto the parent, so the sweep's own page in the MLflow UI shows the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "tape-trainer"
+DEFAULT_OBJECTIVE = "val/loss"
+FALLBACK_OBJECTIVE = "train/final_loss"  # what the trainer logs instead of val/loss without a validation split
+PLOT_SIZE_IN, PLOT_DPI = (12.0, 4.5), 100  # -> exactly 1200 x 450 px: predictable for reports and tests
+COLUMNS = ("run", "overrides", "status", "final_train_loss", "objective", "best_step", "steps_per_sec", "points")
+
+
+class CompareError(Exception):
+    """Nothing to compare (no such experiment, parent or runs): one line for the user, exit status 1."""
+
+
+@dataclass
+class Row:
+    """One run's line in the table, plus the histories the plot needs (fetched once, used twice)."""
+
+    run_id: str
+    name: str
+    overrides: str
+    status: str
+    final_train_loss: float | None
+    objective_key: str
+    objective: float | None
+    best_step: int | None
+    steps_per_sec: float | None
+    points: int
+    loss: list[tuple[int, float]] = field(default_factory=list, repr=False)
+    grad_norm: list[tuple[int, float]] = field(default_factory=list, repr=False)
+
+    @property
+    def label(self) -> str:
+        """The legend entry: what was varied, which is what a reader of a sweep plot wants to see."""
+        return self.overrides or self.name
+
+
+# --- selecting runs ----------------------------------------------------------------------------
+def select_runs(
+    client: MlflowClient, experiment: str, parent: str | None = None, latest_sweep: bool = False
+) -> tuple[list[Run], Run | None]:
+    """The runs to compare and the sweep parent they belong to (None when comparing a whole experiment)."""
+    if parent:
+        parent_run = _get_run(client, parent)
+        exp_ids = [parent_run.info.experiment_id]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise CompareError(f"no experiment named {experiment!r} in {client.tracking_uri}")
+        exp_ids = [exp.experiment_id]
+        parent_run = _latest_sweep(client, exp_ids, experiment) if latest_sweep else None
+    if parent_run is not None:
+        runs = _search_all(client, exp_ids, f"tags.`mlflow.parentRunId` = '{parent_run.info.run_id}'")
+        if not runs:
+            raise CompareError(f"sweep run {parent_run.info.run_id} ({parent_run.info.run_name}) has no child runs")
+        return runs, parent_run
+    runs = [r for r in _search_all(client, exp_ids) if r.data.tags.get("sweep") != "true"]
+    if not runs:
+        raise CompareError(f"experiment {experiment!r} has no runs")
+    return runs, None
+
+
+def _get_run(client: MlflowClient, run_id: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise CompareError(f"no run {run_id!r} in {client.tracking_uri}") from None
+
+
+def _latest_sweep(client: MlflowClient, exp_ids: list[str], experiment: str) -> Run:
+    found = client.search_runs(exp_ids, "tags.sweep = 'true'", max_results=1, order_by=["attributes.start_time DESC"])
+    if not found:
+        raise CompareError(f"experiment {experiment!r} has no sweep run (a run tagged sweep=true)")
+    return found[0]
+
+
+def _search_all(client: MlflowClient, exp_ids: list[str], filter_string: str = "") -> list[Run]:
+    """Every matching run, page by page: a large sweep easily passes one page (1000 runs)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(exp_ids, filter_string, order_by=["attributes.start_time ASC"], page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+# --- the table ---------------------------------------------------------------------------------
+def summarize(client: MlflowClient, runs: Sequence[Run], objective: str = DEFAULT_OBJECTIVE) -> list[Row]:
+    """One row per run, sorted by the objective ascending; runs without it (failed early, say) last."""
+    rows = [_row(client, run, objective) for run in runs]
+    return sorted(rows, key=lambda r: (r.objective is None, r.objective if r.objective is not None else 0.0))
+
+
+def _row(client: MlflowClient, run: Run, objective: str) -> Row:
+    run_id, metrics = run.info.run_id, run.data.metrics
+    key = objective if objective in metrics or objective != DEFAULT_OBJECTIVE else FALLBACK_OBJECTIVE
+    loss = _history(client, run_id, "train/loss")
+    target = _history(client, run_id, key) if key in metrics else []
+    # One point (the end-of-run evaluation) says nothing about when the run was best; the training curve does.
+    best = min(target if len(target) > 1 else loss, key=lambda p: p[1], default=None)
+    return Row(
+        run_id=run_id,
+        name=run.info.run_name or run_id[:8],
+        overrides=run.data.tags.get("overrides", ""),
+        status=run.info.status,
+        final_train_loss=loss[-1][1] if loss else None,
+        objective_key=key,
+        objective=_finite(target[-1][1]) if target else None,
+        best_step=best[0] if best else None,
+        steps_per_sec=metrics.get("perf/steps_per_sec"),
+        points=len(loss),
+        loss=loss,
+        grad_norm=_history(client, run_id, "train/grad_norm") if "train/grad_norm" in metrics else [],
+    )
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) in step order; the store returns points in no promised order."""
+    points = client.get_metric_history(run_id, key)
+    return [(m.step, m.value) for m in sorted(points, key=lambda m: (m.step, m.timestamp))]
+
+
+def _finite(value: float) -> float | None:
+    """NaN (a diverged run) sorts as missing, not as the best run."""
+    return None if math.isnan(value) else value
+
+
+def _cells(row: Row, objective: str) -> list[str]:
+    """Table cells as text; a value that came from the fallback metric says so."""
+    value = _fmt(row.objective)
+    if row.objective is not None and row.objective_key != objective:
+        value += f" ({row.objective_key})"
+    sps = "" if row.steps_per_sec is None else f"{row.steps_per_sec:,.0f}"
+    best = "" if row.best_step is None else str(row.best_step)
+    return [row.name, row.overrides, row.status, _fmt(row.final_train_loss), value, best, sps, str(row.points)]
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _headers(objective: str) -> list[str]:
+    return ["run", "overrides", "status", "final train loss", objective, "best step", "steps/s", "points"]
+
+
+def to_markdown(rows: Sequence[Row], objective: str = DEFAULT_OBJECTIVE) -> str:
+    """A GitHub-style table: readable as text and rendered by the MLflow UI's artifact viewer."""
+    lines = [_md_line(_headers(objective)), _md_line(["---"] * len(COLUMNS))]
+    lines += [_md_line(_cells(r, objective)) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _md_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def to_csv(rows: Sequence[Row]) -> str:
+    """Machine-readable: raw numbers (full precision), the run id and which metric the objective is."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run_id", *COLUMNS, "objective_key"])
+    for r in rows:
+        numbers = ["" if v is None else v for v in (r.final_train_loss, r.objective, r.best_step, r.steps_per_sec)]
+        writer.writerow([r.run_id, r.name, r.overrides, r.status, *numbers, r.points, r.objective_key])
+    return buf.getvalue()
+
+
+def print_table(rows: Sequence[Row], objective: str = DEFAULT_OBJECTIVE) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} runs by {objective}")
+    for i, header in enumerate(_headers(objective)):
+        table.add_column(header, justify="right" if i >= 3 else "left", overflow="fold")
+    for r in rows:
+        table.add_row(*_cells(r, objective))
+    console = Console()
+    if not console.is_terminal:  # piped: rich would fold every cell to 80 columns; let the table be its size
+        console = Console(width=max(console.width, 240))
+    console.print(table)
+
+
+# --- the plot ----------------------------------------------------------------------------------
+def plot(rows: Sequence[Row], path: Path) -> Path:
+    """train/loss and train/grad_norm per run against the step, log y, in one fixed-size PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
+
+    fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, attr, title in zip(axes, ("loss", "grad_norm"), ("train/loss", "train/grad_norm"), strict=True):
+        drawn = False
+        for row in rows:
+            points = [(s, v) for s, v in getattr(row, attr) if v > 0 and math.isfinite(v)]  # log y: positive only
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=row.label, linewidth=1.0)
+                drawn = True
+        ax.set(title=title, xlabel="step")
+        if drawn:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no {title} logged", ha="center", va="center", transform=ax.transAxes)
+    if axes[0].lines:
+        axes[0].legend(fontsize="small", loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=PLOT_DPI, format="png")  # no bbox_inches="tight": it would change the pixel size
+    return path
+
+
+# --- writing and logging back ------------------------------------------------------------------
+def write_outputs(rows: Sequence[Row], out: Path, objective: str = DEFAULT_OBJECTIVE) -> list[Path]:
+    """compare.png, compare.md and compare.csv in `out`; both tables are tiny, so both are always written."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out / "compare.md", out / "compare.csv"
+    md.write_text(to_markdown(rows, objective))
+    csv_path.write_text(to_csv(rows))
+    return [plot(rows, out / "compare.png"), md, csv_path]
+
+
+def log_to_parent(client: MlflowClient, parent_id: str, rows: Sequence[Row], files: Sequence[Path]) -> Row | None:
+    """The sweep's page then shows its outcome: the files, `best_run_id`/`best_run_name` and `best/<objective>`."""
+    for path in files:
+        client.log_artifact(parent_id, str(path))
+    best = rows[0] if rows and rows[0].objective is not None else None
+    if best is not None:
+        client.set_tag(parent_id, "best_run_id", best.run_id)
+        client.set_tag(parent_id, "best_run_name", best.name)
+        client.log_metric(parent_id, f"best/{best.objective_key}", best.objective)
+    return best
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__.splitlines()[0])
+    p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default: %(default)s)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this sweep run")
+    which.add_argument("--latest-sweep", action="store_true", help="the children of the newest run tagged sweep")
+    fallback = f"a run without {DEFAULT_OBJECTIVE} uses {FALLBACK_OBJECTIVE}"
+    p.add_argument("--objective", default=DEFAULT_OBJECTIVE, help=f"sort by this, ascending ({fallback})")
+    p.add_argument("--format", choices=("table", "markdown", "csv"), default="table", help="what to print on stdout")
+    p.add_argument("--out", type=Path, default=Path("."), help="where compare.png/.md/.csv go (default: here)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    uri = args.uri or mlflow.get_tracking_uri()
+    try:
+        _check_store(uri)
+        client = MlflowClient(uri)
+        runs, parent = select_runs(client, args.experiment, args.parent, args.latest_sweep)
+        rows = summarize(client, runs, args.objective)
+        files = write_outputs(rows, args.out, args.objective)
+        best = log_to_parent(client, parent.info.run_id, rows, files) if parent else None
+    except (CompareError, MlflowException) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    _print(rows, args.format, args.objective)
+    print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    if parent is not None:
+        tail = f"; best {best.name} ({best.run_id})" if best else ""
+        print(f"logged to sweep run {parent.info.run_id}{tail}", file=sys.stderr)
+    return 0
+
+
+def _check_store(uri: str) -> None:
+    """MLflow would silently create an empty SQLite store at a mistyped path; say it is not there instead."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and ":memory:" not in uri and not Path(uri[len(prefix) :]).is_file():
+        raise CompareError(f"no MLflow store at {uri} (set --uri or MLFLOW_TRACKING_URI)")
+
+
+def _print(rows: Sequence[Row], fmt: str, objective: str) -> None:
+    if fmt == "table":
+        print_table(rows, objective)
+    else:
+        sys.stdout.write(to_markdown(rows, objective) if fmt == "markdown" else to_csv(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
