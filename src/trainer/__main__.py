@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from trainer.config import TrainerError, register
@@ -33,8 +34,14 @@ def main(cfg: DictConfig) -> float:
     from trainer.train import train
 
     hc = HydraConfig.get()
+    tags = {}
+    if hc.mode == RunMode.MULTIRUN:
+        from trainer.sweep import parent_run_id
+
+        if parent := parent_run_id(hc.sweep.dir):
+            tags = {"mlflow.parentRunId": parent, "sweep_job": str(hc.job.num)}
     try:
-        return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir)
+        return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir, tags=tags)
     except TrainerError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -249,7 +249,7 @@ class Run:
             else:
                 mlflow.set_experiment(t.experiment)
                 tags = {"overrides": " ".join(self.overrides), **self.tags}
-                run = mlflow.start_run(run_name=t.run_name, tags=tags, nested=mlflow.active_run() is not None)
+                run = mlflow.start_run(run_name=self._name(), tags=tags)
         except Exception as e:
             raise TrainerError(f"tracking.uri={self.uri!r}: cannot open the MLflow store ({_first_line(e)})") from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
@@ -280,6 +280,15 @@ class Run:
         """A handful of values at one step (validation, summaries): through the sink, so in step order."""
         now = time.time()
         self.sink.submit(Chunk(step, dict(metrics), t_start=now, t_end=now))
+
+    def _name(self) -> str:
+        """The configured name; else the overrides, which tell a sweep's runs apart in the UI's lists.
+
+        (MLflow's own random names would all be the same here: set_random_seed seeds Python's `random`.)
+        """
+        ignore = ("tracking.", "hydra.", "resume=")
+        shown = [o for o in self.overrides if not o.startswith(ignore)]
+        return self.cfg.tracking.run_name or " ".join(shown)[:250] or time.strftime("run-%Y%m%d-%H%M%S")
 
     def resume_at(self, step: int) -> None:
         """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice."""

@@ -25,7 +25,12 @@ from trainer.optim import build_optimizer
 from trainer.tracking import Run
 
 
-def train(cfg: DictConfig, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> float:
+def train(
+    cfg: DictConfig,
+    overrides: Sequence[str] = (),
+    output_dir: str | Path | None = None,
+    tags: dict[str, str] | None = None,
+) -> float:
     """Train as `cfg` says and return the objective a sweeper minimises (final validation loss)."""
     resume = checkpoint.find(cfg.resume, cfg.tracking.uri) if cfg.get("resume") else None
     if resume:
@@ -50,7 +55,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = (), output_dir: str | Path
         state["non_trainable"] = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]
         checkpoints = Checkpoints(directory, t.max_to_keep, skipped=loop.skipped, **state)
         start = checkpoints.restore_latest() if resume else 0
-        tags = {"checkpoint_dir": str(directory)}
+        tags = {"checkpoint_dir": str(directory), **(tags or {})}
         with Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) as run:
             if resume:
                 run.resume_at(start)
