@@ -36,10 +36,11 @@ def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     tags = {}
     if hc.mode == RunMode.MULTIRUN:
-        from trainer.sweep import parent_run_id
+        from trainer.sweep import job_identity
 
-        if parent := parent_run_id(hc.sweep.dir):
-            tags = {"mlflow.parentRunId": parent, "sweep_job": str(hc.job.num)}
+        tags, name = job_identity(hc.sweep.dir, hc.job.num, hc.overrides.task)
+        if name and not cfg.tracking.run_name:
+            cfg.tracking.run_name = name
     try:
         return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir, tags=tags)
     except TrainerError as e:

@@ -283,6 +283,7 @@ class Config:
     tracking: Tracking = field(default_factory=Tracking)
     experiment: Any = None
     hparams_search: Any = None
+    launcher: Any = None
     resume: str | None = None  # a run's output dir or MLflow run id: continue from its last checkpoint
 
 

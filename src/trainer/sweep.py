@@ -9,7 +9,9 @@ sweeper ran, and the comparison table and plot of the children.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,36 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.tracking import flatten
 
-PARENT_FILE = ".mlflow_parent_run"
+PARENT_FILE = ".mlflow_sweep.json"
 
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:
     """The parent run of the sweep this job belongs to, if a SweepCallback made one."""
+    return _sweep_record(sweep_dir).get("run_id")
+
+
+def job_identity(sweep_dir: str | Path, job_num: int, overrides: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Tags tying a job to its parent run, and a run name made of only the overrides the sweep varies."""
+    record = _sweep_record(sweep_dir)
+    if "run_id" not in record:
+        return {}, ""
+    varying = set(record.get("varying", []))
+    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in varying]
+    return {"mlflow.parentRunId": record["run_id"], "sweep_job": str(job_num)}, " ".join(shown)
+
+
+def _sweep_record(sweep_dir: str | Path) -> dict:
     path = Path(sweep_dir) / PARENT_FILE
-    return path.read_text().strip() if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _varying_keys(overrides: Sequence[str], sweeper: dict) -> list[str]:
+    """Keys the sweep changes from job to job: comma/range overrides and the sweeper's own params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    keys = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    return keys + [str(k) for k in (sweeper.get("params") or {})]
 
 
 class SweepCallback(Callback):
@@ -45,7 +70,8 @@ class SweepCallback(Callback):
             client.log_param(run.info.run_id, key, value)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
+        record = {"run_id": run.info.run_id, "varying": _varying_keys(overrides, sweeper)}
+        (sweep_dir / PARENT_FILE).write_text(json.dumps(record))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
