@@ -68,7 +68,7 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> list:
 
 def test_optuna_search_minimises_the_returned_objective_and_logs_the_best(tmp_path):
     multirun(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2")
-    client, parents, children = runs(tmp_path)
+    _, parents, children = runs(tmp_path)
     assert len(parents) == 1 and len(children) == 3
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     best = min(children, key=lambda c: c.data.metrics["val/loss"])
@@ -84,7 +84,7 @@ def test_parallel_jobs_on_one_sqlite_store_lose_no_point(tmp_path):
     steps = 400
     multirun(tmp_path, "launcher=local_parallel", "model=mlp", "optimizer.lr=1e-3,2e-3,3e-3,4e-3",
              f"trainer.max_steps={steps}", "trainer.steps_per_loop=20", "trainer.batch_size=8")  # fmt: skip
-    client, parents, children = runs(tmp_path)
+    client, _, children = runs(tmp_path)
     assert len(children) == 4
     for c in children:
         keys = [k for k in c.data.metrics if k.startswith("train/")]
