@@ -118,12 +118,12 @@ def test_each_epoch_sees_every_example_once_in_a_seeded_order():
     assert loop.steps_per_epoch == 3  # the ragged last batch is dropped
     seen = []
     for _ in range(3):
-        x, _ = loop._batch()
+        x, _ = loop._batch(loop.step)
         seen.extend(x.numpy().ravel().tolist())
         loop.step.assign_add(1)
     assert len(set(seen)) == 9 and set(seen) <= set(range(10))
     first_epoch = loop.order.numpy().copy()
-    loop._batch()  # step 3 starts epoch 1: a new order
+    loop._batch(loop.step)  # step 3 starts epoch 1: a new order
     assert not np.array_equal(first_epoch, loop.order.numpy())
     assert sorted(loop.order.numpy()) == list(range(10))
 

@@ -235,6 +235,8 @@ class TrainerSettings:
     deterministic: bool = False  # op determinism: a resumed run ends bitwise equal to an uninterrupted one
     on_nonfinite: str = "stop"  # stop: fail at the first NaN/Inf; skip_step: leave the weights, count it
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    accumulate_steps: int = 1  # micro-batches of batch_size whose mean gradient makes one update
+    precision: str = "float32"  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -249,6 +251,9 @@ class TrainerSettings:
         ok = self.checkpoint_every is None or self.checkpoint_every >= 1
         _require(ok, "trainer.checkpoint_every", self.checkpoint_every, "null or an integer >= 1")
         _require(self.max_to_keep >= 1, "trainer.max_to_keep", self.max_to_keep, "an integer >= 1")
+        _require(self.accumulate_steps >= 1, "trainer.accumulate_steps", self.accumulate_steps, "an integer >= 1")
+        policies = ("float32", "mixed_float16", "mixed_bfloat16")
+        _require(self.precision in policies, "trainer.precision", self.precision, " | ".join(policies))
         modes = ("stop", "skip_step")
         _require(self.on_nonfinite in modes, "trainer.on_nonfinite", self.on_nonfinite, " | ".join(modes))
         ok = self.device in ("auto", "cpu", "gpu") or self.device.startswith("/")

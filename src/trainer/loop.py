@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -46,11 +47,13 @@ class StepLoop:
         clip_norm: float | None = None,
         grad_norms: str = "per_variable",
         on_nonfinite: str = "stop",
+        accumulate_steps: int = 1,
         jit: bool = False,
     ):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
-        self.on_nonfinite = on_nonfinite
+        self.on_nonfinite, self.accumulate_steps = on_nonfinite, accumulate_steps
+        self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.x, self.y = tf.constant(x), tf.constant(y)
         self.n = int(x.shape[0])
         self.steps_per_epoch = self.n // batch_size  # the ragged last batch is dropped: shapes stay fixed
@@ -67,29 +70,57 @@ class StepLoop:
         self._eval = tf.function(self._evaluate)
 
     # --- the step ------------------------------------------------------------------------------
-    def train_step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
-        """One update; a step whose loss or gradients are not finite leaves every variable untouched."""
-        with tf.GradientTape() as tape:
-            loss = self.loss_fn(y, self.model(x, training=True))
-        grads = tape.gradient(loss, self.variables)
+    def train_step(self, batch: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One update from batch number `batch` (and the accumulate_steps - 1 after it).
+
+        A step whose loss or gradients are not finite leaves every variable untouched. With float16 loss
+        scaling, overflowing gradients are the LossScaleOptimizer's business (it skips and lowers the
+        scale), so only a non-finite loss counts; norms are always reported unscaled.
+        """
+        loss, grads = self._accumulated_gradients(batch)
+        unscaled = grads
+        if self.loss_scaling:
+            unscaled = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
         out = {"train/loss": loss, "train/lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
         if self.grad_norms == "per_variable":
-            out[PER_VARIABLE] = norms = tf.stack([tf.norm(g) for g in grads])
+            out[PER_VARIABLE] = norms = tf.stack([tf.norm(tf.cast(g, tf.float32)) for g in unscaled])
             out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(tf.square(norms)))
         else:
             norms = None
-            out["train/grad_norm"] = tf.linalg.global_norm(grads)
-        finite = tf.math.is_finite(loss) & tf.math.is_finite(out["train/grad_norm"])
+            out["train/grad_norm"] = tf.cast(tf.linalg.global_norm(unscaled), tf.float32)
+        finite = tf.math.is_finite(loss)
+        if not self.loss_scaling:
+            finite &= tf.math.is_finite(out["train/grad_norm"])
         if self.clip_norm:
-            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm, use_norm=out["train/grad_norm"])
+            unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_norm, use_norm=out["train/grad_norm"])
+            grads = unscaled if not self.loss_scaling else [g * self.optimizer.dynamic_scale for g in unscaled]
         tf.cond(finite, lambda: self._apply(grads), tf.no_op)
         out["finite"] = finite
-        out["bad_variable"] = self._first_nonfinite(grads, norms)
+        out["bad_variable"] = self._first_nonfinite(unscaled, norms)
         if self.on_nonfinite == "skip_step":
             out["train/skipped_steps"] = self.skipped.assign_add(tf.cast(~finite, tf.int64))
         if self.grad_norms == "off":
             del out["train/grad_norm"]
         return out
+
+    def _loss_and_gradients(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        with tf.GradientTape() as tape:
+            pred = tf.cast(self.model(x, training=True), y.dtype)  # mixed precision: the loss in float32
+            loss = self.loss_fn(y, pred)
+            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+        return loss, tape.gradient(scaled, self.variables)
+
+    def _accumulated_gradients(self, batch: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """Mean loss and mean gradients over accumulate_steps consecutive micro-batches: one big batch."""
+        n = self.accumulate_steps
+        loss, grads = self._loss_and_gradients(*self._batch(batch * n))
+        if n == 1:
+            return loss, grads
+        for j in tf.range(1, n):
+            micro_loss, micro_grads = self._loss_and_gradients(*self._batch(batch * n + tf.cast(j, batch.dtype)))
+            loss += micro_loss
+            grads = [g + m for g, m in zip(grads, micro_grads, strict=True)]
+        return loss / n, [g / n for g in grads]
 
     def _apply(self, grads: list[tf.Tensor]) -> tf.Operation:
         self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
@@ -105,10 +136,10 @@ class StepLoop:
 
     def gradients(self) -> list[tf.Tensor]:
         """The gradients the next step will see, without applying them (the tape example prints these)."""
-        x, y = self._batch()
-        with tf.GradientTape() as tape:
-            loss = self.loss_fn(y, self.model(x, training=True))
-        return tape.gradient(loss, self.variables)
+        _, grads = self._accumulated_gradients(self.step.read_value())
+        if self.loss_scaling:
+            grads = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
+        return grads
 
     # --- the chunk -----------------------------------------------------------------------------
     def run(self, num_steps: int) -> dict[str, tf.Tensor]:
@@ -125,8 +156,7 @@ class StepLoop:
             arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
         done, bad_variable = tf.constant(0, tf.int32), tf.constant(-1, tf.int32)
         for i in tf.range(num_steps):
-            x, y = self._batch()
-            out = self._step_fn(x, y)
+            out = self._step_fn(self.step)
             if self.on_nonfinite == "stop" and not out["finite"]:
                 bad_variable = out["bad_variable"]
                 break
@@ -146,9 +176,10 @@ class StepLoop:
             spec["train/skipped_steps"] = tf.TensorSpec([], tf.float32)
         return spec
 
-    def _batch(self) -> tuple[tf.Tensor, tf.Tensor]:
-        position = self.step % self.steps_per_epoch
-        epoch = self.step // self.steps_per_epoch
+    def _batch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Batch number `index` of the run: a slice of its epoch's seeded order (resumable from the step)."""
+        position = index % self.steps_per_epoch
+        epoch = index // self.steps_per_epoch
         if position == 0:
             self.order.assign(self._epoch_order(epoch))
         start = tf.cast(position, tf.int32) * self.batch_size

@@ -40,6 +40,7 @@ def train(
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
+    keras.config.set_dtype_policy(t.precision)  # before the model is built; the loss stays float32
     keras.utils.set_random_seed(t.seed)
     data: Dataset = build(cfg.data)
     total_steps = _total_steps(t, data)
@@ -49,6 +50,8 @@ def train(
         loss_fn = build(cfg.loss)
         _check_loss_fits_data(cfg, loss_fn, data)
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
+        if t.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         loop = _build_loop(cfg, model, loss_fn, optimizer, data)
         directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
         state = {"model": model, "optimizer": optimizer, "step": loop.step, "order": loop.order}
@@ -90,7 +93,9 @@ def _total_steps(t: DictConfig, data: Dataset) -> int:
     n = len(data.x_train)
     if t.batch_size > n:
         raise TrainerError(f"trainer.batch_size={t.batch_size} is larger than the training set ({n} examples)")
-    return t.epochs * (n // t.batch_size) if t.epochs else t.max_steps
+    if t.epochs:
+        return max(t.epochs * (n // t.batch_size) // t.accumulate_steps, 1)
+    return t.max_steps
 
 
 def _device(name: str):
@@ -108,7 +113,7 @@ def _build_loop(cfg: DictConfig, model, loss_fn, optimizer, data: Dataset) -> St
         loop = StepLoop(
             model, loss_fn, optimizer, data.x_train, data.y_train, t.batch_size,
             seed=t.seed, clip_norm=t.clip_norm, grad_norms=cfg.tracking.log_grad_norms,
-            on_nonfinite=t.on_nonfinite, jit=t.jit,
+            on_nonfinite=t.on_nonfinite, accumulate_steps=t.accumulate_steps, jit=t.jit,
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
         raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_train.shape[1:]}: "
