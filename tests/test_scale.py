@@ -53,3 +53,30 @@ def test_mixed_precision_trains_and_reports_unscaled_gradient_norms(policy):
     losses_mixed = mixed.run(200)["train/loss"].numpy()
     assert np.all(np.isfinite(losses_mixed))
     assert losses_mixed[-20:].mean() < 0.3 * float(first["train/loss"].numpy()[0])
+
+
+def _cli_losses(tmp_path, name: str, *args: str) -> np.ndarray:
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/{name}.db"
+    cmd = [sys.executable, "-m", "trainer", "model=mlp", "data.n_samples=640", "trainer.max_steps=40",
+           "trainer.batch_size=32", "tracking.log_model=false", f"tracking.uri={uri}",
+           f"hydra.run.dir={tmp_path}/{name}", *args]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    return np.array([m.value for m in history])
+
+
+def test_mirrored_on_two_logical_cpus_matches_one_device_on_the_same_global_batch(tmp_path):
+    single = _cli_losses(tmp_path, "single")
+    mirrored = _cli_losses(tmp_path, "mirrored", "trainer.strategy=mirrored", "trainer.logical_cpus=2")
+    assert len(single) == len(mirrored) == 40
+    np.testing.assert_allclose(mirrored, single, rtol=1e-4, atol=1e-6)

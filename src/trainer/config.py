@@ -237,6 +237,8 @@ class TrainerSettings:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     accumulate_steps: int = 1  # micro-batches of batch_size whose mean gradient makes one update
     precision: str = "float32"  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
+    strategy: str = "auto"  # auto | default | mirrored | multi_worker (tf.distribute)
+    logical_cpus: int | None = None  # split the CPU into this many devices (try mirrored without GPUs)
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -252,6 +254,10 @@ class TrainerSettings:
         _require(ok, "trainer.checkpoint_every", self.checkpoint_every, "null or an integer >= 1")
         _require(self.max_to_keep >= 1, "trainer.max_to_keep", self.max_to_keep, "an integer >= 1")
         _require(self.accumulate_steps >= 1, "trainer.accumulate_steps", self.accumulate_steps, "an integer >= 1")
+        strategies = ("auto", "default", "mirrored", "multi_worker")
+        _require(self.strategy in strategies, "trainer.strategy", self.strategy, " | ".join(strategies))
+        ok = self.logical_cpus is None or self.logical_cpus >= 1
+        _require(ok, "trainer.logical_cpus", self.logical_cpus, "null or an integer >= 1")
         policies = ("float32", "mixed_float16", "mixed_bfloat16")
         _require(self.precision in policies, "trainer.precision", self.precision, " | ".join(policies))
         modes = ("stop", "skip_step")

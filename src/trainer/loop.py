@@ -49,21 +49,31 @@ class StepLoop:
         on_nonfinite: str = "stop",
         accumulate_steps: int = 1,
         jit: bool = False,
+        strategy: tf.distribute.Strategy | None = None,
     ):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.distributed = tf.distribute.has_strategy() or strategy is not None and self.replicas > 1
+        if self.distributed and (batch_size % self.replicas or accumulate_steps > 1 or on_nonfinite != "stop"):
+            raise ValueError(
+                f"with {self.replicas} replicas: batch_size must be a multiple of it, accumulate_steps 1 "
+                "and on_nonfinite stop"
+            )
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
         self.on_nonfinite, self.accumulate_steps = on_nonfinite, accumulate_steps
         self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.x, self.y = tf.constant(x), tf.constant(y)
         self.n = int(x.shape[0])
         self.steps_per_epoch = self.n // batch_size  # the ragged last batch is dropped: shapes stay fixed
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-        self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
-        model(self.x[:batch_size])  # build the variables before the first trace
-        self.variables = list(model.trainable_variables)
+        with self.strategy.scope():
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+            self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
+            model(self.x[:batch_size])  # build the variables before the first trace
+            self.variables = list(model.trainable_variables)
+            optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
         self.variable_names = [variable_path(v, getattr(model, "name", "")) for v in self.variables]
-        optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
         step_fn = tf.function(self.train_step, jit_compile=True) if jit else self.train_step
         self._step_fn = step_fn
         self._chunk = tf.function(self._run_chunk)
@@ -77,7 +87,25 @@ class StepLoop:
         scaling, overflowing gradients are the LossScaleOptimizer's business (it skips and lowers the
         scale), so only a non-finite loss counts; norms are always reported unscaled.
         """
-        loss, grads = self._accumulated_gradients(batch)
+        return self._update(*self._accumulated_gradients(batch))
+
+    def _replica_step(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Under tf.distribute: this replica's share of the global batch, then the same update everywhere.
+
+        Each replica's mean loss is divided by the replica count and the gradients summed across replicas,
+        which gives the gradient of the global batch's mean loss; norms, clipping and the finite check then
+        see that one aggregated gradient, the same on every replica.
+        """
+        ctx = tf.distribute.get_replica_context()
+        share = self.batch_size // self.replicas
+        start = ctx.replica_id_in_sync_group * share
+        loss, grads = self._loss_and_gradients(x[start : start + share], y[start : start + share])
+        loss, grads = ctx.all_reduce(
+            tf.distribute.ReduceOp.SUM, [loss / self.replicas, [g / self.replicas for g in grads]]
+        )
+        return self._update(loss, grads)
+
+    def _update(self, loss: tf.Tensor, grads: list[tf.Tensor]) -> dict[str, tf.Tensor]:
         unscaled = grads
         if self.loss_scaling:
             unscaled = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
@@ -94,7 +122,10 @@ class StepLoop:
         if self.clip_norm:
             unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_norm, use_norm=out["train/grad_norm"])
             grads = unscaled if not self.loss_scaling else [g * self.optimizer.dynamic_scale for g in unscaled]
-        tf.cond(finite, lambda: self._apply(grads), tf.no_op)
+        if self.distributed:  # no sync point may sit inside a cond: apply; `stop` ends the run right after
+            self._apply(grads)
+        else:
+            tf.cond(finite, lambda: self._apply(grads), tf.no_op)
         out["finite"] = finite
         out["bad_variable"] = self._first_nonfinite(unscaled, norms)
         if self.on_nonfinite == "skip_step":
@@ -123,6 +154,8 @@ class StepLoop:
         return loss / n, [g / n for g in grads]
 
     def _apply(self, grads: list[tf.Tensor]) -> tf.Operation:
+        if self.distributed:  # Keras sums gradients across replicas again: hand it 1/R of the sum
+            grads = [g / self.replicas for g in grads]
         self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
         return tf.no_op()
 
@@ -156,7 +189,7 @@ class StepLoop:
             arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
         done, bad_variable = tf.constant(0, tf.int32), tf.constant(-1, tf.int32)
         for i in tf.range(num_steps):
-            out = self._step_fn(self.step)
+            out = self._distributed_step() if self.distributed else self._step_fn(self.step)
             if self.on_nonfinite == "stop" and not out["finite"]:
                 bad_variable = out["bad_variable"]
                 break
@@ -165,6 +198,12 @@ class StepLoop:
             done = i + 1
         result = {k: a.stack()[:done] for k, a in arrays.items()}
         return {**result, "steps": done, "bad_variable": bad_variable}
+
+    def _distributed_step(self) -> dict[str, tf.Tensor]:
+        x, y = self._batch(self.step)  # the global batch, gathered once in cross-replica context
+        out = self.strategy.run(self._replica_step, args=(x, y))
+        # every replica holds the same reduced values: take the first replica's copy
+        return {k: self.strategy.experimental_local_results(v)[0] for k, v in out.items()}
 
     def _output_spec(self) -> dict[str, tf.TensorSpec]:
         spec = {"train/loss": tf.TensorSpec([], tf.float32), "train/lr": tf.TensorSpec([], tf.float32)}

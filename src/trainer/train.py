@@ -37,6 +37,13 @@ def train(
         cfg = _resumed_config(resume, overrides)
     check(cfg)
     t = cfg.trainer
+    strategy = _strategy(t)  # first: multi-worker and logical devices must precede any other TF work
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1 and (t.batch_size % replicas or t.accumulate_steps > 1 or t.on_nonfinite != "stop"):
+        raise TrainerError(
+            f"trainer.strategy={t.strategy} runs {replicas} replicas: trainer.batch_size={t.batch_size} must be a "
+            "multiple of that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
+        )
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
@@ -45,14 +52,15 @@ def train(
     data: Dataset = build(cfg.data)
     total_steps = _total_steps(t, data)
     output_dir = Path(output_dir or ".")
-    with _device(t.device):
+    with _device(t.device), strategy.scope():
         model = build(cfg.model)
         loss_fn = build(cfg.loss)
         _check_loss_fits_data(cfg, loss_fn, data)
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
         if t.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        loop = _build_loop(cfg, model, loss_fn, optimizer, data)
+    with _device(t.device):
+        loop = _build_loop(cfg, model, loss_fn, optimizer, data, strategy)
         directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
         state = {"model": model, "optimizer": optimizer, "step": loop.step, "order": loop.order}
         state["non_trainable"] = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]
@@ -107,13 +115,34 @@ def _device(name: str):
     return tf.device(f"/{kind}:0" if kind else name)
 
 
-def _build_loop(cfg: DictConfig, model, loss_fn, optimizer, data: Dataset) -> StepLoop:
+def _strategy(t: DictConfig) -> tf.distribute.Strategy:
+    """tf.distribute's engine, not ours: auto means MirroredStrategy when several GPUs are visible."""
+    if t.logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        wanted = [tf.config.LogicalDeviceConfiguration()] * t.logical_cpus
+        if tf.config.get_logical_device_configuration(cpu) != wanted:
+            try:
+                tf.config.set_logical_device_configuration(cpu, wanted)
+            except RuntimeError as e:
+                raise TrainerError(f"trainer.logical_cpus={t.logical_cpus}: TensorFlow already started ({e})") from e
+    gpus = tf.config.list_logical_devices("GPU")
+    if t.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if t.strategy == "mirrored" or (t.strategy == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def _build_loop(
+    cfg: DictConfig, model, loss_fn, optimizer, data: Dataset, strategy: tf.distribute.Strategy | None = None
+) -> StepLoop:
     t = cfg.trainer
     try:
         loop = StepLoop(
             model, loss_fn, optimizer, data.x_train, data.y_train, t.batch_size,
             seed=t.seed, clip_norm=t.clip_norm, grad_norms=cfg.tracking.log_grad_norms,
-            on_nonfinite=t.on_nonfinite, accumulate_steps=t.accumulate_steps, jit=t.jit,
+            on_nonfinite=t.on_nonfinite, accumulate_steps=t.accumulate_steps, jit=t.jit, strategy=strategy,
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
         raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_train.shape[1:]}: "
