@@ -52,9 +52,10 @@ class StepLoop:
         strategy: tf.distribute.Strategy | None = None,
     ):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.strategy = strategy or tf.distribute.get_strategy()
+        default = tf.distribute.get_strategy()  # outside any scope: the default (no-op) strategy
+        self.strategy = strategy or default
         self.replicas = self.strategy.num_replicas_in_sync
-        self.distributed = tf.distribute.has_strategy() or strategy is not None and self.replicas > 1
+        self.distributed = self.strategy is not default
         if self.distributed and (batch_size % self.replicas or accumulate_steps > 1 or on_nonfinite != "stop"):
             raise ValueError(
                 f"with {self.replicas} replicas: batch_size must be a multiple of it, accumulate_steps 1 "
