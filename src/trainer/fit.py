@@ -31,6 +31,7 @@ console = Console(stderr=True)
 CHUNK_SECONDS = 0.2  # auto steps_per_loop aims at calls this long: a live progress bar, negligible overhead
 MAX_STEPS_PER_LOOP = 1000
 FIRST_CHUNKS = 10  # auto: the first two calls run this many steps; the second one is timed
+MULTI_WORKER_STEPS_PER_LOOP = 100
 
 
 class Interrupted(KeyboardInterrupt):
@@ -88,7 +89,8 @@ def fit(
     accuracy = data.task != "regression"
     es = t.early_stopping
     stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es.patience and val is not None else None
-    k = t.steps_per_loop or FIRST_CHUNKS
+    lockstep = t.strategy == "multi_worker"  # workers must cut chunks alike: no timing-based choice
+    k = t.steps_per_loop or (MULTI_WORKER_STEPS_PER_LOOP if lockstep else FIRST_CHUNKS)
     step, calls, last = start, 0, {}
     t_start = t_timed = time.perf_counter()
     step_timed = start
@@ -107,7 +109,7 @@ def fit(
                 _raise_nonfinite(loop, step, int(out["bad_variable"]))
             if calls == 1:
                 t_timed, step_timed = time.perf_counter(), step  # the rate is measured past the first call
-            elif calls == 2 and t.steps_per_loop is None:
+            elif calls == 2 and t.steps_per_loop is None and not lockstep:
                 k = _auto_steps_per_loop(last, n, t_timed)
             if val is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
                 metrics = {key: float(v) for key, v in loop.evaluate(*val, accuracy).items()}  # host sync per eval

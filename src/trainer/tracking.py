@@ -321,3 +321,35 @@ class Run:
 def _first_line(e: BaseException | None) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+class QuietRun:
+    """Stands in for `Run` on a worker that is not the chief: it trains in step with the others and
+    logs nothing, so one MLflow run holds the metrics of a multi-worker job (the chief's)."""
+
+    run_id, uri, where = "", "", "not logged here: this worker is not the chief"
+
+    def __init__(self) -> None:
+        self.sink = _NoSink()
+
+    def __enter__(self) -> QuietRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log(self, *args, **kwargs) -> None: ...
+
+    def set_tag(self, *args, **kwargs) -> None: ...
+
+    def resume_at(self, *args, **kwargs) -> None: ...
+
+    def log_artifact(self, *args, **kwargs) -> None: ...
+
+    def log_text(self, *args, **kwargs) -> None: ...
+
+
+class _NoSink:
+    latest: dict[str, float] = {}
+
+    def submit(self, chunk: Chunk) -> None: ...

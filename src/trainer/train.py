@@ -22,7 +22,7 @@ from trainer.data import Dataset
 from trainer.fit import Result, console, fit
 from trainer.loop import StepLoop
 from trainer.optim import build_optimizer
-from trainer.tracking import Run
+from trainer.tracking import QuietRun, Run
 
 
 def train(
@@ -61,21 +61,25 @@ def train(
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     with _device(t.device):
         loop = _build_loop(cfg, model, loss_fn, optimizer, data, strategy)
+        chief = _is_chief(strategy)
         directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
+        if not chief:  # every worker saves (collectively), each into its own directory
+            directory = directory.with_name(f"checkpoints-worker{strategy.cluster_resolver.task_id}")
         state = {"model": model, "optimizer": optimizer, "step": loop.step, "order": loop.order}
         state["non_trainable"] = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]
         checkpoints = Checkpoints(directory, t.max_to_keep, skipped=loop.skipped, **state)
         start = checkpoints.restore_latest() if resume else 0
         tags = {"checkpoint_dir": str(directory), **(tags or {})}
-        with Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) as run:
+        run_context = Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) if chief else QuietRun()
+        with run_context as run:
             if resume:
                 run.resume_at(start)
-            else:
+            elif chief:
                 checkpoints.write_run_file(run.run_id, run.uri, cfg)
             if t.print_gradients and start == 0:
                 _report_gradients(loop, run)
             result = fit(loop, data, run, t, total_steps, checkpoints, start)
-            if cfg.tracking.log_model:
+            if cfg.tracking.log_model and chief:
                 _log_model(model, run, output_dir)
             _summarize(result, run)
     return result.objective
@@ -125,13 +129,22 @@ def _strategy(t: DictConfig) -> tf.distribute.Strategy:
                 tf.config.set_logical_device_configuration(cpu, wanted)
             except RuntimeError as e:
                 raise TrainerError(f"trainer.logical_cpus={t.logical_cpus}: TensorFlow already started ({e})") from e
-    gpus = tf.config.list_logical_devices("GPU")
-    if t.strategy == "multi_worker":
+    if t.strategy == "multi_worker":  # reads TF_CONFIG; must come before anything starts TensorFlow
         return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
     if t.strategy == "mirrored" or (t.strategy == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Multi-worker: the chief (or worker 0 when there is no chief task) logs; the others only train."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())  # fmt: skip
 
 
 def _build_loop(
@@ -193,7 +206,8 @@ def _summarize(r: Result, run: Run) -> None:
     )
 
 
-logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint chatter, which Hydra's logging would show
+for _name in ("absl", "tensorflow"):  # TF's checkpoint and collective chatter, which Hydra's logging would show
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 if os.environ.get("TRAINER_EAGER") == "1":  # debug the step eagerly, as Keras' run_eagerly does
     tf.config.run_functions_eagerly(True)
