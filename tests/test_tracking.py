@@ -78,16 +78,27 @@ def test_log_every_keeps_every_nth_step(client):
     assert sink.latest["train/loss"] == pytest.approx(1.0 / 100)  # the progress bar still sees the last step
 
 
-def test_a_failing_store_is_reported_and_counted_not_hidden(client):
+def test_a_failing_store_never_stops_training_and_its_losses_are_counted(client):
     run_id = new_run(client)
-    sink = MetricSink(client, run_id, retries=1)
+    sink = MetricSink(client, run_id, close_timeout=0.5)
     client.set_terminated(run_id)
     client.delete_run(run_id)  # writes to a deleted run fail in the store
-    sink.submit(chunk(0, 10))
+    for first in range(0, 50, 10):
+        sink.submit(chunk(first, 10))  # never raises, never blocks: training goes on
     sink.close()
-    assert sink.error is not None and sink.points_lost == 10 * 4 and sink.points_written == 0
-    with pytest.raises(TrainerError, match="writing metrics to MLflow failed"):
-        sink.submit(chunk(10, 10))
+    assert sink.error is not None and sink.points_lost == 50 * 4 and sink.points_written == 0
+
+
+def test_points_held_while_the_store_is_away_are_bounded(client):
+    run_id = new_run(client)
+    sink = MetricSink(client, run_id, max_pending_points=100, close_timeout=0.3)
+    client.set_terminated(run_id)
+    client.delete_run(run_id)
+    for first in range(0, 300, 10):
+        sink.submit(chunk(first, 10))  # 1200 points into a 100-point buffer: the oldest are dropped, counted
+    assert sink._pending_points <= 100
+    sink.close()
+    assert sink.points_lost == 300 * 4 and sink.points_written == 0
 
 
 def test_the_queue_is_bounded(client):

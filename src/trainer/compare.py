@@ -212,13 +212,14 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
 
     fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI, layout="constrained")
     axes = fig.subplots(1, 2)
+    labels, shared = legend_labels(rows)
     for ax, attr, title in zip(axes, ("loss", "grad_norm"), ("train/loss", "train/grad_norm"), strict=True):
         drawn = False
-        for row in rows:
+        for row, label in zip(rows, labels, strict=True):
             points = [(s, v) for s, v in getattr(row, attr) if v > 0 and math.isfinite(v)]  # log y: positive only
             if points:
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, label=row.label, linewidth=1.0)
+                ax.plot(steps, values, label=label, linewidth=1.0)
                 drawn = True
         ax.set(title=title, xlabel="step")
         if drawn:
@@ -226,10 +227,25 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         else:
             ax.text(0.5, 0.5, f"no {title} logged", ha="center", va="center", transform=ax.transAxes)
     if axes[0].lines:
-        axes[0].legend(fontsize="small", loc="best")
+        title = _shorten(f"all: {shared}") if shared else None
+        axes[0].legend(fontsize="small", title=title, title_fontsize="small", loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=PLOT_DPI, format="png")  # no bbox_inches="tight": it would change the pixel size
     return path
+
+
+def legend_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
+    """Per run only the overrides that differ between runs, plus the ones all share (the legend's title):
+    a sweep's jobs repeat the same fixed overrides, which would otherwise make every entry too long to read."""
+    token_sets = [set(r.overrides.split()) for r in rows if r.overrides]
+    common = set.intersection(*token_sets) if len(rows) > 1 and len(token_sets) == len(rows) else set()
+    labels = [_shorten(" ".join(t for t in r.label.split() if t not in common) or "(shared only)") for r in rows]
+    shared = " ".join(t for t in rows[0].overrides.split() if t in common) if rows else ""
+    return labels, shared
+
+
+def _shorten(text: str, limit: int = 70) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --- writing and logging back ------------------------------------------------------------------

@@ -8,10 +8,12 @@ Whatever has been submitted is written before the run is closed, on success, err
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +134,15 @@ _FLOAT_MAX = 1.7976931348623157e308
 
 @dataclass
 class MetricSink:
-    """Writes metric points to one run from a background thread, in batches.
+    """Writes metric points to one run from background threads, in batches, never blocking on a dead store.
 
-    The writer takes whatever chunks are waiting (up to `batch_points`) and writes them in one go, so a
-    slow store gets fewer, larger transactions. A failed write is retried with backoff (SQLite's
-    "database is locked" under parallel jobs); after `retries` it is kept as `error`, reported to the
-    training thread at its next submit, and the points are counted in `points_lost`.
+    A collector thread turns each submitted chunk into numbers (the one device-to-host copy) and appends it
+    to a pending buffer; a writer thread writes whatever is pending, up to `batch_points` at a time, so a
+    slow store gets fewer, larger transactions. While the store keeps up or is merely slow, a full buffer
+    makes the training thread wait (back-pressure: no point is ever dropped). When writes fail (a server
+    gone away, SQLite locked by parallel jobs), the writer retries with exponential backoff and training
+    goes on; past `max_pending_points` the oldest points are dropped and counted in `points_lost`, which
+    the run reports at its end. Nothing is dropped silently.
     """
 
     client: MlflowClient
@@ -146,7 +151,10 @@ class MetricSink:
     max_chunks: int = 64
     bulk: bool = True  # use the SQL bulk path when the store is SQL-backed
     batch_points: int = 50_000
-    retries: int = 5
+    max_pending_points: int = 2_000_000  # ~100 MB of points held while the store is away
+    stall_seconds: float = 10.0  # a write in flight this long counts as the store being away
+    max_backoff: float = 30.0
+    close_timeout: float = 60.0  # at the end: how long to keep retrying a store that is away
     latest: dict[str, float] = field(default_factory=dict)  # last value of each metric (the progress bar)
     points_written: int = 0
     points_lost: int = 0
@@ -156,49 +164,93 @@ class MetricSink:
         sql = SqlBulkWriter.for_client(self.client, self.run_id) if self.bulk else None
         self.writer = sql or LogBatchWriter(self.client, self.run_id)
         self._queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=self.max_chunks)
-        self._thread = threading.Thread(target=self._drain, name="mlflow-metric-sink", daemon=True)
-        self._thread.start()
+        self._cond = threading.Condition()
+        self._pending: deque[tuple[list[Series], int]] = deque()
+        self._pending_points = 0
+        self._healthy, self._call_started, self._deadline = True, None, None
+        self._threads = [
+            threading.Thread(target=self._collect, name="metric-sink-collect", daemon=True),
+            threading.Thread(target=self._write_loop, name="metric-sink-write", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, chunk: Chunk) -> None:
-        if self.error is not None:
-            raise TrainerError(f"writing metrics to MLflow failed: {_first_line(self.error)}") from self.error
-        self._queue.put(chunk)  # blocks when the writer is max_chunks behind: back-pressure
+        self._queue.put(chunk)  # blocks only when the collector is max_chunks behind
 
-    def close(self, timeout: float | None = None) -> None:
-        """Write everything submitted so far, then stop the writer."""
+    def close(self) -> None:
+        """Write everything submitted so far (retrying an absent store up to close_timeout), then stop."""
         self._queue.put(None)
-        self._thread.join(timeout)
+        self._threads[0].join()
+        with self._cond:
+            self._deadline = time.monotonic() + self.close_timeout
+            self._cond.notify_all()
+        self._threads[1].join()
 
-    def _drain(self) -> None:
-        done = False
-        while not done:
-            batch, n = [], 0
-            chunk = self._queue.get()
-            while chunk is not None:
-                series = self._series(chunk)
-                batch += series
-                n += sum(len(s[1]) for s in series)
-                if n >= self.batch_points or self._queue.empty():
-                    break
-                chunk = self._queue.get()
-            done = chunk is None
-            if batch:
-                self._write(batch, n)
+    def _store_ok(self) -> bool:
+        stalled = self._call_started is not None and time.monotonic() - self._call_started > self.stall_seconds
+        return self._healthy and not stalled
 
-    def _write(self, batch: list[Series], n: int) -> None:
-        if self.error is not None:
-            self.points_lost += n
-            return
-        for attempt in range(self.retries + 1):
+    def _collect(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            series = self._series(chunk)
+            n = sum(len(s[1]) for s in series)
+            with self._cond:
+                while self._pending_points >= self.max_pending_points and self._store_ok():
+                    self._cond.wait(0.5)  # back-pressure: the store is alive, training waits for it
+                self._pending.append((series, n))
+                self._pending_points += n
+                while self._pending_points > self.max_pending_points:  # the store is away: oldest go first
+                    _, dropped = self._pending.popleft()
+                    self._pending_points -= dropped
+                    self.points_lost += dropped
+                self._cond.notify_all()
+
+    def _write_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cond:
+                while not self._pending and self._deadline is None:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, n = self._take()
+                self._call_started = time.monotonic()
             try:
                 self.writer.write(batch)
-                self.points_written += n
-                return
             except Exception as e:
-                if attempt == self.retries:
-                    self.error, self.points_lost = e, self.points_lost + n
-                else:
-                    time.sleep(0.05 * 2**attempt)
+                backoff = min(max(2 * backoff, 0.05), self.max_backoff)
+                if self._failed(e, batch, n, backoff):
+                    return
+                continue
+            backoff = 0.0
+            with self._cond:
+                self._healthy, self._call_started = True, None
+                self.points_written += n
+                self._cond.notify_all()
+
+    def _take(self) -> tuple[list[Series], int]:
+        batch, n = [], 0
+        while self._pending and n < self.batch_points:
+            series, m = self._pending.popleft()
+            batch, n = batch + series, n + m
+        self._pending_points -= n
+        return batch, n
+
+    def _failed(self, error: Exception, batch: list[Series], n: int, backoff: float) -> bool:
+        """Put the batch back, wait `backoff`; True when closing and out of time (what is left is lost)."""
+        with self._cond:
+            self.error, self._healthy, self._call_started = error, False, None
+            self._pending.appendleft((batch, n))
+            self._pending_points += n
+            self._cond.notify_all()
+            if self._deadline is not None and time.monotonic() + backoff > self._deadline:
+                self.points_lost += self._pending_points
+                self._pending.clear()
+                self._pending_points = 0
+                return True
+            self._cond.wait(backoff)
+        return False
 
     def _series(self, chunk: Chunk) -> list[Series]:
         arrays = {k: np.atleast_1d(np.asarray(v)) for k, v in chunk.values.items()}  # the device->host copy
@@ -264,9 +316,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.sink is not None:
             self.sink.close()
-        if exc_type is None and self.sink is not None and self.sink.error is not None:
-            exc = self.sink.error
-            exc_type = type(exc)
+            self._report_delivery()
         if exc_type is None:
             status = RunStatus.FINISHED
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -274,7 +324,23 @@ class Run:
         else:
             status = RunStatus.FAILED
             mlflow.set_tag("error", _first_line(exc)[:5000])
-        mlflow.end_run(RunStatus.to_string(status))
+        try:
+            mlflow.end_run(RunStatus.to_string(status))
+        except Exception as e:  # the store is away: training is done, say so rather than fail
+            logging.getLogger(__name__).warning("could not mark run %s %s: %s", self.run_id,
+                                                RunStatus.to_string(status), _first_line(e))  # fmt: skip
+
+    def _report_delivery(self) -> None:
+        """Never silent: points the store did not take are counted on the console and, if possible, a tag."""
+        lost = self.sink.points_lost
+        if not lost:
+            return
+        logging.getLogger(__name__).warning(
+            "%d metric points could not be delivered to %s (last error: %s)", lost, self.uri,
+            _first_line(self.sink.error),
+        )  # fmt: skip
+        with contextlib.suppress(Exception):  # the store may be the thing that is away
+            mlflow.set_tag("metric_points_lost", str(lost))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """A handful of values at one step (validation, summaries): through the sink, so in step order."""
