@@ -80,7 +80,7 @@ def train(
                 _report_gradients(loop, run)
             result = fit(loop, data, run, t, total_steps, checkpoints, start)
             if cfg.tracking.log_model and chief:
-                _log_model(model, run, output_dir)
+                _log_model(model, run, output_dir, data.x_train[:2])
             _summarize(result, run)
     return result.objective
 
@@ -187,7 +187,9 @@ def _report_gradients(loop: StepLoop, run: Run) -> None:
     run.log_text(json.dumps({n: g.tolist() for n, g in grads.items()}, indent=1), "first_step_gradients.json")
 
 
-def _log_model(model, run: Run, output_dir: Path) -> None:
+def _log_model(model, run: Run, output_dir: Path, example: np.ndarray) -> None:
+    """The trained model twice over: a plain `.keras` file any Keras loads, and an MLflow model that
+    `mlflow.tensorflow.load_model` / `mlflow.pyfunc.load_model` load and serve (trainer.evaluate uses it)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, keras.Model):
         path = output_dir / "model.keras"
@@ -196,6 +198,10 @@ def _log_model(model, run: Run, output_dir: Path) -> None:
         path = output_dir / "saved_model"
         tf.saved_model.save(model, str(path))
     run.log_artifact(path, "model")
+    if isinstance(model, keras.Model):
+        from trainer.evaluate import log_model
+
+        log_model(model, "model", input_example=example)
 
 
 def _summarize(r: Result, run: Run) -> None:

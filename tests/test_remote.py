@@ -1,0 +1,105 @@
+"""A real `mlflow server` on 127.0.0.1, started by the test: the trainer logs over HTTP and survives its absence."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` with a SQLite backend and an artifact directory in tmp_path."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port, self.uri = root, port, f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]  # fmt: skip
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=ENV, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path, free_port())
+    s.start()
+    yield s
+    s.stop()
+
+
+def run_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "trainer", "model=mlp", "data.n_samples=512", f"tracking.uri={uri}",
+           f"hydra.run.dir={tmp_path}/out", *args]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
+    proc = run_cli(tmp_path, server.uri, "trainer.max_steps=60")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    client = mlflow.MlflowClient(server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.max_steps"] == "60" and run.data.params["model.hidden"] == "[64, 64]"
+    for key in ("train/loss", "train/grad_norm", "train/lr", "train/grad_norm/dense_0/kernel"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(60)), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.yaml", "model"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert "max_steps: 60" in local.read_text()
+    assert f"{server.uri}/#/experiments/" in err  # where to look, printed at the end
+
+
+def test_training_survives_the_server_going_away_and_delivers_everything_when_it_returns(tmp_path, server):
+    steps = 3000
+    proc = run_cli(tmp_path, server.uri, f"trainer.max_steps={steps}", "trainer.steps_per_loop=50",
+                   "trainer.batch_size=8", "tracking.log_model=false")  # fmt: skip
+    client = mlflow.MlflowClient(server.uri)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until points are arriving, then pull the server away
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if runs and runs[0].data.metrics.get("train/loss") is not None:
+            break
+        time.sleep(0.3)
+    server.stop()
+    time.sleep(4)  # training goes on; the sink retries with backoff and holds the points
+    assert proc.poll() is None, "training must not stop because the tracking server is away"
+    server.start()  # same port, same store
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "could not be delivered" not in err
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(steps))
+    assert run.info.status == "FINISHED"
