@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -26,6 +27,41 @@ def _conf_dir() -> str:
 
 
 register()
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line config errors as one line: the message, the key, what is valid."""
+    lines = [ln for e in (error, error.__cause__) if e is not None for ln in str(e).splitlines()]
+    kept, options = [], []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("Config search path"):
+            break
+        if line.startswith("\t") and kept and kept[-1].startswith("available options"):
+            options.append(text)
+        elif text and not line.startswith((" ", "\t")) and not text.startswith(("To append", "Config search path")):
+            kept.append(text[0].lower() + text[1:] if text.startswith("Available") else text)
+    message = "; ".join(dict.fromkeys(kept))  # the cause often repeats the error's own line
+    return f"{message} {', '.join(options)}" if options else message
+
+
+def _report_config_errors(func):
+    """Stands in for Hydra's run_and_report: config errors print one line (no stack trace hint), others as
+    Hydra prints them. HYDRA_FULL_ERROR=1 still shows everything."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return func()
+    except (HydraException, OmegaConfBaseException) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+_hydra_run_and_report = hydra_utils.run_and_report
+hydra_utils.run_and_report = lambda func: _hydra_run_and_report(lambda: _report_config_errors(func))
 
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
