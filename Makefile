@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TF ?= cpu
 
-.PHONY: help install test test-full lint format train sweep ui bench clean
+.PHONY: help install test test-slow test-full lint format train sweep ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ install:  ## create .venv and install the package editable with its dev extras (
 
 test:  ## the fast suite (skips tests marked slow)
 	$(BIN)/pytest -q
+
+test-slow:  ## only the slow end-to-end tests (servers, parallel jobs, multi-worker, the bench smoke test)
+	$(BIN)/pytest -q -m slow
 
 test-full:  ## every test, the slow end-to-end ones included
 	$(BIN)/pytest -q -m ""

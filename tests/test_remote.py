@@ -65,6 +65,7 @@ def run_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
     proc = run_cli(tmp_path, server.uri, "trainer.max_steps=60")
     _, err = proc.communicate(timeout=300)
@@ -82,6 +83,7 @@ def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
     assert f"{server.uri}/#/experiments/" in err  # where to look, printed at the end
 
 
+@pytest.mark.slow
 def test_training_survives_the_server_going_away_and_delivers_everything_when_it_returns(tmp_path, server):
     steps = 3000
     proc = run_cli(tmp_path, server.uri, f"trainer.max_steps={steps}", "trainer.steps_per_loop=50",

@@ -75,6 +75,7 @@ def _cli_losses(tmp_path, name: str, *args: str) -> np.ndarray:
     return np.array([m.value for m in history])
 
 
+@pytest.mark.slow
 def test_mirrored_on_two_logical_cpus_matches_one_device_on_the_same_global_batch(tmp_path):
     single = _cli_losses(tmp_path, "single")
     mirrored = _cli_losses(tmp_path, "mirrored", "trainer.strategy=mirrored", "trainer.logical_cpus=2")
@@ -94,6 +95,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_two_processes_on_loopback_one_run_same_weights(tmp_path):
     import json
     import os

@@ -66,6 +66,7 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_optuna_search_minimises_the_returned_objective_and_logs_the_best(tmp_path):
     multirun(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2")
     _, parents, children = runs(tmp_path)
@@ -79,6 +80,7 @@ def test_optuna_search_minimises_the_returned_objective_and_logs_the_best(tmp_pa
     assert parents[0].data.metrics["best/optuna_value"] == pytest.approx(result["best_value"])
 
 
+@pytest.mark.slow
 def test_parallel_jobs_on_one_sqlite_store_lose_no_point(tmp_path):
     """4 joblib processes write every step (loss, lr, global and 6 per-variable norms) to one SQLite file."""
     steps = 400

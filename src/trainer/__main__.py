@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.config import TrainerError, register
+from trainer.config import TrainerError, check, register
 
 
 def _conf_dir() -> str:
@@ -66,10 +66,15 @@ hydra_utils.run_and_report = lambda func: _hydra_run_and_report(lambda: _report_
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    try:
+        check(cfg)  # range errors too fail before TensorFlow is imported
+    except TrainerError as e:
+        _fail(e)
+
     from trainer.fit import Interrupted
     from trainer.train import train
 
-    hc = HydraConfig.get()
     tags = {}
     if hc.mode == RunMode.MULTIRUN:
         from trainer.sweep import job_identity
@@ -80,13 +85,17 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir, tags=tags)
     except TrainerError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(e)
     except Interrupted as e:
         print(f"stopped: {e}; continue with: python -m trainer resume={Path(e.directory).parent}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _fail(error: TrainerError) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -343,8 +343,27 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise TrainerError(f"cannot build {target}: {str(cause or e).splitlines()[0]}") from e
 
 
+def _check_interpolations(cfg: DictConfig, prefix: str = "") -> None:
+    """`${data.n_classes}` with data that has no classes: name the key that refers to it."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(cfg, key):
+            try:
+                cfg[key]
+            except InterpolationResolutionError as e:
+                raise TrainerError(
+                    f"{path}={OmegaConf.to_container(cfg)[key]}: {str(e).splitlines()[0]} (does the chosen option "
+                    "provide it? e.g. model=classifier needs data=classification)"
+                ) from None
+        elif not OmegaConf.is_missing(cfg, key) and isinstance(cfg[key], DictConfig):
+            _check_interpolations(cfg[key], f"{path}.")
+
+
 def check(cfg: DictConfig) -> None:
     """Run the range checks of every typed group; raises TrainerError naming the first bad key."""
+    _check_interpolations(cfg)
     for group in ("model", "loss", "data", "optimizer", "schedule", "trainer", "tracking"):
         node = cfg[group]
         missing = sorted(OmegaConf.missing_keys(node))

@@ -180,7 +180,7 @@ def _check_loss_fits_data(cfg: DictConfig, loss_fn, data: Dataset) -> None:
 
 def _report_gradients(loop: StepLoop, run: Run) -> None:
     """The GradientTape introduction's printout, for the batch the first step will see."""
-    grads = {name.split("/")[-1]: g.numpy() for name, g in zip(loop.variable_names, loop.gradients(), strict=True)}
+    grads = {name: g.numpy() for name, g in zip(loop.variable_names, loop.gradients(), strict=True)}
     for name, g in grads.items():
         print(f"Gradients of {name}: {g.item() if g.size == 1 else g}")
     run.log(0, {f"first_step/grad/{n}": g.item() for n, g in grads.items() if g.size == 1})
