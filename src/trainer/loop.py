@@ -123,14 +123,15 @@ class StepLoop:
         if self.clip_norm:
             unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_norm, use_norm=out["train/grad_norm"])
             grads = unscaled if not self.loss_scaling else [g * self.optimizer.dynamic_scale for g in unscaled]
-        if self.distributed:  # no sync point may sit inside a cond: apply; `stop` ends the run right after
-            self._apply(grads)
-        else:
-            tf.cond(finite, lambda: self._apply(grads), tf.no_op)
-        out["finite"] = finite
-        out["bad_variable"] = self._first_nonfinite(unscaled, norms)
         if self.on_nonfinite == "skip_step":
+            tf.cond(finite, lambda: self._apply(grads), tf.no_op)
             out["train/skipped_steps"] = self.skipped.assign_add(tf.cast(~finite, tf.int64))
+        else:
+            # stop: no cond in the hot path (a cond over every gradient and slot costs dozens of ops a step);
+            # the run ends at this step and keeps its last good checkpoint, so the update does not matter
+            self._apply(grads)
+            out["bad_variable"] = self._first_nonfinite(unscaled, norms)
+        out["finite"] = finite
         if self.grad_norms == "off":
             del out["train/grad_norm"]
         return out
@@ -165,8 +166,8 @@ class StepLoop:
         if norms is None:
             norms = tf.stack([tf.reduce_sum(g) for g in grads])  # inf/nan anywhere makes the sum non-finite
         bad = ~tf.math.is_finite(norms)
-        return tf.cond(tf.reduce_any(bad), lambda: tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32),
-                       lambda: tf.constant(-1, tf.int32))  # fmt: skip
+        first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
+        return tf.where(tf.reduce_any(bad), first, -1)
 
     def gradients(self) -> list[tf.Tensor]:
         """The gradients the next step will see, without applying them (the tape example prints these)."""
@@ -188,15 +189,20 @@ class StepLoop:
         arrays: dict[str, tf.TensorArray] = {}
         for key, spec in self._output_spec().items():
             arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
-        done, bad_variable = tf.constant(0, tf.int32), tf.constant(-1, tf.int32)
+        # `done` counts the steps before the first non-finite one (on_nonfinite=stop). There is no `break`:
+        # autograph would wrap the rest of the body in a cond each step; a chunk that went bad just runs out
+        # and its steps from the bad one on are dropped, as is the run.
+        done, bad_variable, ok = tf.constant(0, tf.int32), tf.constant(-1, tf.int32), tf.constant(True)
         for i in tf.range(num_steps):
             out = self._distributed_step() if self.distributed else self._step_fn(self.step)
-            if self.on_nonfinite == "stop" and not out["finite"]:
-                bad_variable = out["bad_variable"]
-                break
             self.step.assign_add(1)
             arrays = {k: arrays[k].write(i, tf.cast(out[k], arrays[k].dtype)) for k in arrays}
-            done = i + 1
+            if self.on_nonfinite == "stop":
+                bad_variable = tf.where(ok & ~out["finite"], out["bad_variable"], bad_variable)
+                ok &= out["finite"]
+                done += tf.cast(ok, tf.int32)
+            else:
+                done = i + 1
         result = {k: a.stack()[:done] for k, a in arrays.items()}
         return {**result, "steps": done, "bad_variable": bad_variable}
 
