@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -158,6 +159,13 @@ class SqlBulkWriter:
 _FLOAT_MAX = 1.7976931348623157e308
 
 
+def _yield_cpu() -> None:
+    """Run this sink thread at the lowest CPU priority (Linux: per thread), so training keeps the cores and
+    the sink uses what they leave; it catches up at the end or when the pending bound pushes back."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 @dataclass
 class MetricSink:
     """Writes metric points to one run from background threads, in batches, never blocking on a dead store.
@@ -218,6 +226,7 @@ class MetricSink:
         return self._healthy and not stalled
 
     def _collect(self) -> None:
+        _yield_cpu()
         while (chunk := self._queue.get()) is not None:
             series = self._series(chunk)
             n = sum(len(s[1]) for s in series)
@@ -235,6 +244,7 @@ class MetricSink:
                 self._cond.notify_all()
 
     def _write_loop(self) -> None:
+        _yield_cpu()
         backoff = 0.0
         while True:
             with self._cond:

@@ -38,12 +38,6 @@ def train(
     check(cfg)
     t = cfg.trainer
     strategy = _strategy(t)  # first: multi-worker and logical devices must precede any other TF work
-    replicas = strategy.num_replicas_in_sync
-    if replicas > 1 and (t.batch_size % replicas or t.accumulate_steps > 1 or t.on_nonfinite != "stop"):
-        raise TrainerError(
-            f"trainer.strategy={t.strategy} runs {replicas} replicas: trainer.batch_size={t.batch_size} must be a "
-            "multiple of that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
-        )
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
@@ -52,24 +46,12 @@ def train(
     data: Dataset = build(cfg.data)
     total_steps = _total_steps(t, data)
     output_dir = Path(output_dir or ".")
-    with _device(t.device), strategy.scope():
-        model = build(cfg.model)
-        loss_fn = build(cfg.loss)
-        _check_loss_fits_data(cfg, loss_fn, data)
-        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
-        if t.precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     with _device(t.device):
-        loop = _build_loop(cfg, model, loss_fn, optimizer, data, strategy)
+        model, loop, optimizer = _build(cfg, data, strategy, total_steps)
         chief = _is_chief(strategy)
-        directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
-        if not chief:  # every worker saves (collectively), each into its own directory
-            directory = directory.with_name(f"checkpoints-worker{strategy.cluster_resolver.task_id}")
-        state = {"model": model, "optimizer": optimizer, "step": loop.step, "order": loop.order}
-        state["non_trainable"] = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]
-        checkpoints = Checkpoints(directory, t.max_to_keep, skipped=loop.skipped, **state)
+        checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
         start = checkpoints.restore_latest() if resume else 0
-        tags = {"checkpoint_dir": str(directory), **(tags or {})}
+        tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
         run_context = Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) if chief else QuietRun()
         with run_context as run:
             if resume:
@@ -83,6 +65,36 @@ def train(
                 _log_model(model, run, output_dir, data.x_train[:2])
             _summarize(result, run)
     return result.objective
+
+
+def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, total_steps: int):
+    """Model, loss and optimizer under the strategy's scope (their variables are mirrored), then the loop."""
+    t = cfg.trainer
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1 and (t.batch_size % replicas or t.accumulate_steps > 1 or t.on_nonfinite != "stop"):
+        raise TrainerError(
+            f"trainer.strategy={t.strategy} runs {replicas} replicas: trainer.batch_size={t.batch_size} must be a "
+            "multiple of that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
+        )
+    with strategy.scope():
+        model = build(cfg.model)
+        loss_fn = build(cfg.loss)
+        _check_loss_fits_data(cfg, loss_fn, data)
+        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
+        if t.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return model, _build_loop(cfg, model, loss_fn, optimizer, data, strategy), optimizer
+
+
+def _checkpoints(t: DictConfig, model, optimizer, loop: StepLoop, resume: checkpoint.Resume | None,
+                 output_dir: Path, strategy: tf.distribute.Strategy, chief: bool) -> Checkpoints:  # fmt: skip
+    """Everything a resumed run needs; under multi-worker every worker saves, each into its own directory."""
+    directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
+    if not chief:
+        directory = directory.with_name(f"checkpoints-worker{strategy.cluster_resolver.task_id}")
+    non_trainable = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]  # dropout seeds
+    return Checkpoints(directory, t.max_to_keep, model=model, optimizer=optimizer, step=loop.step,
+                       order=loop.order, skipped=loop.skipped, non_trainable=non_trainable)  # fmt: skip
 
 
 def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str]) -> DictConfig:
