@@ -20,6 +20,7 @@ LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # The per-step outputs are named as their MLflow metrics. This one is [k, n_variables]: one column per
 # variable, logged as `train/grad_norm/<variable path>`.
 PER_VARIABLE = "train/grad_norm/"
+FIRST_BAD = "first_nonfinite_variable"  # per step, only when per-variable norms are not gathered anyway
 
 
 def variable_path(v: tf.Variable, model_name: str = "") -> str:
@@ -111,30 +112,30 @@ class StepLoop:
         if self.loss_scaling:
             unscaled = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
         out = {"train/loss": loss, "train/lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
+        squares = tf.stack([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in unscaled])  # per variable
+        out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(squares))  # tf.linalg.global_norm, sharing the sums
         if self.grad_norms == "per_variable":
-            out[PER_VARIABLE] = norms = tf.stack([tf.norm(tf.cast(g, tf.float32)) for g in unscaled])
-            out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(tf.square(norms)))
-        else:
-            norms = None
-            out["train/grad_norm"] = tf.cast(tf.linalg.global_norm(unscaled), tf.float32)
-        finite = tf.math.is_finite(loss)
-        if not self.loss_scaling:
-            finite &= tf.math.is_finite(out["train/grad_norm"])
+            out[PER_VARIABLE] = tf.sqrt(squares)
         if self.clip_norm:
             unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_norm, use_norm=out["train/grad_norm"])
             grads = unscaled if not self.loss_scaling else [g * self.optimizer.dynamic_scale for g in unscaled]
         if self.on_nonfinite == "skip_step":
+            finite = self._finite(loss, out["train/grad_norm"])
             tf.cond(finite, lambda: self._apply(grads), tf.no_op)
             out["train/skipped_steps"] = self.skipped.assign_add(tf.cast(~finite, tf.int64))
         else:
-            # stop: no cond in the hot path (a cond over every gradient and slot costs dozens of ops a step);
-            # the run ends at this step and keeps its last good checkpoint, so the update does not matter
+            # stop: nothing extra in the step, no cond (a cond over every gradient and slot costs dozens of
+            # ops a step). The chunk finds the first non-finite step from its arrays, once; the run ends there
+            # and keeps its last good checkpoint, so that step's update does not matter.
             self._apply(grads)
-            out["bad_variable"] = self._first_nonfinite(unscaled, norms)
-        out["finite"] = finite
-        if self.grad_norms == "off":
-            del out["train/grad_norm"]
+            if self.grad_norms != "per_variable":
+                out[FIRST_BAD] = self._first_nonfinite(squares)  # no per-variable norms to find it from
         return out
+
+    def _finite(self, loss: tf.Tensor, grad_norm: tf.Tensor) -> tf.Tensor:
+        """Float16 loss scaling: overflowing gradients are the LossScaleOptimizer's to skip; only the loss counts."""
+        finite = tf.math.is_finite(loss)
+        return finite if self.loss_scaling else finite & tf.math.is_finite(grad_norm)
 
     def _loss_and_gradients(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         with tf.GradientTape() as tape:
@@ -161,11 +162,10 @@ class StepLoop:
         self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
         return tf.no_op()
 
-    def _first_nonfinite(self, grads: list[tf.Tensor], norms: tf.Tensor | None) -> tf.Tensor:
-        """Index of the first variable whose gradient is not finite, -1 if none (named in the error)."""
-        if norms is None:
-            norms = tf.stack([tf.reduce_sum(g) for g in grads])  # inf/nan anywhere makes the sum non-finite
-        bad = ~tf.math.is_finite(norms)
+    @staticmethod
+    def _first_nonfinite(per_variable: tf.Tensor) -> tf.Tensor:
+        """Index of the first variable whose gradient norm is not finite, -1 if none (named in the error)."""
+        bad = ~tf.math.is_finite(per_variable)
         first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
         return tf.where(tf.reduce_any(bad), first, -1)
 
@@ -189,22 +189,26 @@ class StepLoop:
         arrays: dict[str, tf.TensorArray] = {}
         for key, spec in self._output_spec().items():
             arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
-        # `done` counts the steps before the first non-finite one (on_nonfinite=stop). There is no `break`:
-        # autograph would wrap the rest of the body in a cond each step; a chunk that went bad just runs out
-        # and its steps from the bad one on are dropped, as is the run.
-        done, bad_variable, ok = tf.constant(0, tf.int32), tf.constant(-1, tf.int32), tf.constant(True)
         for i in tf.range(num_steps):
             out = self._distributed_step() if self.distributed else self._step_fn(self.step)
             self.step.assign_add(1)
             arrays = {k: arrays[k].write(i, tf.cast(out[k], arrays[k].dtype)) for k in arrays}
-            if self.on_nonfinite == "stop":
-                bad_variable = tf.where(ok & ~out["finite"], out["bad_variable"], bad_variable)
-                ok &= out["finite"]
-                done += tf.cast(ok, tf.int32)
+        result = {k: a.stack() for k, a in arrays.items()}
+        done, bad_variable = num_steps, tf.constant(-1, tf.int32)
+        if self.on_nonfinite == "stop":
+            # Once per chunk, from the arrays: the first step whose loss or gradient is not finite. There is
+            # no `break` in the loop (autograph would wrap the rest of the body in a cond each step): a chunk
+            # that went bad runs out, and its steps from the bad one on are dropped, as is the run.
+            finite = self._finite(result["train/loss"], result["train/grad_norm"])
+            done = tf.where(tf.reduce_all(finite), num_steps, tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32))
+            at = tf.minimum(done, num_steps - 1)
+            if PER_VARIABLE in result:
+                bad_variable = self._first_nonfinite(result[PER_VARIABLE][at])
             else:
-                done = i + 1
-        result = {k: a.stack()[:done] for k, a in arrays.items()}
-        return {**result, "steps": done, "bad_variable": bad_variable}
+                bad_variable = result.pop(FIRST_BAD)[at]
+        if self.grad_norms == "off":
+            del result["train/grad_norm"]
+        return {**{k: v[:done] for k, v in result.items()}, "steps": done, "bad_variable": bad_variable}
 
     def _distributed_step(self) -> dict[str, tf.Tensor]:
         x, y = self._batch(self.step)  # the global batch, gathered once in cross-replica context
@@ -213,11 +217,11 @@ class StepLoop:
         return {k: self.strategy.experimental_local_results(v)[0] for k, v in out.items()}
 
     def _output_spec(self) -> dict[str, tf.TensorSpec]:
-        spec = {"train/loss": tf.TensorSpec([], tf.float32), "train/lr": tf.TensorSpec([], tf.float32)}
-        if self.grad_norms != "off":
-            spec["train/grad_norm"] = tf.TensorSpec([], tf.float32)
+        spec = {key: tf.TensorSpec([], tf.float32) for key in ("train/loss", "train/lr", "train/grad_norm")}
         if self.grad_norms == "per_variable":
             spec[PER_VARIABLE] = tf.TensorSpec([len(self.variables)], tf.float32)
+        elif self.on_nonfinite == "stop":
+            spec[FIRST_BAD] = tf.TensorSpec([], tf.int32)
         if self.on_nonfinite == "skip_step":
             spec["train/skipped_steps"] = tf.TensorSpec([], tf.float32)
         return spec
