@@ -76,8 +76,9 @@ class StepLoop:
             self.variables = list(model.trainable_variables)
             optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
         self.variable_names = [variable_path(v, getattr(model, "name", "")) for v in self.variables]
-        step_fn = tf.function(self.train_step, jit_compile=True) if jit else self.train_step
-        self._step_fn = step_fn
+        # jit: XLA compiles the forward and backward pass only; batch gathering, the optimizer's update and
+        # the metric arrays stay in the ordinary graph (XLA around the whole chunk was far slower on CPUs)
+        self._gradients = tf.function(self._loss_and_gradients, jit_compile=True) if jit else self._loss_and_gradients
         self._chunk = tf.function(self._run_chunk)
         self._eval = tf.function(self._evaluate)
 
@@ -101,7 +102,7 @@ class StepLoop:
         ctx = tf.distribute.get_replica_context()
         share = self.batch_size // self.replicas
         start = ctx.replica_id_in_sync_group * share
-        loss, grads = self._loss_and_gradients(x[start : start + share], y[start : start + share])
+        loss, grads = self._gradients(x[start : start + share], y[start : start + share])
         loss, grads = ctx.all_reduce(
             tf.distribute.ReduceOp.SUM, [loss / self.replicas, [g / self.replicas for g in grads]]
         )
@@ -147,11 +148,11 @@ class StepLoop:
     def _accumulated_gradients(self, batch: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Mean loss and mean gradients over accumulate_steps consecutive micro-batches: one big batch."""
         n = self.accumulate_steps
-        loss, grads = self._loss_and_gradients(*self._batch(batch * n))
+        loss, grads = self._gradients(*self._batch(batch * n))
         if n == 1:
             return loss, grads
         for j in tf.range(1, n):
-            micro_loss, micro_grads = self._loss_and_gradients(*self._batch(batch * n + tf.cast(j, batch.dtype)))
+            micro_loss, micro_grads = self._gradients(*self._batch(batch * n + tf.cast(j, batch.dtype)))
             loss += micro_loss
             grads = [g + m for g, m in zip(grads, micro_grads, strict=True)]
         return loss / n, [g / n for g in grads]
@@ -190,7 +191,7 @@ class StepLoop:
         for key, spec in self._output_spec().items():
             arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
         for i in tf.range(num_steps):
-            out = self._distributed_step() if self.distributed else self._step_fn(self.step)
+            out = self._distributed_step() if self.distributed else self.train_step(self.step)
             self.step.assign_add(1)
             arrays = {k: arrays[k].write(i, tf.cast(out[k], arrays[k].dtype)) for k in arrays}
         result = {k: a.stack() for k, a in arrays.items()}
