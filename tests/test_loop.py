@@ -169,3 +169,17 @@ def test_logged_learning_rate_is_the_one_the_step_used():
 def test_losses_match_their_formulas(fn, y, pred, expected):
     value = fn(tf.constant(y), tf.constant(pred))
     assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+def test_jit_compiles_the_gradients_and_follows_the_same_trajectory():
+    data = regression(n_samples=256, n_features=4, val_fraction=0.0)
+
+    def losses_with(jit: bool) -> np.ndarray:
+        keras.utils.set_random_seed(1)
+        loop = StepLoop(MLP(hidden=[8], units=1), losses.mse, keras.optimizers.Adam(1e-2), data.x_train,
+                        data.y_train, 32, jit=jit)  # fmt: skip
+        values = np.concatenate([loop.run(k)["train/loss"].numpy() for k in (5, 7)])
+        assert loop._chunk.experimental_get_tracing_count() == 1
+        return values
+
+    np.testing.assert_allclose(losses_with(True), losses_with(False), rtol=1e-4)
