@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from conftest import new_store
 from trainer import compare
 from trainer.config import register
 from trainer.tracking import Chunk, Run
@@ -73,21 +73,12 @@ def write_child(cfg: DictConfig, parent_id: str, name: str, spec: dict) -> str:
     return run.run_id
 
 
-def empty_store(tmp_path_factory, directory: Path) -> str:
-    """A new SQLite store, copied from one made once per session: MLflow's schema migrations take seconds."""
-    template = tmp_path_factory.getbasetemp() / "empty-mlflow.db"
-    if not template.exists():
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
-    shutil.copy(template, directory / "mlflow.db")
-    return f"sqlite:///{directory / 'mlflow.db'}"
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Store:
+def store(tmp_path_factory, mlflow_template) -> Store:
     from trainer.train import train
 
     tmp = tmp_path_factory.mktemp("compare")
-    uri = empty_store(tmp_path_factory, tmp)
+    uri = new_store(tmp, mlflow_template)
     client = MlflowClient(uri)
     exp_id = client.create_experiment("tape-trainer", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
     base = [f"tracking.uri={uri}", *SMALL]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from conftest import new_store
 from trainer import evaluate as ev
 from trainer.config import build, register
 
@@ -50,21 +50,12 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def empty_store(tmp_path_factory, directory: Path) -> str:
-    """A new SQLite store, copied from one made once per session: MLflow's schema migrations take seconds."""
-    template = tmp_path_factory.getbasetemp() / "empty-mlflow.db"
-    if not template.exists():
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
-    shutil.copy(template, directory / "mlflow.db")
-    return f"sqlite:///{directory / 'mlflow.db'}"
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Store:
+def store(tmp_path_factory, mlflow_template) -> Store:
     from trainer.train import train
 
     tmp = tmp_path_factory.mktemp("evaluate")
-    uri = empty_store(tmp_path_factory, tmp)
+    uri = new_store(tmp, mlflow_template)
     client = MlflowClient(uri)
     exp_id = client.create_experiment("tape-trainer", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
     jobs = {
