@@ -12,14 +12,11 @@ import matplotlib.image
 import mlflow
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from conftest import new_store
+from conftest import compose_config, new_store
 from trainer import compare
-from trainer.config import register
 from trainer.tracking import Chunk, Run
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -42,16 +39,6 @@ class Store:
     parent_id: str
     child_ids: dict[str, str]
     real_ids: list[str]
-
-
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def write_child(cfg: DictConfig, parent_id: str, name: str, spec: dict) -> str:
@@ -85,11 +72,11 @@ def store(tmp_path_factory, mlflow_template) -> Store:
     real_ids = []
     for lr in ("0.05",):
         overrides = [f"optimizer.lr={lr}", f"tracking.run_name=real-{lr}"]
-        train(compose_cfg([*base, *overrides]), overrides=overrides, output_dir=tmp / lr)
+        train(compose_config([*base, *overrides]), overrides=overrides, output_dir=tmp / lr)
         [run] = client.search_runs([exp_id], f"attributes.run_name = 'real-{lr}'")
         real_ids.append(run.info.run_id)
     parent_id = client.create_run(exp_id, run_name="sweep-test", tags={"sweep": "true"}).info.run_id
-    cfg = compose_cfg(base)
+    cfg = compose_config(base)
     child_ids = {name: write_child(cfg, parent_id, name, spec) for name, spec in CHILDREN.items()}
     client.set_terminated(parent_id)
     yield Store(uri, client, parent_id, child_ids, real_ids)

@@ -16,15 +16,13 @@ import mlflow
 import mlflow.tensorflow
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from conftest import new_store
+from conftest import compose_config, new_store
 from trainer import evaluate as ev
-from trainer.config import build, register
+from trainer.config import build
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["data.n_samples=256", "trainer.max_steps=30", "trainer.progress=false", "model.hidden=[8]"]
@@ -38,16 +36,6 @@ class Store:
     regression_id: str
     classifier_id: str
     tmp: Path
-
-
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +53,7 @@ def store(tmp_path_factory, mlflow_template) -> Store:
     ids = {}
     for name, overrides in jobs.items():
         overrides = [*overrides, f"tracking.run_name={name}"]
-        train(compose_cfg([f"tracking.uri={uri}", *SMALL, *overrides]), overrides=overrides, output_dir=tmp / name)
+        train(compose_config([f"tracking.uri={uri}", *SMALL, *overrides]), overrides=overrides, output_dir=tmp / name)
         [run] = client.search_runs([exp_id], f"attributes.run_name = '{name}'")
         ids[name] = run.info.run_id
     yield Store(uri, client, ids["reg"], ids["clf"], tmp)

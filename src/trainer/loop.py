@@ -86,7 +86,8 @@ class StepLoop:
     def train_step(self, batch: tf.Tensor) -> dict[str, tf.Tensor]:
         """One update from batch number `batch` (and the accumulate_steps - 1 after it).
 
-        A step whose loss or gradients are not finite leaves every variable untouched. With float16 loss
+        With on_nonfinite=skip_step a step whose loss or gradients are not finite leaves every variable
+        untouched; with stop the chunk reports the step and the run ends there. With float16 loss
         scaling, overflowing gradients are the LossScaleOptimizer's business (it skips and lowers the
         scale), so only a non-finite loss counts; norms are always reported unscaled.
         """
