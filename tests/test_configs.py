@@ -407,6 +407,7 @@ def test_unknown_option_rejected_at_compose(compose_cfg):
         (["model=mlp", "model.hidden=[8,0]"], "model.hidden", "0"),
         (["tracking.log_every=0"], "tracking.log_every", "0"),
         (["trainer.device=tpu"], "trainer.device", "tpu"),
+        (["trainer.intra_op_threads=0"], "trainer.intra_op_threads", "0"),
         (["data=csv"], "data.path", "must be set"),
     ],
 )

@@ -161,6 +161,7 @@ def test_early_stopper_restores_the_best_weights():
         (["trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than the training set (3277 examples)"),
         (["data=csv"], "data.path must be set"),
         (["trainer.device=gpu"], "TensorFlow sees no GPU"),
+        (["trainer.inter_op_threads=7"], "trainer.inter_op_threads=7: TensorFlow already started"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, overrides, message):

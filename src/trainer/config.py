@@ -158,16 +158,17 @@ class SGDOptimizer(Optimizer):
 
 @dataclass
 class AdamOptimizer(Optimizer):
-    _target_: str = "keras.optimizers.Adam"
+    _target_: str = "trainer.optim.Adam"
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
     amsgrad: bool = False
+    fused: bool = True  # one flat update for all variables (trainer.optim); false: Keras' per-variable one
 
 
 @dataclass
 class AdamWOptimizer(AdamOptimizer):
-    _target_: str = "keras.optimizers.AdamW"
+    _target_: str = "trainer.optim.AdamW"
     weight_decay: float | None = 0.004
 
 
@@ -239,6 +240,8 @@ class TrainerSettings:
     precision: str = "float32"  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
     strategy: str = "auto"  # auto | default | mirrored | multi_worker (tf.distribute)
     logical_cpus: int | None = None  # split the CPU into this many devices (try mirrored without GPUs)
+    intra_op_threads: int | None = None  # threads inside one op (a matmul); None: TensorFlow's default
+    inter_op_threads: int | None = None  # ops run side by side; None: TensorFlow's default
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -258,6 +261,9 @@ class TrainerSettings:
         _require(self.strategy in strategies, "trainer.strategy", self.strategy, " | ".join(strategies))
         ok = self.logical_cpus is None or self.logical_cpus >= 1
         _require(ok, "trainer.logical_cpus", self.logical_cpus, "null or an integer >= 1")
+        for key in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"trainer.{key}", value, "null or an integer >= 1")
         policies = ("float32", "mixed_float16", "mixed_bfloat16")
         _require(self.precision in policies, "trainer.precision", self.precision, " | ".join(policies))
         modes = ("stop", "skip_step")

@@ -114,7 +114,8 @@ class StepLoop:
         if self.loss_scaling:
             unscaled = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
         out = {"train/loss": loss, "train/lr": tf.cast(self.optimizer.learning_rate, tf.float32)}
-        squares = tf.stack([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in unscaled])  # per variable
+        # per variable: L2Loss is sum(g**2)/2 in one op, where square + sum are two per variable per step
+        squares = 2.0 * tf.stack([tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in unscaled])
         out["train/grad_norm"] = tf.sqrt(tf.reduce_sum(squares))  # tf.linalg.global_norm, sharing the sums
         if self.grad_norms == "per_variable":
             out[PER_VARIABLE] = tf.sqrt(squares)
@@ -188,14 +189,19 @@ class StepLoop:
         return self._chunk(tf.constant(num_steps, tf.int32))
 
     def _run_chunk(self, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        arrays: dict[str, tf.TensorArray] = {}
-        for key, spec in self._output_spec().items():
-            arrays[key] = tf.TensorArray(spec.dtype, size=num_steps, element_shape=spec.shape)
+        # One row per step holds every output side by side: one concat and one TensorArray write a step,
+        # not one write per metric; the columns are split apart once, after the loop.
+        spec = self._output_spec()
+        widths = [max(s.shape.num_elements(), 1) for s in spec.values()]
+        rows = tf.TensorArray(tf.float32, size=num_steps, element_shape=[sum(widths)])
         for i in tf.range(num_steps):
             out = self._distributed_step() if self.distributed else self.train_step(self.step)
             self.step.assign_add(1)
-            arrays = {k: arrays[k].write(i, tf.cast(out[k], arrays[k].dtype)) for k in arrays}
-        result = {k: a.stack() for k, a in arrays.items()}
+            rows = rows.write(i, tf.concat([tf.reshape(tf.cast(out[k], tf.float32), [-1]) for k in spec], 0))
+        columns = tf.split(rows.stack(), widths, axis=1)
+        result = {}
+        for (key, s), column in zip(spec.items(), columns, strict=True):
+            result[key] = tf.cast(tf.reshape(column, [-1, *s.shape]), s.dtype)
         done, bad_variable = num_steps, tf.constant(-1, tf.int32)
         if self.on_nonfinite == "stop":
             # Once per chunk, from the arrays: the first step whose loss or gradient is not finite. There is

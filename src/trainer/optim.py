@@ -57,6 +57,67 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         return {k: getattr(self, k) for k in keys}
 
 
+class _FusedAdam:
+    """Adam's update for every variable at once, on one flat vector of all the model's parameters.
+
+    Keras' Adam runs ~13 small ops per variable per step; on one vector it is ~10 ops plus a split, so a
+    model of many small layers stops paying per-variable op dispatch (PyTorch's `foreach`/fused Adam,
+    apex's multi-tensor Adam). The arithmetic is Keras', term for term, so the numbers match it. Used
+    when every variable is float32 and no tf.distribute strategy is active at build time; otherwise (and
+    with `amsgrad` or `fused=False`) it is Keras' own per-variable update. A variable that gets no
+    gradient in a step is updated as if its gradient were zero.
+    """
+
+    def __init__(self, *args: Any, fused: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.fused = fused
+        self._flat = False
+
+    def build(self, var_list: list) -> None:
+        if self.built:
+            return
+        flat = self.fused and not self.amsgrad and not tf.distribute.has_strategy()
+        if not (flat and all(v.dtype == "float32" for v in var_list)):
+            super().build(var_list)
+            return
+        keras.optimizers.Optimizer.build(self, var_list)  # iterations, lr, variable indices; no slots
+        self._sizes = [math.prod(v.shape) for v in var_list]
+        self._shapes = [tuple(v.shape) for v in var_list]
+        total = sum(self._sizes)
+        self._flat_momentum = self.add_variable((total,), name="flat_momentum")
+        self._flat_velocity = self.add_variable((total,), name="flat_velocity")
+        self._flat = True
+
+    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
+        if not self._flat:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            return
+        given = {self._get_variable_index(v): g for g, v in zip(grads, trainable_variables, strict=True)}
+        parts = [given.get(i, tf.zeros(shape)) for i, shape in enumerate(self._shapes)]
+        g = tf.concat([tf.reshape(tf.convert_to_tensor(p, tf.float32), [-1]) for p in parts], axis=0)
+        step = tf.cast(self.iterations + 1, tf.float32)
+        alpha = tf.cast(learning_rate, tf.float32) * tf.sqrt(1 - tf.pow(self.beta_2, step))
+        alpha /= 1 - tf.pow(self.beta_1, step)
+        m = self._flat_momentum.value.assign_add((g - self._flat_momentum.value) * (1 - self.beta_1))
+        v = self._flat_velocity.value.assign_add((tf.square(g) - self._flat_velocity.value) * (1 - self.beta_2))
+        delta = (m * alpha) / (tf.sqrt(v) + self.epsilon)
+        for var, d, shape in zip(self._trainable_variables, tf.split(delta, self._sizes), self._shapes, strict=True):
+            var.value.assign_sub(tf.reshape(d, shape))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "fused": self.fused}
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class Adam(_FusedAdam, keras.optimizers.Adam):
+    """keras.optimizers.Adam, with the fused flat update (`fused=True`, the default)."""
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class AdamW(_FusedAdam, keras.optimizers.AdamW):
+    """keras.optimizers.AdamW (decoupled weight decay by Keras), with the fused flat update."""
+
+
 def build_optimizer(optimizer_cfg: DictConfig, schedule_cfg: DictConfig, total_steps: int) -> keras.Optimizer:
     """`optimizer.lr` becomes the schedule's starting point; every other key goes to the Keras optimizer."""
     kwargs = OmegaConf.to_container(optimizer_cfg, resolve=True)

@@ -133,6 +133,7 @@ def _device(name: str):
 
 def _strategy(t: DictConfig) -> tf.distribute.Strategy:
     """tf.distribute's engine, not ours: auto means MirroredStrategy when several GPUs are visible."""
+    _threads(t)
     if t.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         wanted = [tf.config.LogicalDeviceConfiguration()] * t.logical_cpus
@@ -148,6 +149,23 @@ def _strategy(t: DictConfig) -> tf.distribute.Strategy:
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
+
+
+def _threads(t: DictConfig) -> None:
+    """Thread pools are fixed when TensorFlow starts: set them first, or say that it is too late."""
+    threading = tf.config.threading
+    pools = {
+        "intra_op_threads": (threading.get_intra_op_parallelism_threads, threading.set_intra_op_parallelism_threads),
+        "inter_op_threads": (threading.get_inter_op_parallelism_threads, threading.set_inter_op_parallelism_threads),
+    }
+    for key, (get, set_) in pools.items():
+        wanted = t.get(key)
+        if wanted is None or get() == wanted:
+            continue
+        try:
+            set_(wanted)
+        except RuntimeError as e:
+            raise TrainerError(f"trainer.{key}={wanted}: TensorFlow already started with another value ({e})") from e
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
