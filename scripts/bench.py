@@ -61,6 +61,7 @@ from rich.table import Table
 import trainer.config
 from trainer.config import build
 from trainer.data import Dataset
+from trainer.loop import MIN_EPOCH_FOR_CUTS
 from trainer.optim import build_optimizer
 from trainer.train import train
 
@@ -259,9 +260,9 @@ def fresh_optimizer(ctx: JobContext, steps: int, stock: bool = False) -> keras.O
 
 
 def epoch_order(n: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
-    """The trainer's shuffle (loop.py), argsort of uniforms seeded by (seed, epoch): one order for all."""
+    """The trainer's shuffle (loop.py), a stateless shuffle seeded by (seed, epoch): one order for all."""
     pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    return tf.argsort(tf.random.stateless_uniform([n], seed=pair))
+    return tf.random.experimental.stateless_shuffle(tf.range(n), seed=pair)
 
 
 def template_store(workdir: Path) -> Path:
@@ -360,13 +361,21 @@ def bare_loop(ctx: JobContext, steps: int) -> float:
     step = tf.Variable(0, dtype=tf.int32, trainable=False)
     order = tf.Variable(epoch_order(n, seed, 0), trainable=False)
 
+    cut = per_epoch >= MIN_EPOCH_FOR_CUTS  # as ours: calls end at epoch boundaries, the shuffle before the loop
+
+    def new_epoch_order() -> None:
+        if step % per_epoch == 0:
+            order.assign(epoch_order(n, seed, step // per_epoch))
+
     @tf.function
     def chunk(k: tf.Tensor) -> tf.Tensor:
         loss = tf.constant(0.0)
+        if cut:
+            new_epoch_order()
         for _ in tf.range(k):
+            if not cut:
+                new_epoch_order()
             pos = step % per_epoch
-            if pos == 0:
-                order.assign(epoch_order(n, seed, step // per_epoch))
             idx = order[pos * b : pos * b + b]
             with tf.GradientTape() as tape:
                 loss = loss_fn(tf.gather(y, idx), model(tf.gather(x, idx), training=True))
@@ -376,7 +385,7 @@ def bare_loop(ctx: JobContext, steps: int) -> float:
 
     done, last = 0, tf.constant(0.0)
     while done < steps:
-        k = min(BARE_STEPS_PER_CALL, steps - done)
+        k = min(BARE_STEPS_PER_CALL, steps - done, per_epoch - done % per_epoch if cut else steps)
         last = chunk(tf.constant(k, tf.int32))  # a tensor count: one trace serves the short last chunk too
         done += k
     return float(last)  # the one host sync; it also waits for the last chunk

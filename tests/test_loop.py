@@ -9,9 +9,9 @@ import tensorflow as tf
 
 from trainer import losses
 from trainer.data import regression
-from trainer.loop import PER_VARIABLE, StepLoop
+from trainer.loop import MIN_EPOCH_FOR_CUTS, PER_VARIABLE, StepLoop
 from trainer.models import MLP, Linear
-from trainer.optim import Schedule
+from trainer.optim import Adam, Schedule
 
 X, Y = np.array([[2.0]], np.float32), np.array([[3.0]], np.float32)
 
@@ -66,6 +66,40 @@ def test_chunks_of_any_size_give_the_same_run_and_trace_once():
     assert many._chunk.experimental_get_tracing_count() == 1
     for a, b in zip(one.model.weights, many.model.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_chunks_cut_at_epochs_equal_the_per_step_epoch_check_and_trace_once():
+    """Epochs of >= MIN_EPOCH_FOR_CUTS batches: the new epoch's order is drawn once per call, before the loop.
+
+    run(100) over 32-batch epochs is four calls (32, 32, 32, 4), one trace, and the same run, loss for
+    loss and weight for weight, as a loop that checks for a new epoch in every step; each epoch's order
+    is a permutation of the rows, different from the last.
+    """
+    data = regression(n_samples=64, n_features=3, val_fraction=0.0)
+
+    def make(cut: bool) -> StepLoop:
+        keras.utils.set_random_seed(2)
+        loop = StepLoop(MLP(hidden=[8], units=1), losses.mse, Adam(learning_rate=1e-2), data.x_train, data.y_train, 2)
+        loop.cut_at_epochs = cut
+        return loop
+
+    cut, per_step = make(True), make(False)
+    assert per_step.steps_per_epoch == MIN_EPOCH_FOR_CUTS == 32
+    orders = []
+    for k in (10, 22, 32):  # ends exactly on epoch boundaries: the next call draws the new order
+        cut.run(k)
+        orders.append(cut.order.numpy().copy())
+    assert cut.steps_to_epoch_end(64) == 32 and cut.steps_to_epoch_end(70) == 26
+    assert not np.array_equal(orders[1], orders[2]) and sorted(orders[2]) == list(range(64))
+    rest = cut.run(36)  # across a boundary: split into 32 + 4, joined
+    assert rest["train/loss"].shape == (36,) and int(rest["steps"]) == 36
+    a = per_step.run(100)["train/loss"].numpy()
+    assert int(cut.step.numpy()) == int(per_step.step.numpy()) == 100
+    np.testing.assert_array_equal(cut.order.numpy(), per_step.order.numpy())
+    np.testing.assert_allclose(rest["train/loss"].numpy(), a[64:], rtol=1e-6)
+    for w_cut, w_step in zip(cut.model.weights, per_step.model.weights, strict=True):
+        np.testing.assert_allclose(w_cut.numpy(), w_step.numpy(), rtol=1e-6)
+    assert cut._chunk.experimental_get_tracing_count() == 1
 
 
 def test_norms_match_global_norm_and_finite_differences_on_the_mlp():

@@ -163,7 +163,7 @@ class AdamOptimizer(Optimizer):
     beta_2: float = 0.999
     epsilon: float = 1e-7
     amsgrad: bool = False
-    fused: bool = True  # one flat update for all variables (trainer.optim); false: Keras' per-variable one
+    fused: bool | None = None  # one flat update for all variables (trainer.optim); None: for small variables
 
 
 @dataclass

@@ -23,13 +23,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from trainer.checkpoint import Checkpoints
 from trainer.config import TrainerError
 from trainer.data import Dataset
-from trainer.loop import StepLoop
+from trainer.loop import MAX_ROWS, StepLoop
 from trainer.tracking import Chunk, Run
 
 console = Console(stderr=True)
 
 CHUNK_SECONDS = 0.2  # auto steps_per_loop aims at calls this long: a live progress bar, negligible overhead
-MAX_STEPS_PER_LOOP = 1000
 FIRST_CHUNKS = 10  # auto: the first two calls run this many steps; the second one is timed
 MULTI_WORKER_STEPS_PER_LOOP = 100
 
@@ -97,7 +96,8 @@ def fit(
     with _stop_on_signals() as stop, _progress(t.progress and console.is_terminal) as bar:
         task = bar.add_task("train", total=total_steps, completed=start, loss=float("nan"))
         while step < total_steps and not stop.signum:
-            n = min(k, total_steps - step, _until(step, t.eval_every), _until(step, t.checkpoint_every))
+            n = min(k, MAX_ROWS, total_steps - step, _until(step, t.eval_every), _until(step, t.checkpoint_every),
+                    loop.steps_to_epoch_end(step))  # fmt: skip
             t0 = time.time()
             out = loop.run(n)
             ran = n if t.on_nonfinite != "stop" else int(out["steps"])  # one scalar per chunk, not per step
@@ -162,7 +162,7 @@ def _auto_steps_per_loop(last: dict[str, tf.Tensor], n: int, t_start: float) -> 
     """Steps per call so that one call lasts about CHUNK_SECONDS; measured once (one host sync)."""
     np.asarray(last["train/loss"])  # wait for the chunk so the time is real
     per_step = (time.perf_counter() - t_start) / n
-    return int(np.clip(CHUNK_SECONDS / max(per_step, 1e-6), 1, MAX_STEPS_PER_LOOP))
+    return int(np.clip(CHUNK_SECONDS / max(per_step, 1e-6), 1, MAX_ROWS))
 
 
 def _until(step: int, every: int | None) -> int:

@@ -57,6 +57,9 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         return {k: getattr(self, k) for k in keys}
 
 
+FUSED_MAX_MEAN_SIZE = 16_384  # fused=None: flat while variables average at most this many parameters
+
+
 class _FusedAdam:
     """Adam's update for every variable at once, on one flat vector of all the model's parameters.
 
@@ -66,9 +69,14 @@ class _FusedAdam:
     when every variable is float32 and no tf.distribute strategy is active at build time; otherwise (and
     with `amsgrad` or `fused=False`) it is Keras' own per-variable update. A variable that gets no
     gradient in a step is updated as if its gradient were zero.
+
+    `fused=None` (the default) flattens only where it pays: copying the gradients into the flat vector
+    and the update back out costs ~1.6 ns a parameter here, against ~25 us of op dispatch saved per
+    variable, so it is used while variables average at most FUSED_MAX_MEAN_SIZE parameters (MLP
+    32-64-64-1: ~1,000, 1.2x faster a step; 784-1024-1024-1: ~310,000, where flat was 8% slower).
     """
 
-    def __init__(self, *args: Any, fused: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, fused: bool | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fused = fused
         self._flat = False
@@ -76,7 +84,8 @@ class _FusedAdam:
     def build(self, var_list: list) -> None:
         if self.built:
             return
-        flat = self.fused and not self.amsgrad and not tf.distribute.has_strategy()
+        small = sum(math.prod(v.shape) for v in var_list) <= FUSED_MAX_MEAN_SIZE * max(len(var_list), 1)
+        flat = (small if self.fused is None else self.fused) and not self.amsgrad and not tf.distribute.has_strategy()
         if not (flat and all(v.dtype == "float32" for v in var_list)):
             super().build(var_list)
             return
@@ -110,7 +119,7 @@ class _FusedAdam:
 
 @keras.saving.register_keras_serializable(package="trainer")
 class Adam(_FusedAdam, keras.optimizers.Adam):
-    """keras.optimizers.Adam, with the fused flat update (`fused=True`, the default)."""
+    """keras.optimizers.Adam, with the fused flat update (`fused=None`, the default: where it pays)."""
 
 
 @keras.saving.register_keras_serializable(package="trainer")
