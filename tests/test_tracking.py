@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import mlflow
 import numpy as np
@@ -99,6 +100,28 @@ def test_points_held_while_the_store_is_away_are_bounded(client):
     assert sink._pending_points <= 100
     sink.close()
     assert sink.points_lost == 300 * 4 and sink.points_written == 0
+
+
+def test_chunks_arriving_within_the_linger_share_one_transaction(client):
+    """Twenty chunks inside `linger_seconds` are one write (a transaction costs the same at any size);
+    then a chunk after a quiet spell is written within the linger without waiting for close()."""
+    run_id = new_run(client)
+    sink = MetricSink(client, run_id, linger_seconds=2.0)
+    writes = []
+    write = sink.writer.write
+    sink.writer.write = lambda batch: (writes.append(sum(len(s[1]) for s in batch)), write(batch))
+    for first in range(0, 200, 10):
+        sink.submit(chunk(first, 10))
+    deadline = time.monotonic() + 10
+    while not writes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writes == [200 * 4]  # every point so far, in one transaction
+    sink.submit(chunk(200, 10))
+    while len(writes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writes == [200 * 4, 10 * 4]  # written by the linger, before close()
+    sink.close()
+    assert [s for s, _, _ in history(client, run_id, "train/loss")] == list(range(210))
 
 
 def test_the_queue_is_bounded(client):

@@ -8,6 +8,7 @@ placed on evaluation and checkpoint steps, so those happen at exactly the config
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ console = Console(stderr=True)
 CHUNK_SECONDS = 0.2  # auto steps_per_loop aims at calls this long: a live progress bar, negligible overhead
 FIRST_CHUNKS = 10  # auto: the first two calls run this many steps; the second one is timed
 MULTI_WORKER_STEPS_PER_LOOP = 100
+GIL_SWITCH_SECONDS = 2e-4
 
 
 class Interrupted(KeyboardInterrupt):
@@ -93,7 +95,7 @@ def fit(
     step, calls, last = start, 0, {}
     t_start = t_timed = time.perf_counter()
     step_timed = start
-    with _stop_on_signals() as stop, _progress(t.progress and console.is_terminal) as bar:
+    with _stop_on_signals() as stop, _progress(t.progress and console.is_terminal) as bar, _prompt_gil():
         task = bar.add_task("train", total=total_steps, completed=start, loss=float("nan"))
         while step < total_steps and not stop.signum:
             n = min(k, MAX_ROWS, total_steps - step, _until(step, t.eval_every), _until(step, t.checkpoint_every),
@@ -167,6 +169,22 @@ def _auto_steps_per_loop(last: dict[str, tf.Tensor], n: int, t_start: float) -> 
 
 def _until(step: int, every: int | None) -> int:
     return every - step % every if every else 1 << 62
+
+
+@contextmanager
+def _prompt_gil() -> Iterator[None]:
+    """While training, a thread waiting for the GIL gets it within 0.2 ms instead of Python's 5 ms.
+
+    Between chunks the training thread needs the GIL for a few short stretches (the compiled call's
+    return, one scalar, the hand-off to the sink) while the sink's threads run Python; at the default
+    interval each stretch could wait up to 5 ms, measured as ~10% of a small model's steps/s.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, GIL_SWITCH_SECONDS))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 @dataclass

@@ -171,12 +171,12 @@ class MetricSink:
     """Writes metric points to one run from background threads, in batches, never blocking on a dead store.
 
     A collector thread turns each submitted chunk into numbers (the one device-to-host copy) and appends it
-    to a pending buffer; a writer thread writes whatever is pending, up to `batch_points` at a time, so a
-    slow store gets fewer, larger transactions. While the store keeps up or is merely slow, a full buffer
-    makes the training thread wait (back-pressure: no point is ever dropped). When writes fail (a server
-    gone away, SQLite locked by parallel jobs), the writer retries with exponential backoff and training
-    goes on; past `max_pending_points` the oldest points are dropped and counted in `points_lost`, which
-    the run reports at its end. Nothing is dropped silently.
+    to a pending buffer; a writer thread writes what is pending, up to `batch_points` at a time, once that
+    many are waiting or `linger_seconds` have passed, so the store gets few, large transactions. While the
+    store keeps up or is merely slow, a full buffer makes the training thread wait (back-pressure: no point
+    is ever dropped). When writes fail (a server gone away, SQLite locked by parallel jobs), the writer
+    retries with exponential backoff and training goes on; past `max_pending_points` the oldest points are
+    dropped and counted in `points_lost`, which the run reports at its end. Nothing is dropped silently.
     """
 
     client: MlflowClient
@@ -185,6 +185,10 @@ class MetricSink:
     max_chunks: int = 64
     bulk: bool = True  # use the SQL bulk path when the store is SQL-backed
     batch_points: int = 50_000
+    # Wait this long for more points before writing fewer than batch_points: a transaction costs ~6 ms of
+    # CPU on SQLite (commit, run check, latest-metric upkeep) whatever its size, and every chunk its own
+    # was ~8% of a core beside a fast loop. The UI sees points at most this much later.
+    linger_seconds: float = 1.0
     max_pending_points: int = 2_000_000  # ~100 MB of points held while the store is away
     stall_seconds: float = 10.0  # a write in flight this long counts as the store being away
     max_backoff: float = 30.0
@@ -250,6 +254,7 @@ class MetricSink:
             with self._cond:
                 while not self._pending and self._deadline is None:
                     self._cond.wait()
+                self._cond.wait_for(self._batch_ready, timeout=self.linger_seconds)
                 if not self._pending:
                     return
                 batch, n = self._take()
@@ -266,6 +271,9 @@ class MetricSink:
                 self._healthy, self._call_started = True, None
                 self.points_written += n
                 self._cond.notify_all()
+
+    def _batch_ready(self) -> bool:
+        return self._pending_points >= self.batch_points or self._deadline is not None
 
     def _take(self) -> tuple[list[Series], int]:
         batch, n = [], 0
