@@ -103,14 +103,14 @@ JOBS = {
     "mlp": Job(
         "mlp",
         f"{MLP} trainer.batch_size=256 optimizer=adam optimizer.lr=1e-3",
-        4000,
+        12000,
         300,
         "MLP 32-64-64-1, 65,536 rows, batch 256, Adam: overhead-bound",
     ),
     "tape": Job(
         "tape",
         "experiment=tape_example",
-        4000,
+        20000,
         300,
         "the GradientTape example: w*x+b, one example, batch 1, SGD: pure overhead",
     ),
