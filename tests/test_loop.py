@@ -89,7 +89,7 @@ def test_chunks_cut_at_epochs_equal_the_per_step_epoch_check_and_trace_once():
     for k in (10, 22, 32):  # ends exactly on epoch boundaries: the next call draws the new order
         cut.run(k)
         orders.append(cut.order.numpy().copy())
-    assert cut.steps_to_epoch_end(64) == 32 and cut.steps_to_epoch_end(70) == 26
+    assert cut.call_limit(64) == 32 and cut.call_limit(70) == 26
     assert not np.array_equal(orders[1], orders[2]) and sorted(orders[2]) == list(range(64))
     rest = cut.run(36)  # across a boundary: split into 32 + 4, joined
     assert rest["train/loss"].shape == (36,) and int(rest["steps"]) == 36

@@ -98,8 +98,8 @@ def fit(
     with _stop_on_signals() as stop, _progress(t.progress and console.is_terminal) as bar, _prompt_gil():
         task = bar.add_task("train", total=total_steps, completed=start, loss=float("nan"))
         while step < total_steps and not stop.signum:
-            n = min(k, MAX_ROWS, total_steps - step, _until(step, t.eval_every), _until(step, t.checkpoint_every),
-                    loop.steps_to_epoch_end(step))  # fmt: skip
+            n = min(k, total_steps - step, _until(step, t.eval_every), _until(step, t.checkpoint_every),
+                    loop.call_limit(step))  # fmt: skip
             t0 = time.time()
             out = loop.run(n)
             ran = n if t.on_nonfinite != "stop" else int(out["steps"])  # one scalar per chunk, not per step

@@ -196,21 +196,22 @@ class StepLoop:
 
         `steps` says how many ran: fewer than asked only when on_nonfinite=stop met a non-finite step,
         whose index in the chunk is then `steps` and whose first bad variable is `bad_variable`. A run
-        longer than MAX_ROWS or across an epoch boundary is several calls (the controller cuts its
-        chunks so that it is one).
+        longer than `call_limit` is several calls, joined.
         """
         parts, step = [], int(self.step.numpy()) if self.cut_at_epochs else 0
         while True:
-            n = min(num_steps, MAX_ROWS, self.steps_to_epoch_end(step))
+            n = min(num_steps, self.call_limit(step))
             parts.append(self._chunk(tf.constant(n, tf.int32)))
             num_steps, step = num_steps - n, step + n
             if num_steps == 0 or (self.on_nonfinite == "stop" and int(parts[-1]["steps"]) < n):
                 break
         return parts[0] if len(parts) == 1 else _joined(parts)
 
-    def steps_to_epoch_end(self, step: int) -> int:
-        """How many steps one compiled call may run from `step` (no limit where epochs are not cut)."""
-        return self.steps_per_epoch - step % self.steps_per_epoch if self.cut_at_epochs else 1 << 62
+    def call_limit(self, step: int) -> int:
+        """How many steps one compiled call may run from `step`: the rows buffer's length, and the epoch's end
+        where epochs are cut. run() splits at it; the controller cuts its chunks there so that it need not."""
+        epoch_end = self.steps_per_epoch - step % self.steps_per_epoch if self.cut_at_epochs else MAX_ROWS
+        return min(MAX_ROWS, epoch_end)
 
     def _run_chunk(self, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         if self.cut_at_epochs and self.step % self.steps_per_epoch == 0:
