@@ -312,7 +312,7 @@ def test_e2e_run_finished_and_reported(e2e):
 def test_e2e_every_step_is_logged(e2e):
     _, uri, run = e2e
     run_id, steps = run.info.run_id, list(range(E2E_STEPS))
-    per_variable = sorted(k for k in run.data.metrics if k.startswith("train/grad_norm/"))
+    per_variable = sorted(k for k in run.data.metrics if k.startswith("train/grad_norm_by_var/"))
     assert len(per_variable) == 6  # hidden [64, 64] + head: 3 kernels, 3 biases
     assert sum(k.endswith("/kernel") for k in per_variable) == 3
     assert sum(k.endswith("/bias") for k in per_variable) == 3
@@ -336,7 +336,7 @@ def test_e2e_every_step_is_logged(e2e):
 def test_e2e_global_norm_matches_per_variable_norms(e2e):
     _, uri, run = e2e
     run_id = run.info.run_id
-    per_variable = [k for k in run.data.metrics if k.startswith("train/grad_norm/")]
+    per_variable = [k for k in run.data.metrics if k.startswith("train/grad_norm_by_var/")]
     columns = np.array([_values(uri, run_id, k) for k in per_variable])  # [6, steps]
     total = np.array(_values(uri, run_id, "train/grad_norm"))
     assert columns.shape == (6, E2E_STEPS)
@@ -411,7 +411,7 @@ def test_tape_example_loss_shrinks_geometrically(tape):
     np.testing.assert_allclose(_values(uri, run_id, "train/loss"), 0.81 ** np.arange(10), rtol=1e-5)
     # |dL/dw| = 2 r x = 4 r, |dL/db| = 2 r, global norm 2 r sqrt(5), with r = 0.9^k
     r = 0.9 ** np.arange(10)
-    norms = {key.rsplit("/", 1)[-1]: key for key in run.data.metrics if key.startswith("train/grad_norm/")}
+    norms = {key.rsplit("/", 1)[-1]: key for key in run.data.metrics if key.startswith("train/grad_norm_by_var/")}
     assert set(norms) == {"w", "b"}
     np.testing.assert_allclose(_values(uri, run_id, norms["w"]), 4 * r, rtol=1e-5)
     np.testing.assert_allclose(_values(uri, run_id, norms["b"]), 2 * r, rtol=1e-5)
@@ -430,7 +430,7 @@ def sparse(cli):
 def test_log_every_keeps_every_nth_step(sparse):
     _, uri, run = sparse
     run_id = run.info.run_id
-    per_variable = [k for k in run.data.metrics if k.startswith("train/grad_norm/")]
+    per_variable = [k for k in run.data.metrics if k.startswith("train/grad_norm_by_var/")]
     assert len(per_variable) == 4  # one hidden layer + head
     for key in ["train/loss", "train/grad_norm", "train/lr", *per_variable]:
         assert _steps(uri, run_id, key) == [0, 4, 8, 12, 16], key

@@ -35,6 +35,6 @@ def test_own_model_from_a_config_dir_and_own_loss_inline(tmp_path):
     assert run.data.params["model._target_"] == "my_models.Quadratic"
     assert run.data.params["loss.tau"] == "0.9"
     for name in ("a", "b", "c"):
-        assert len(client.get_metric_history(run.info.run_id, f"train/grad_norm/{name}")) == 100
+        assert len(client.get_metric_history(run.info.run_id, f"train/grad_norm_by_var/{name}")) == 100
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])  # it learns: the loss at least halves

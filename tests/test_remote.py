@@ -74,7 +74,7 @@ def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
     [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.max_steps"] == "60" and run.data.params["model.hidden"] == "[64, 64]"
-    for key in ("train/loss", "train/grad_norm", "train/lr", "train/grad_norm/dense_0/kernel"):
+    for key in ("train/loss", "train/grad_norm", "train/lr", "train/grad_norm_by_var/dense_0/kernel"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(60)), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.yaml", "model"} <= artifacts

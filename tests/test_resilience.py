@@ -63,7 +63,7 @@ def test_sigint_checkpoints_flushes_marks_killed_and_resume_continues_the_same_r
     stopped = max(int(p.stem.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.index"))
     assert stopped >= 500
     assert steps_of(client, run) == list(range(stopped))  # every step up to the stop, none after it
-    assert len(client.get_metric_history(run.info.run_id, "train/grad_norm/dense_0/kernel")) == stopped
+    assert len(client.get_metric_history(run.info.run_id, "train/grad_norm_by_var/dense_0/kernel")) == stopped
 
     total = stopped + 300
     proc = cli(tmp_path, f"resume={run.info.run_id}", f"trainer.max_steps={total}")
@@ -109,13 +109,13 @@ def test_nonfinite_step_stops_with_the_step_and_variable_named(tmp_path):
     assert "step 20" in run.data.tags["error"]
     assert steps_of(client, run) == list(range(20))
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.index"))
-    assert kept == ["ckpt-10.index", "ckpt-20.index"]  # the good ones; nothing written after the blow-up
+    assert kept == ["ckpt-0.index", "ckpt-10.index", "ckpt-20.index"]  # none after the blow-up
 
 
 def test_skip_step_leaves_weights_untouched_and_counts_the_skips(tmp_path):
     objective = train(
         cfg_for(tmp_path, "experiment=tape_example", "optimizer.lr=1.0", "trainer.max_steps=30",
-                "trainer.on_nonfinite=skip_step", "tracking.log_model=false"),
+                "trainer.on_nonfinite=skip_step", "trainer.max_skipped_fraction=0.5", "tracking.log_model=false"),
         output_dir=tmp_path,
     )  # fmt: skip
     client, run = only_run(tmp_path)
@@ -192,7 +192,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     train(cfg_for(tmp_path, "experiment=tape_example", "tracking.log_model=false"), output_dir=tmp_path)
     for data_file in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):
         data_file.write_bytes(b"garbage")
-    with pytest.raises(TrainerError, match="cannot be restored"):
+    with pytest.raises(TrainerError, match=r"no checkpoint in .* can be restored: .*ckpt-10 \(.*ckpt-0 \("):
         train(cfg_for(tmp_path, f"resume={tmp_path}"))
 
 

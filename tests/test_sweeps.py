@@ -13,18 +13,20 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from conftest import new_store
 from trainer.config import register
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SMALL = ["data.n_samples=256", "trainer.max_steps=12", "tracking.log_model=false"]
 
 
-def multirun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def multirun(tmp_path: Path, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, "-m", "trainer", "-m", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
            f"hydra.sweep.dir={tmp_path}/sweep", *SMALL, *args]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
@@ -110,3 +112,98 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith(target)
     if launcher == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240
+
+
+# --- a failing job is one failed trial, not the end of the sweep ------------------------------------------
+DIVERGES = "non-finite loss or gradient at step"  # sgd at lr=100 on the MLP: NaN at step 2
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def by_name(children: list) -> dict[str, object]:
+    return {c.info.run_name: c for c in children}
+
+
+def test_a_diverging_job_is_a_failed_child_and_the_other_jobs_run(tmp_path, mlflow_template):
+    """Before: the sweep stopped at job 1 (exit 1), job 2 never ran, the parent stayed RUNNING."""
+    new_store(tmp_path, mlflow_template)
+    proc = multirun(tmp_path, "model=mlp", "optimizer=sgd", "optimizer.lr=1e-3,100,1e-2")
+    client, parents, children = runs(tmp_path)
+    named = by_name(children)
+    assert set(named) == {"optimizer.lr=0.001", "optimizer.lr=100", "optimizer.lr=0.01"}
+    failed = named["optimizer.lr=100"]
+    assert failed.info.status == "FAILED" and failed.data.tags["error"].startswith(DIVERGES)
+    for name in ("optimizer.lr=0.001", "optimizer.lr=0.01"):
+        assert named[name].info.status == "FINISHED"
+        assert len(client.get_metric_history(named[name].info.run_id, "train/loss")) == 12
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["sweep/jobs"] == 3 and parent.data.metrics["sweep/failed_jobs"] == 1
+    assert parent.data.tags["best_run_id"] == named["optimizer.lr=0.01"].info.run_id
+    [line] = error_lines(proc)  # the failed job's error, once, in one line; no traceback
+    assert line.startswith(f"error: job 1 (optimizer.lr=100): {DIVERGES} 2;")
+    assert "Traceback" not in proc.stderr
+    assert f"sweep: 1 of 3 jobs failed (job 1); FAILED child runs of run {parent.info.run_id}" in proc.stderr
+
+
+def test_a_sweep_whose_every_job_fails_exits_1_with_one_line(tmp_path, mlflow_template):
+    """A job that fails before its run exists (a bad value) is a FAILED child too; all failed: parent FAILED."""
+    new_store(tmp_path, mlflow_template)
+    proc = multirun(tmp_path, "model=mlp", "optimizer=sgd", "optimizer.lr=100,-1", returncode=1)
+    _, parents, children = runs(tmp_path)
+    named = by_name(children)
+    assert {n: c.info.status for n, c in named.items()} == {"optimizer.lr=100": "FAILED", "optimizer.lr=-1": "FAILED"}
+    assert named["optimizer.lr=-1"].data.tags["error"] == "optimizer.lr=-1.0 is invalid: expected a positive number"
+    assert named["optimizer.lr=-1"].data.tags["sweep_job"] == "1"
+    parent = parents[0]
+    assert parent.info.status == "FAILED" and parent.data.metrics["sweep/failed_jobs"] == 2
+    lines = error_lines(proc)  # one per job, then the sweep's
+    assert len(lines) == 3 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"error: job 0 (optimizer.lr=100): {DIVERGES}")
+    assert lines[1] == "error: job 1 (optimizer.lr=-1): optimizer.lr=-1.0 is invalid: expected a positive number"
+    assert lines[2].startswith(f"error: all 2 jobs of the sweep failed (job 0: {DIVERGES}")
+    assert lines[2].endswith(f"FAILED child runs of run {parent.info.run_id} in sqlite:///{tmp_path}/mlflow.db")
+    assert parent.data.tags["error"] == lines[2].removeprefix("error: ")
+
+
+@pytest.mark.slow
+def test_optuna_goes_on_sampling_after_a_failed_trial(tmp_path, mlflow_template):
+    """Seed 1234 samples sgd at lr=340 as trial 3; trial 4 (TPE's first) still runs. Before: exit 1 at trial 3."""
+    new_store(tmp_path, mlflow_template)
+    proc = multirun(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=5",
+                    "optimizer.lr=tag(log, interval(1e-4, 1e3))")  # fmt: skip
+    _, parents, children = runs(tmp_path)
+    assert sorted(int(c.data.tags["sweep_job"]) for c in children) == [0, 1, 2, 3, 4]
+    failed = [c for c in children if c.info.status != "FINISHED"]
+    assert [c.data.tags["sweep_job"] for c in failed] == ["3"]
+    assert failed[0].info.status == "FAILED" and failed[0].data.tags["error"].startswith(DIVERGES)
+    assert failed[0].data.params["optimizer._target_"].endswith("SGD")
+    log = proc.stdout + proc.stderr  # Hydra logs to stdout
+    assert "Failed experiment: Return value must be float-castable. Got 'a failed job" in log  # a FAIL to Optuna
+    assert "max_failure_rate" not in log
+    result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert result["best_value"] == pytest.approx(min(c.data.metrics["val/loss"] for c in finished), rel=1e-6)
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/failed_jobs"] == 1
+    assert parent.data.metrics["sweep/jobs"] == 5
+
+
+@pytest.mark.slow
+def test_a_failing_parallel_job_leaves_the_others_training(tmp_path, mlflow_template):
+    """joblib: before, the failing worker's sys.exit tore down the pool; the healthy jobs were left RUNNING
+    with no points."""
+    new_store(tmp_path, mlflow_template)
+    steps = 1500
+    multirun(tmp_path, "launcher=local_parallel", "model=mlp", "optimizer=sgd", "optimizer.lr=1e-3,100,1e-2",
+             f"trainer.max_steps={steps}", "trainer.steps_per_loop=50")  # fmt: skip
+    client, parents, children = runs(tmp_path)
+    named = by_name(children)
+    assert named["optimizer.lr=100"].info.status == "FAILED"
+    for name in ("optimizer.lr=0.001", "optimizer.lr=0.01"):
+        run = named[name]
+        assert run.info.status == "FINISHED"
+        assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(steps))
+    assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["sweep/failed_jobs"] == 1

@@ -33,7 +33,7 @@ def chunk(first: int, k: int, names=("a/w", "a/b")) -> Chunk:
     values = {
         "train/loss": 1.0 / (1.0 + steps),
         "train/lr": np.full(k, 0.01, np.float32),
-        "train/grad_norm/": np.stack([steps, 2 * steps], axis=1),
+        "train/grad_norm_by_var/": np.stack([steps, 2 * steps], axis=1),
     }
     return Chunk(first, values, names, t_start=1000.0 + first, t_end=1000.0 + first + k)
 
@@ -54,7 +54,14 @@ def test_sql_bulk_path_writes_what_log_batch_writes(client):
         sink.submit(Chunk(300, special, t_start=2000.0, t_end=2000.0))
         sink.close()
         assert sink.error is None and sink.points_written == 300 * 4 + 3
-    keys = ["train/loss", "train/lr", "train/grad_norm/a/w", "train/grad_norm/a/b", "val/big", "val/small"]
+    keys = [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm_by_var/a/w",
+        "train/grad_norm_by_var/a/b",
+        "val/big",
+        "val/small",
+    ]
     for key in keys:
         assert history(client, bulk_run, key) == history(client, batch_run, key), key
     assert len(history(client, bulk_run, "train/loss")) == 300
@@ -66,7 +73,7 @@ def test_sql_bulk_path_writes_what_log_batch_writes(client):
     for key, value in latest_batch.items():
         assert latest_bulk[key] == pytest.approx(value, nan_ok=True), key
     assert latest_bulk["train/loss"] == pytest.approx(1.0 / 300)
-    assert latest_bulk["train/grad_norm/a/b"] == pytest.approx(2 * 299)
+    assert latest_bulk["train/grad_norm_by_var/a/b"] == pytest.approx(2 * 299)
 
 
 def test_log_every_keeps_every_nth_step(client):

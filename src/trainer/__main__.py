@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import hydra._internal.utils as hydra_utils
@@ -16,21 +18,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.config import TrainerError, check, register
+from trainer.config import TrainerError, check, conf_dir, register
 
-
-def _conf_dir() -> str:
-    """Installed wheels carry conf/ inside the package; an editable install reads the repo's conf/."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "conf"
-    return str(packaged if packaged.is_dir() else here.parents[1] / "conf")
-
+if TYPE_CHECKING:
+    from trainer.sweep import FailedJob, Outcome
 
 register()
 
 
 def _one_line(error: BaseException) -> str:
     """Hydra's and OmegaConf's multi-line config errors as one line: the message, the key, what is valid."""
+    from trainer.config import unimportable_target
+
+    if unimportable := unimportable_target(error):  # e.g. a hydra.callbacks target: the reason, not Hydra's lines
+        return unimportable
     lines = [ln for e in (error, error.__cause__) if e is not None for ln in str(e).splitlines()]
     kept, options = [], []
     for line in lines:
@@ -45,50 +46,108 @@ def _one_line(error: BaseException) -> str:
     return f"{message} {', '.join(options)}" if options else message
 
 
-def _report_config_errors(func):
+def _report_errors(func):
     """Stands in for Hydra's run_and_report: config errors print one line (no stack trace hint), others as
-    Hydra prints them. HYDRA_FULL_ERROR=1 still shows everything."""
+    Hydra prints them. HYDRA_FULL_ERROR=1 still shows everything. A multirun's parent run is closed however
+    the sweep ends; a sweep whose every job failed exits 1 with one line."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return func()
-    except (HydraException, OmegaConfBaseException) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        result = func()
+    except BaseException as e:
+        outcome = _end_sweep(e)
+        if isinstance(e, Exception) and outcome and outcome.all_failed:  # Optuna: "No trials are completed yet"
+            _exit_all_failed(outcome)
+        if not isinstance(e, (HydraException, OmegaConfBaseException)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    outcome = _end_sweep(None)
+    if outcome and outcome.all_failed:
+        _exit_all_failed(outcome)
+    elif outcome and outcome.failed:  # each one's error was printed as it failed
+        print(f"sweep: {outcome}", file=sys.stderr)
+    return result
+
+
+def _end_sweep(error: BaseException | None) -> Outcome | None:
+    """The outcome of a multirun that ended (or broke) in this call, its parent run closed; None otherwise.
+
+    trainer.sweep is looked up, not imported: only a multirun loads it, and a single run's typo should not
+    wait for MLflow's import."""
+    sweep = sys.modules.get("trainer.sweep")
+    return sweep.end(error) if sweep else None
+
+
+def _exit_all_failed(outcome: Outcome) -> None:
+    print(f"error: {outcome}", file=sys.stderr)
+    sys.exit(1)
 
 
 _hydra_run_and_report = hydra_utils.run_and_report
-hydra_utils.run_and_report = lambda func: _hydra_run_and_report(lambda: _report_config_errors(func))
+hydra_utils.run_and_report = lambda func: _hydra_run_and_report(lambda: _report_errors(func))
 
 
-@hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
-def main(cfg: DictConfig) -> float:
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> float | FailedJob:
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return _sweep_job(cfg, hc)
     try:
-        check(cfg)  # range errors too fail before TensorFlow is imported
+        return _train(cfg, hc, {})
     except TrainerError as e:
         _fail(e)
+
+
+def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
+    check(cfg)  # range errors too fail before TensorFlow is imported
 
     from trainer.fit import Interrupted
     from trainer.train import train
 
-    tags = {}
-    if hc.mode == RunMode.MULTIRUN:
-        from trainer.sweep import job_identity
-
-        tags, name = job_identity(hc.sweep.dir, hc.job.num, hc.overrides.task)
-        if name and not cfg.tracking.run_name:
-            cfg.tracking.run_name = name
     try:
         return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir, tags=tags)
-    except TrainerError as e:
-        _fail(e)
     except Interrupted as e:
         print(f"stopped: {e}; continue with: python -m trainer resume={Path(e.directory).parent}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except Exception as e:
+        from trainer.tracking import disk_full
+
+        if not disk_full(e):
+            raise
+        raise TrainerError(f"no space left on the device ({_last_line(e)}); what was stored is kept: free space, "
+                           f"then resume: python -m trainer resume={cfg.get('resume') or hc.runtime.output_dir}"
+                           ) from e  # fmt: skip
+
+
+def _last_line(error: BaseException) -> str:
+    """The innermost cause's first line: SQLAlchemy and TensorFlow wrap the OS's words in their own."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        error = inner
+        seen.add(id(error))
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _sweep_job(cfg: DictConfig, hc: DictConfig) -> float | FailedJob:
+    """One job of a multirun. Its failure is one line, a FAILED child run and a failed trial for the sweeper,
+    never the end of the sweep: the other jobs run, in this process or beside it."""
+    from trainer import sweep
+
+    tags, name = sweep.job_identity(hc.sweep.dir, hc.job.num, hc.overrides.task)
+    if name and not cfg.tracking.run_name:
+        cfg.tracking.run_name = name
+    try:
+        return _train(cfg, hc, tags)
+    except Exception as e:  # a bug or a TensorFlow error in one job is that job's failure too
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(e, TrainerError):
+            traceback.print_exc()
+        label = name or " ".join(hc.overrides.task)
+        print(f"error: job {hc.job.num} ({label}): {sweep.first_line(e)}", file=sys.stderr)
+        sweep.record_failed_job(cfg.tracking.uri, hc.sweep.dir, hc.job.num, tags, list(hc.overrides.task), e)
+        return sweep.FailedJob(sweep.first_line(e))
 
 
 def _fail(error: TrainerError) -> None:

@@ -10,6 +10,8 @@ checkpoint-carries-its-config).
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TrainerError
 
 RUN_FILE = "run.json"
+DURABLE_FILE = "durable.json"  # the newest step whose metric history the store holds completely
+PREFIX = "ckpt-"
 
 
 @dataclass
 class Resume:
+    """A run to continue, as its run.json tells. Run directories are shared and anyone who can write there
+    can edit it: `config` is data until train._resumed_config has checked what it would build."""
+
     directory: Path  # the checkpoints' directory
     run_id: str
     tracking_uri: str
@@ -30,60 +37,178 @@ class Resume:
 
 
 class Checkpoints:
-    """tf.train.CheckpointManager over one run's state, under the run's output directory."""
+    """One run's checkpoints, `ckpt-<step>` under the run's output directory, each one a promise.
 
-    def __init__(self, directory: Path, max_to_keep: int, **state: tf.Module | tf.Variable):
+    A checkpoint at step S is only worth resuming from once every metric point of the steps before it
+    (and the evaluation at S) is durable in the tracking store: a hard kill loses whatever the sink still
+    held, and a run resumed from a checkpoint past that point would keep the hole forever. So the sink
+    sends a barrier after each save and, once everything before it is committed, `mark_durable` records
+    the step in `durable.json`; `restore_latest` takes the newest intact checkpoint at or before it, and
+    pruning never deletes that one (tf.train.CheckpointManager's max_to_keep would: the writer may lag
+    many checkpoints behind a fast loop). Saving never waits for the store.
+    """
+
+    def __init__(self, directory: Path, max_to_keep: int, durable_file: Path | None = None,
+                 **state: tf.Module | tf.Variable):  # fmt: skip
         self.directory = Path(directory)
+        self.durable_file = Path(durable_file) if durable_file else self.directory / DURABLE_FILE
+        self.max_to_keep = max_to_keep
         self.checkpoint = tf.train.Checkpoint(**state)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=max_to_keep)
 
     def save(self, step: int) -> str:
-        return self.manager.save(checkpoint_number=step)
+        path = self.checkpoint.write(str(self.directory / f"{PREFIX}{step}"))
+        self._prune()
+        self._write_state(step)
+        return path
+
+    def _write_state(self, newest: int) -> None:
+        """TensorFlow's `checkpoint` state file (a text proto, relative paths), so tf.train.latest_checkpoint
+        and tf.train.load_checkpoint(dir) find the newest checkpoint as they would a CheckpointManager's."""
+        lines = [f'model_checkpoint_path: "{PREFIX}{newest}"']
+        lines += [f'all_model_checkpoint_paths: "{PREFIX}{s}"' for s in self.steps()]
+        tmp = self.directory / f"checkpoint.tmp{os.getpid()}"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.directory / "checkpoint")
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, oldest first (the index file is written last)."""
+        found = (p.name.removeprefix(PREFIX).removesuffix(".index") for p in self.directory.glob(f"{PREFIX}*.index"))
+        return sorted(int(s) for s in found if s.isdigit())
+
+    def durable_step(self) -> int | None:
+        """The newest step whose metric history the store holds completely; None for runs made before
+        this record existed (their checkpoints are taken as they are)."""
+        try:
+            return int(json.loads(self.durable_file.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def mark_durable(self, step: int) -> None:
+        """Called by the sink's writer after a commit; atomic (rename), so a kill leaves the old or the new."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.durable_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"step": int(step)}))
+        os.replace(tmp, self.durable_file)
+
+    def rewind(self, step: int) -> None:
+        """A resumed run goes on from `step`: checkpoints past it belong to the abandoned future."""
+        self.mark_durable(step)
+        for later in (s for s in self.steps() if s > step):
+            self._delete(later)
 
     def restore_latest(self) -> int:
-        """Restore the newest checkpoint; returns its step. Errors name the file and what is wrong."""
-        path = self.manager.latest_checkpoint
-        if path is None:
-            raise TrainerError(f"resume: no checkpoint in {self.directory}")
-        try:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-        except Exception as e:  # truncated or garbled files fail in many ways: all are the same to the user
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainerError(f"resume: checkpoint {path} cannot be restored ({first})") from e
-        return int(path.rsplit("-", 1)[-1])
+        """Restore the newest intact checkpoint the store's history covers; returns its step.
+
+        A damaged newest checkpoint (a kill while writing, a truncated copy) falls back to the one before,
+        saying so. Errors name the directory and what is wrong.
+        """
+        durable, steps = self.durable_step(), self.steps()
+        if durable is not None:
+            steps = [s for s in steps if s <= durable]
+        if not steps:
+            raise NoCheckpoint(self.directory, durable)
+        failures = []
+        for step in reversed(steps):
+            path = str(self.directory / f"{PREFIX}{step}")
+            try:
+                self.checkpoint.read(path).assert_existing_objects_matched()
+            except Exception as e:  # truncated or garbled files fail in many ways: all are the same to the user
+                failures.append(f"{path} ({_first_line(e)})")
+                continue
+            if failures:
+                print(f"resume: {'; '.join(failures)} cannot be restored; using {path}", file=sys.stderr)
+            return step
+        raise TrainerError(f"resume: no checkpoint in {self.directory} can be restored: {'; '.join(failures)}")
+
+    def _prune(self) -> None:
+        """Keep the newest `max_to_keep`; the newest one the store's history covers (what a resume would take
+        now); and the oldest one it does not cover yet (what the next barriers will make resumable: pruned
+        too early, the resume point could never move while the writer lags more than max_to_keep saves)."""
+        steps = self.steps()
+        keep = set(steps[-self.max_to_keep :]) if self.max_to_keep else set(steps)
+        durable = self.durable_step()
+        if durable is not None:
+            keep.update([s for s in steps if s <= durable][-1:] + [s for s in steps if s > durable][:1])
+        for step in steps:
+            if step not in keep:
+                self._delete(step)
+
+    def _delete(self, step: int) -> None:
+        for path in self.directory.glob(f"{PREFIX}{step}.*"):
+            path.unlink(missing_ok=True)
 
     def write_run_file(self, run_id: str, tracking_uri: str, cfg: DictConfig) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.mark_durable(0)  # nothing logged yet, nothing missing: the record exists from the start
         record = {"run_id": run_id, "tracking_uri": tracking_uri, "config": OmegaConf.to_container(cfg)}
         (self.directory / RUN_FILE).write_text(json.dumps(record, indent=1))
 
 
+class NoCheckpoint(TrainerError):
+    """Nothing to resume from: the run stopped before a checkpoint whose metric history is complete."""
+
+    def __init__(self, directory: Path, durable: int | None):
+        why = "before its first checkpoint" if durable is None or durable == 0 else f"before step {durable}"
+        super().__init__(f"resume: no checkpoint in {directory} to continue from (the run stopped {why} "
+                         "whose metrics were all stored)")  # fmt: skip
+        self.directory = directory
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def find(target: str, tracking_uri: str | None = None) -> Resume:
     """`resume=` names a run's output dir, its checkpoints dir, or an MLflow run id (tag `checkpoint_dir`)."""
-    directory = _checkpoint_dir(target, tracking_uri)
+    directory, store = _checkpoint_dir(target, tracking_uri)
     try:
         record = json.loads((directory / RUN_FILE).read_text())
     except (OSError, ValueError) as e:
         raise TrainerError(f"resume={target!r}: {directory / RUN_FILE} is missing or unreadable ({e})") from e
-    return Resume(directory, record["run_id"], record["tracking_uri"], OmegaConf.create(record["config"]))
+    missing = [k for k in ("run_id", "tracking_uri", "config") if not isinstance(record, dict) or k not in record]
+    if missing:  # write_run_file writes all three: a file without one was edited or comes from elsewhere
+        raise TrainerError(f"resume={target!r}: {directory / RUN_FILE} has no {missing[0]!r} key (damaged or "
+                           "not written by this trainer); restore it from a copy or start a new run")  # fmt: skip
+    run_id, uri, config = record["run_id"], record["tracking_uri"], record["config"]
+    if not (isinstance(run_id, str) and isinstance(uri, str) and "${" not in uri and isinstance(config, dict)):
+        raise TrainerError(f"resume={target!r}: {directory / RUN_FILE} is malformed (not written by this trainer)")
+    if store is not None and (run_id != target or _store(uri) != _store(store)):
+        raise TrainerError(
+            f"resume={target!r}: the run's checkpoint_dir tag names {directory}, whose {RUN_FILE} is run {run_id} "
+            f"in {uri}, not this run in {store}: refusing a directory the run did not write"
+        )
+    return Resume(directory, run_id, uri, OmegaConf.create(config))
 
 
-def _checkpoint_dir(target: str, tracking_uri: str | None) -> Path:
+def _checkpoint_dir(target: str, tracking_uri: str | None) -> tuple[Path, str | None]:
+    """The checkpoints' directory, and for a run id the store it was found in (None for a directory).
+
+    A run's `checkpoint_dir` tag is only a pointer, which anyone who can write to the store can change;
+    `find` holds it to the run.json there, which must name this run in this store."""
     path = Path(target).expanduser()
     for candidate in (path / "checkpoints", path):
         if (candidate / RUN_FILE).is_file():
-            return candidate
+            return candidate, None
     if path.exists():
         raise TrainerError(f"resume={target!r}: no checkpoints there (expected {path / 'checkpoints' / RUN_FILE})")
     import mlflow
 
+    client = mlflow.MlflowClient(tracking_uri)
     try:
-        run = mlflow.MlflowClient(tracking_uri).get_run(target)
+        run = client.get_run(target)
     except Exception:
         raise TrainerError(
-            f"resume={target!r}: neither a run directory nor an MLflow run id in {mlflow.get_tracking_uri()}"
+            f"resume={target!r}: neither a run directory nor an MLflow run id in {client.tracking_uri}"
         ) from None
     tagged = run.data.tags.get("checkpoint_dir")
     if not tagged or not (Path(tagged) / RUN_FILE).is_file():
         raise TrainerError(f"resume={target!r}: the run's checkpoint directory {tagged!r} is gone")
-    return Path(tagged)
+    return Path(tagged), client.tracking_uri
+
+
+def _store(uri: str) -> str:
+    """A store's identity: local paths (SQLite, file store) made absolute, so two spellings of one compare equal."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            return scheme + str(Path(uri.removeprefix(scheme)).resolve())
+    return uri.rstrip("/") if "://" in uri else f"file://{Path(uri).resolve()}"

@@ -6,24 +6,33 @@
 
 The run's `config.yaml` is the starting point, so the data are rebuilt exactly as in training unless a
 `key=value` (an OmegaConf dotlist entry) says otherwise; `+key=value` adds a key the config lacks and `~key`
-removes one (Hydra's spelling). The model is the run's MLflow model when it has one (see `log_model`),
-else its `model/model.keras` artifact. Also home of `log_model`, which the trainer calls to log the model
-in MLflow's own format.
+removes one (Hydra's spelling). The model is the Keras-native `.keras` file of the run's MLflow model when
+it has one (see `log_model`), else its `model/model.keras` artifact.
+
+A tracking store is shared data, so nothing read from it runs code: the config's `data` and `loss` may
+build only built-in targets, those your own `key=value`s name and those `trusted_targets=[...]` allows
+(config.trusted_config), and the model loads with Keras' safe_mode, its classes found by registered name,
+never through the pickles MLflow logs beside it. Also home of `log_model`, which the trainer calls to log
+the model in MLflow's own format.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import math
 import sys
 import tempfile
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModelStatus, Run
 from mlflow.exceptions import MlflowException
@@ -31,15 +40,17 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import TrainerError, build
+from trainer.config import TRUST_KEY, TrainerError, build, is_trusted, targets, trusted_config
 
 DEFAULT_EXPERIMENT = "tape-trainer"
 EVAL_BATCH = 1024  # as the trainer's own evaluation: max(batch_size, 1024) examples per forward pass
 SELECTORS = ("run_id", "run_name")
 USAGE = (
     "usage: python -m trainer.evaluate run_id=<id> | run_name=<name> [uri=<tracking uri>] "
-    f"[experiment=<name, default {DEFAULT_EXPERIMENT}>] [key=value | +key=value | ~key ...] [--json]"
+    f"[experiment=<name, default {DEFAULT_EXPERIMENT}>] [{TRUST_KEY}=[module.name,...]] "
+    "[key=value | +key=value | ~key ...] [--json]"
 )
+BUILT = ("data", "loss")  # the config nodes evaluate instantiates; the model comes from its .keras file
 
 
 class EvaluateError(Exception):
@@ -55,6 +66,7 @@ class Request:
     uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     overrides: list[str] = field(default_factory=list)
+    trusted_targets: list[str] = field(default_factory=list)  # targets the run's config may build, beyond ours
     as_json: bool = False
 
 
@@ -74,6 +86,8 @@ def parse_argv(argv: Sequence[str]) -> Request:
             setattr(req, key, value)
         elif key in ("uri", "experiment") and eq:
             setattr(req, key, value)
+        elif key == TRUST_KEY and eq:
+            req.trusted_targets = _names(arg)
         elif eq or arg.startswith("~"):
             req.overrides.append(arg)
         else:
@@ -85,6 +99,18 @@ def parse_argv(argv: Sequence[str]) -> Request:
 
 def _picked(req: Request) -> str:
     return f"run_id={req.run_id}" if req.run_id else f"run_name={req.run_name}"
+
+
+def _names(arg: str) -> list[str]:
+    """`trusted_targets=[a.B,c.*]` (or one name) as the trainer's own command line spells a list."""
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([arg]))[TRUST_KEY]
+    except (yaml.YAMLError, OmegaConfBaseException):
+        value = None
+    names = value if isinstance(value, list) else [value]
+    if not all(isinstance(n, str) and n for n in names):
+        raise EvaluateError(f"{arg!r}: expected a list of names, e.g. {TRUST_KEY}=[my_pkg.my_data,my_pkg.*]")
+    return names
 
 
 # --- the run, its config and its model ---------------------------------------------------------
@@ -107,7 +133,7 @@ def find_run(client: MlflowClient, run_id: str | None, run_name: str | None, exp
 
 
 def run_config(run: Run, uri: str, overrides: Sequence[str], dst: Path) -> DictConfig:
-    """The run's logged (resolved) config with the overrides applied on top."""
+    """The run's logged (resolved) config with the overrides applied on top: data, not yet checked."""
     try:
         path = download_artifacts(
             run_id=run.info.run_id, artifact_path="config.yaml", dst_path=str(dst), tracking_uri=uri
@@ -116,7 +142,25 @@ def run_config(run: Run, uri: str, overrides: Sequence[str], dst: Path) -> DictC
         raise EvaluateError(
             f"run {run.info.run_id} has no config.yaml artifact: was it logged by the trainer?"
         ) from None
-    return apply_overrides(OmegaConf.load(path), overrides)
+    try:
+        cfg = OmegaConf.load(path)  # YAML's safe loader: a python/object tag is an error, not a call
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise EvaluateError(f"run {run.info.run_id}'s config.yaml is not plain YAML ({_first_line(e)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise EvaluateError(f"run {run.info.run_id}'s config.yaml is not a mapping: was it logged by the trainer?")
+    return apply_overrides(cfg, overrides)
+
+
+def named_by(overrides: Sequence[str]) -> set[str]:
+    """Targets the user's own `key=value`s name (`data._target_=my.data`, `+loss={_target_:...}`)."""
+    named = set()
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if eq and not key.startswith("~"):
+            with contextlib.suppress(yaml.YAMLError, OmegaConfBaseException):  # apply_overrides names it
+                tree = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key.lstrip('+')}={value}"]))
+                named.update(target for _, target in targets(tree))
+    return named
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -135,7 +179,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             )
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key.lstrip('+')}={value}"]))
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise EvaluateError(f"{override}: {str(e).splitlines()[0]}") from None
     return cfg
 
@@ -151,43 +195,84 @@ def _delete(cfg: DictConfig, key: str) -> None:
     del parent[leaf]
 
 
-def mlflow_model_uri(client: MlflowClient, run: Run) -> str | None:
-    """The run's MLflow model: a logged model (MLflow 3) or an MLmodel under run artifacts (MLflow 2)."""
+def mlflow_model(client: MlflowClient, run: Run) -> tuple[str, str] | None:
+    """(URI, artifact location) of the run's MLflow model: a logged model (MLflow 3) or an MLmodel under
+    the run's artifacts (MLflow 2)."""
     run_id = run.info.run_id
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     ready = [m for m in models if m.status == LoggedModelStatus.READY]
     if ready:
         best = next((m for m in ready if m.name == "model"), ready[0])
-        return f"models:/{best.model_id}"
+        return f"models:/{best.model_id}", best.artifact_location
     if any(a.path == "model/MLmodel" for a in client.list_artifacts(run_id, "model")):
-        return f"runs:/{run_id}/model"
+        return f"runs:/{run_id}/model", f"runs:/{run_id}/model"
     return None
 
 
-def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path) -> tuple[Any, str]:
-    """(model, where it came from): MLflow's own loader first, the raw `.keras` artifact otherwise."""
+def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_target: str | None) -> tuple[Any, str]:
+    """(model, where it came from): a Keras-native `.keras` file, the MLflow model's own first, else the
+    run's `model/model.keras` artifact. Never MLflow's loaders: mlflow.tensorflow's unpickles (cloudpickle)
+    the custom objects logged beside the model, which is code. `model_target`, the run config's
+    `model._target_` when trusted, is imported first so that a class of yours registers its name."""
+    path, found = None, mlflow_model(client, run)
+    if found is not None:
+        source, location = found
+        path = _keras_file(location, uri, dst)
+    if path is None:
+        source = "model/model.keras"
+        try:
+            path = Path(download_artifacts(run_id=run.info.run_id, artifact_path=source, dst_path=str(dst),
+                                           tracking_uri=uri))  # fmt: skip
+        except (MlflowException, OSError):
+            raise EvaluateError(
+                f"run {run.info.run_id} has no model in Keras' native format (its MLflow model's data/*.keras or "
+                "a model/model.keras artifact); evaluate loads nothing else, as other formats unpickle code"
+            ) from None
+    if model_target:
+        _import_module_of(model_target)
+    return _load_keras(path, f"run {run.info.run_id}'s {source}"), source
+
+
+def _keras_file(location: str, uri: str, dst: Path) -> Path | None:
+    """The `.keras` file MLflow's tensorflow and keras flavours both keep under the model's `data/`."""
+    from mlflow.artifacts import list_artifacts
+
+    try:
+        names = [Path(a.path).name for a in list_artifacts(artifact_uri=f"{location}/data", tracking_uri=uri)]
+    except (MlflowException, OSError):
+        return None
+    name = next((n for n in sorted(names) if n.endswith(".keras")), None)
+    if name is None:
+        return None
+    return Path(download_artifacts(artifact_uri=f"{location}/data/{name}", dst_path=str(dst), tracking_uri=uri))
+
+
+def _import_module_of(target: str) -> None:
+    """Import the module a trusted `_target_` lives in, so its @register_keras_serializable classes exist."""
+    module = target.rpartition(".")[0]
+    with contextlib.suppress(ImportError, ValueError):  # no such module: Keras names the class it cannot find
+        importlib.import_module(module)
+
+
+def _load_keras(path: Path, source: str) -> Any:
+    """Keras' own format with safe_mode: a Lambda's bytecode is refused, and classes are found only among
+    Keras' own and the registered ones (trainer.models, trainer.optim), never imported by module name."""
     import keras
-    import mlflow.keras
-    import mlflow.tensorflow
-    from mlflow.models import get_model_info
 
     import trainer.models
     import trainer.optim  # noqa: F401  (both register the classes a saved model names)
 
-    model_uri = mlflow_model_uri(client, run)
-    if model_uri is not None:
-        flavors = get_model_info(model_uri).flavors
-        if "tensorflow" in flavors:
-            return mlflow.tensorflow.load_model(model_uri), model_uri
-        if "keras" in flavors:
-            return mlflow.keras.load_model(model_uri), model_uri
+    if not zipfile.is_zipfile(path):
+        raise EvaluateError(f"{source} is not a .keras archive (Keras' native format)")
     try:
-        path = download_artifacts(
-            run_id=run.info.run_id, artifact_path="model/model.keras", dst_path=str(dst), tracking_uri=uri
-        )
-    except (MlflowException, OSError):
-        raise EvaluateError(f"run {run.info.run_id} has no MLflow model and no model/model.keras artifact") from None
-    return keras.saving.load_model(path, compile=False), "model/model.keras"
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # a lambda, an unknown class, a damaged archive: all one line to the user
+        raise EvaluateError(f"{source} cannot be loaded safely: {_first_line(e)[:300]}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --- the numbers -------------------------------------------------------------------------------
@@ -222,15 +307,21 @@ def evaluate(
     overrides: Sequence[str] = (),
     uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
+    trusted_targets: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The run's model on the validation split (the training split when there is none) of its data,
-    rebuilt from its config plus `overrides`; a JSON-ready report."""
+    rebuilt from its config plus `overrides`; a JSON-ready report. The config builds only what
+    `trusted_config` lets through: built-ins, targets the overrides name, and `trusted_targets`."""
     uri = uri or mlflow.get_tracking_uri()
     client = MlflowClient(uri)
     run = find_run(client, run_id, run_name, experiment)
+    trusted = [*trusted_targets, *named_by(overrides)]
     with tempfile.TemporaryDirectory(prefix="trainer-evaluate-") as tmp:
-        cfg = run_config(run, uri, overrides, Path(tmp))
-        model, source = load_run_model(client, run, uri, Path(tmp))
+        logged = run_config(run, uri, overrides, Path(tmp))
+        cfg = trusted_config(logged, trusted, f"run {run.info.run_id}'s config.yaml", keys=BUILT)
+        model_target = OmegaConf.select(logged, "model._target_", default=None, throw_on_resolution_failure=False)
+        trusted_model = isinstance(model_target, str) and is_trusted(model_target, trusted)
+        model, source = load_run_model(client, run, uri, Path(tmp), model_target if trusted_model else None)
     data = build(cfg.data)
     loss_fn = build(cfg.loss)
     split = "validation" if data.x_val is not None else "train"
@@ -259,6 +350,8 @@ def log_model(model: Any, artifact_path: str = "model", input_example: np.ndarra
     importing `trainer.models` first; with the keras flavour that load fails on `trainer>MLP`. It also takes
     plain `tf.Module` models. Requirements are given, not inferred: inference loads the model again in a
     subprocess (~25 s). `input_example` (a few float32 rows) records a signature, so pyfunc checks inputs.
+    That pickle is also why `load_run_model` never uses those loaders: unpickling runs whatever code the
+    file holds, so only a trusted store may be read with them; evaluate reads the `.keras` file inside.
     """
     import mlflow.tensorflow
     from mlflow.models import infer_signature
@@ -316,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         req = parse_argv(argv)
-        report = evaluate(req.run_id, req.run_name, req.overrides, req.uri, req.experiment)
+        report = evaluate(req.run_id, req.run_name, req.overrides, req.uri, req.experiment, req.trusted_targets)
     except (EvaluateError, TrainerError, MlflowException) as e:
         print(f"error: {str(e).strip()}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from trainer.checkpoint import Checkpoints
-from trainer.config import TrainerError
+from trainer.config import TrainerError, TrainerSettings
 from trainer.data import Dataset
 from trainer.loop import MAX_ROWS, StepLoop
 from trainer.tracking import Chunk, Run
@@ -108,7 +108,9 @@ def fit(
                 run.sink.submit(Chunk(step, last, loop.variable_names, t0, time.time()))
             step, calls = step + ran, calls + 1
             if ran < n:
-                _raise_nonfinite(loop, step, int(out["bad_variable"]))
+                _raise_nonfinite(loop, step, int(out["bad_variable"]), checkpoints)
+            if t.on_nonfinite == "skip_step":  # past the run's budget already: no need to train on to see it
+                _check_skipped(loop, step, total_steps, _max_skipped_fraction(t), checkpoints)
             if calls == 1:
                 t_timed, step_timed = time.perf_counter(), step  # the rate is measured past the first call
             elif calls == 2 and t.steps_per_loop is None and not lockstep:
@@ -120,11 +122,16 @@ def fit(
                     run.set_tag("early_stopped_at", str(step))
                     break
             if t.checkpoint_every and step % t.checkpoint_every == 0:
-                checkpoints.save(step)
+                _checkpoint(checkpoints, run, step)
             bar.update(task, completed=step, loss=run.sink.latest.get("train/loss", float("nan")))
-        checkpoints.save(step)
+        _checkpoint(checkpoints, run, step)
         if stop.signum:
             raise Interrupted(stop.signum, step, str(checkpoints.directory))
+    if t.on_nonfinite == "skip_step":  # an early stop ran fewer steps: the fraction is of those run
+        skipped = _check_skipped(loop, step, step, _max_skipped_fraction(t), checkpoints)
+        console.print(
+            f"skipped {skipped} of {step} steps (non-finite loss or gradient; trainer.on_nonfinite=skip_step)"
+        )
     if step == step_timed:  # a single call: the rate includes the trace
         t_timed, step_timed = t_start, start
     steps_per_sec = (step - step_timed) / max(time.perf_counter() - t_timed, 1e-9)
@@ -152,12 +159,48 @@ def _finish(loop: StepLoop, data: Dataset, run: Run, stopper, step: int, last: d
     return Result(step, train_loss, val, steps_per_sec, objective, best_step)
 
 
-def _raise_nonfinite(loop: StepLoop, step: int, bad_variable: int) -> None:
+def _checkpoint(checkpoints: Checkpoints, run: Run, step: int) -> None:
+    """Save, then send the sink a barrier: the checkpoint becomes resumable once the store holds all before it."""
+    checkpoints.save(step)
+    run.sink.barrier(step)
+
+
+def _max_skipped_fraction(t: DictConfig) -> float:
+    """The key, or its schema default for a resumed run whose run.json was written before the key existed."""
+    return t.get("max_skipped_fraction", TrainerSettings.max_skipped_fraction)
+
+
+def _check_skipped(loop: StepLoop, done: int, of: int, fraction: float, checkpoints: Checkpoints) -> int:
+    """skip_step: the steps skipped so far, failing once they are more than `fraction` of `of` steps.
+
+    Without a bound, 1,997 skipped steps of 2,000 ended FINISHED. One scalar read per chunk (the chunk's
+    host sync in this mode); `of` is the run's total while it trains, the steps run at its end.
+    """
+    skipped = int(loop.skipped.numpy())
+    if skipped > fraction * of:
+        raise TrainerError(
+            f"{skipped} of {done} steps were skipped (non-finite loss or gradient): more than "
+            f"trainer.max_skipped_fraction={fraction} of {of} steps. Steps before it are logged; {_kept(checkpoints)}; "
+            "lower optimizer.lr, set trainer.clip_norm, or raise trainer.max_skipped_fraction"
+        )
+    return skipped
+
+
+def _raise_nonfinite(loop: StepLoop, step: int, bad_variable: int, checkpoints: Checkpoints) -> None:
     where = f"; first non-finite gradient: {loop.variable_names[bad_variable]}" if bad_variable >= 0 else ""
     raise TrainerError(
-        f"non-finite loss or gradient at step {step}{where}. Steps before it are logged and the last "
-        "checkpoint kept; lower optimizer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip_step"
+        f"non-finite loss or gradient at step {step}{where}. Steps before it are logged; {_kept(checkpoints)}; "
+        "lower optimizer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip_step"
     )
+
+
+def _kept(checkpoints: Checkpoints) -> str:
+    """What a resume would start from, as it is on disk: a run stopped before its first checkpoint has none
+    (checkpoint_every is null by default: checkpoints at the end and on a signal only)."""
+    steps = checkpoints.steps()
+    if not steps:
+        return "no checkpoint was written yet (trainer.checkpoint_every=N writes one every N steps)"
+    return f"the newest checkpoint is at step {steps[-1]} (resume={checkpoints.directory.parent} continues from it)"
 
 
 def _auto_steps_per_loop(last: dict[str, tf.Tensor], n: int, t_start: float) -> int:

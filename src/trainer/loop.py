@@ -25,8 +25,11 @@ import tensorflow as tf
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # The per-step outputs are named as their MLflow metrics. This one is [k, n_variables]: one column per
-# variable, logged as `train/grad_norm/<variable path>`.
-PER_VARIABLE = "train/grad_norm/"
+# variable, logged as `train/grad_norm_by_var/<variable path>`. Not `train/grad_norm/<path>`: MLflow's file
+# store keeps a metric as a file named by its key, so `train/grad_norm` (the global norm) and a directory of
+# that name cannot both exist (the per-variable points were lost: "Not a directory"). No metric name may be another's
+# followed by "/". It stays under `train/`, the prefix of the per-step metrics (resume's clean-up, fit.py).
+PER_VARIABLE = "train/grad_norm_by_var/"
 MAX_ROWS = 1024  # steps per compiled call at most: the rows buffer's length (run() splits longer runs)
 MIN_EPOCH_FOR_CUTS = 32  # epochs of fewer batches: the new-epoch test runs in the step (cheaper than calls)
 
@@ -40,6 +43,19 @@ def variable_path(v: tf.Variable, model_name: str = "") -> str:
     """
     path = getattr(v, "path", None) or v.name.split(":")[0]
     return path.removeprefix(f"{model_name}/") if model_name else path
+
+
+def distinct_names(names: list[str]) -> list[str]:
+    """Variable paths as metric names no two of which clash: a repeated name, or one that is another's followed
+    by "/" (plain tf.Variables are all `Variable` unless named; a variable `a` beside a layer `a`), gets
+    `_<index>`, its position among the variables. A repeat would merge two variables' norms into one metric;
+    a prefix breaks MLflow's file store."""
+    taken = set(names)
+    out: list[str] = []
+    for i, name in enumerate(names):
+        nested = any(other.startswith(f"{name}/") for other in taken)  # `a` beside `a/b`: `a` is renamed
+        out.append(f"{name}_{i}" if name in out or nested else name)
+    return out
 
 
 class StepLoop:
@@ -86,7 +102,7 @@ class StepLoop:
             model(self.x[:batch_size])  # build the variables before the first trace
             self.variables = list(model.trainable_variables)
             optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
-        self.variable_names = [variable_path(v, getattr(model, "name", "")) for v in self.variables]
+        self.variable_names = distinct_names([variable_path(v, getattr(model, "name", "")) for v in self.variables])
         # Outside the strategy's scope: written and read only in cross-replica context, one copy is enough
         self._rows = tf.Variable(tf.zeros([MAX_ROWS, self._row_width()]), trainable=False, name="metric_rows")
         # jit: XLA compiles the forward and backward pass only; batch gathering, the optimizer's update and

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from trainer.config import NO_HIDDEN_LAYER, _require
+
 
 @keras.saving.register_keras_serializable(package="trainer")
 class Linear(keras.Model):
@@ -38,6 +40,7 @@ class MLP(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        _require(len(hidden) >= 1, "model.hidden", list(hidden), NO_HIDDEN_LAYER)  # however it was built
         self.hidden, self.units, self.activation, self.dropout = list(hidden), units, activation, dropout
         self.blocks = [keras.layers.Dense(h, activation=activation, name=f"dense_{i}") for i, h in enumerate(hidden)]
         self.drop = keras.layers.Dropout(dropout) if dropout else None

@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import build
+from trainer.config import TrainerError, build
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -36,7 +36,10 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
             decay_rate,
             final_lr_fraction,
         )
-        self.decay_steps = decay_steps or max(total_steps - warmup_steps, 1)
+        # only warmup_cosine warms up; the other schedules' decay spans the whole run (build_optimizer
+        # refuses a warmup_steps they would ignore, and a run too short for the decay)
+        warmup = warmup_steps if name == "warmup_cosine" else 0
+        self.decay_steps = decay_steps or max(total_steps - warmup, 1)
 
     def __call__(self, step: tf.Tensor) -> tf.Tensor:
         step = tf.cast(step, tf.float32)
@@ -127,8 +130,24 @@ class AdamW(_FusedAdam, keras.optimizers.AdamW):
     """keras.optimizers.AdamW (decoupled weight decay by Keras), with the fused flat update."""
 
 
+def check_schedule(schedule_cfg: DictConfig, total_steps: int) -> None:
+    """Settings that only the run's length shows to be wrong (the rest are checked in config.Schedule).
+
+    A warm-up as long as the run leaves nothing for the decay: with the decay over `total - warmup`
+    steps, `schedule=warmup_cosine schedule.warmup_steps=100000 trainer.max_steps=10` would never leave
+    its warm-up ramp.
+    """
+    warmup = schedule_cfg.warmup_steps
+    if schedule_cfg.name == "warmup_cosine" and warmup >= total_steps:
+        raise TrainerError(
+            f"schedule.warmup_steps={warmup} is not below the run's {total_steps} steps (trainer.max_steps / "
+            "trainer.epochs): the run would end in its warm-up; lower it or train longer"
+        )
+
+
 def build_optimizer(optimizer_cfg: DictConfig, schedule_cfg: DictConfig, total_steps: int) -> keras.Optimizer:
     """`optimizer.lr` becomes the schedule's starting point; every other key goes to the Keras optimizer."""
+    check_schedule(schedule_cfg, total_steps)
     kwargs = OmegaConf.to_container(optimizer_cfg, resolve=True)
     kwargs.pop("_partial_", None)
     lr = kwargs.pop("lr")

@@ -5,25 +5,80 @@ creates the parent run and leaves its id in the sweep directory, where every job
 launcher (in-process, joblib processes, SLURM nodes sharing the directory). At the end it gives the parent
 the sweep's summary: job count, the best job and its objective, Optuna's best params when an Optuna
 sweeper ran, and the comparison table and plot of the children.
+
+A job that fails does not end the sweep (see `FailedJob`): it is a FAILED child with its `error` tag,
+the parent counts it in `sweep/failed_jobs` and ends FINISHED unless every job failed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import yaml
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import lifecycle
 from trainer.tracking import flatten
 
 PARENT_FILE = ".mlflow_sweep.json"
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    """What a failed job returns to its sweeper: a failed trial, not the end of the sweep.
+
+    Hydra's BasicSweeper keeps it; the Optuna sweeper (hydra-optuna-sweeper 1.3.0, Optuna 2.10) cannot turn it
+    into a float, so it marks the trial FAIL ("Failed experiment: ...") and samples on. The alternatives end the
+    sweep: a job that raises is re-raised by the BasicSweeper once its batch (all jobs, by default) has run and
+    by the Optuna sweeper past `max_failure_rate`; a NaN makes that Optuna sweeper crash telling Optuna a FAIL
+    with a value ("Values were told..."); `sys.exit` in a joblib worker tears down the pool with the healthy
+    jobs in it (they were left RUNNING with no points)."""
+
+    error: str
+
+    def __float__(self) -> float:
+        raise ValueError(self.error)
+
+    def __str__(self) -> str:  # the sweeper's log line; the error itself was printed as the job failed
+        return "a failed job (its error is above)"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a sweep ended, for the one line the CLI prints when some or all of its jobs failed."""
+
+    jobs: int
+    failed: tuple[int, ...]  # job numbers
+    first_error: str  # the lowest-numbered failed job's
+    parent: str
+    uri: str
+
+    @property
+    def all_failed(self) -> bool:
+        return self.jobs > 0 and len(self.failed) == self.jobs
+
+    def __str__(self) -> str:
+        where = f"FAILED child runs of run {self.parent} in {self.uri}"
+        if self.all_failed:  # often one cause for all (a bad shared value): the first says which
+            return f"all {self.jobs} jobs of the sweep failed (job {self.failed[0]}: {self.first_error}); {where}"
+        return f"{len(self.failed)} of {self.jobs} jobs failed (job {', '.join(map(str, self.failed))}); {where}"
+
+
+class _Current:
+    """The multirun of this process (Hydra runs one at a time): its config while the parent run is open, then
+    its outcome until the CLI takes it (`end`)."""
+
+    config: DictConfig | None = None
+    outcome: Outcome | None = None
 
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:
@@ -39,6 +94,46 @@ def job_identity(sweep_dir: str | Path, job_num: int, overrides: Sequence[str]) 
     varying = set(record.get("varying", []))
     shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in varying]
     return {"mlflow.parentRunId": record["run_id"], "sweep_job": str(job_num)}, " ".join(shown)
+
+
+def first_line(error: BaseException) -> str:
+    """An error as one line: a TrainerError's message, anything else with its type."""
+    from trainer.config import TrainerError
+
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, TrainerError) and text else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def record_failed_job(
+    uri: str | None, sweep_dir: str | Path, job_num: int, tags: dict[str, str], overrides: Sequence[str],
+    error: BaseException,
+) -> None:  # fmt: skip
+    """A job that failed before its run existed (a bad value, a missing file) still shows as a FAILED child."""
+    run_id = parent_run_id(sweep_dir)
+    if run_id is None:
+        return
+    try:
+        client = mlflow.MlflowClient(uri or None)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.sweep_job = '{job_num}'"
+        if client.search_runs([experiment_id], query):
+            return  # training had started: the run closed itself as FAILED with its error
+        _, name = job_identity(sweep_dir, job_num, overrides)
+        child_tags = {**tags, "overrides": " ".join(overrides), "error": first_line(error)[:5000]}
+        run = client.create_run(experiment_id, run_name=name or None, tags=child_tags)
+        client.set_terminated(run.info.run_id, "FAILED")
+    except Exception as e:  # the job's own error was printed; this only costs the sweep's count of it
+        print(f"warning: job {job_num}: its failure could not be recorded in {uri} ({first_line(e)})", file=sys.stderr)
+
+
+def end(error: BaseException | None = None) -> Outcome | None:
+    """The outcome of the multirun that just ended, closing its parent run if the sweep broke off before
+    `on_multirun_end` (a sweeper's exception, Ctrl-C): FAILED with the error, KILLED on an interrupt."""
+    if _Current.config is not None:
+        config, _Current.config = _Current.config, None
+        _Current.outcome = _close(config, error)
+    outcome, _Current.outcome = _Current.outcome, None
+    return outcome
 
 
 def _sweep_record(sweep_dir: str | Path) -> dict:
@@ -62,7 +157,8 @@ class SweepCallback(Callback):
         exp_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
         overrides = list(config.hydra.overrides.task)
-        tags = {"sweep": "true", "overrides": " ".join(overrides), "sweeper": str(sweeper.get("_target_", ""))}
+        tags = {"sweep": "true", "overrides": " ".join(overrides), "sweeper": str(sweeper.get("_target_", "")),
+                **lifecycle.process_tags()}  # a multirun killed -9 is closed by the next trainer run  # fmt: skip
         run = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
         params = {f"sweep.{k}": v for k, v in flatten(sweeper.get("params") or {}).items()}
         params["sweep.overrides"] = " ".join(overrides)[:6000]
@@ -72,29 +168,56 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": run.info.run_id, "varying": _varying_keys(overrides, sweeper)}
         (sweep_dir / PARENT_FILE).write_text(json.dumps(record))
+        _Current.config, _Current.outcome = config, None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        run_id = parent_run_id(sweep_dir)
-        if run_id is None:
-            return
-        client = _client(config)
-        children = client.search_runs(
-            [client.get_run(run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=10000
-        )
-        client.log_metric(run_id, "sweep/jobs", len(children))
-        failed = [c for c in children if c.info.status != "FINISHED"]
-        client.log_metric(run_id, "sweep/failed_jobs", len(failed))
-        scored = [(_objective(c), c) for c in children if _objective(c) is not None]
-        if scored:
-            value, best = min(scored, key=lambda pair: pair[0])
-            client.log_metric(run_id, "best/objective", value)
-            client.set_tag(run_id, "best_run_id", best.info.run_id)
-            client.set_tag(run_id, "best_overrides", best.data.tags.get("overrides", ""))
-        _log_optuna_result(client, run_id, sweep_dir)
+        _Current.outcome = _close(config)
+        _Current.config = None  # only now: if closing failed (Hydra warns and goes on), `end` tries again
+
+
+def _close(config: DictConfig, error: BaseException | None = None) -> Outcome | None:
+    """The parent's summary and status: FINISHED unless every job failed or the sweeper broke off (FAILED, its
+    error in tag `error`) or the user stopped the sweep (KILLED)."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    run_id = parent_run_id(sweep_dir)
+    if run_id is None:
+        return None
+    client = _client(config)
+    children = client.search_runs(
+        [client.get_run(run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=10000
+    )
+    client.log_metric(run_id, "sweep/jobs", len(children))
+    failed = sorted((c for c in children if c.info.status != "FINISHED"), key=_job_num)
+    client.log_metric(run_id, "sweep/failed_jobs", len(failed))
+    scored = [(v, c) for c in children if c.info.status == "FINISHED" and (v := _objective(c)) is not None]
+    if scored:
+        value, best = min(scored, key=lambda pair: pair[0])
+        client.log_metric(run_id, "best/objective", value)
+        client.set_tag(run_id, "best_run_id", best.info.run_id)
+        client.set_tag(run_id, "best_overrides", best.data.tags.get("overrides", ""))
+    _log_optuna_result(client, run_id, sweep_dir)
+    if children:
         _log_comparison(client, run_id, config)
-        status = "FAILED" if failed and len(failed) == len(children) else "FINISHED"
-        client.set_terminated(run_id, RunStatus.to_string(getattr(RunStatus, status)))
+    first = failed[0].data.tags.get("error", failed[0].info.status) if failed else ""
+    outcome = Outcome(len(children), tuple(map(_job_num, failed)), first, run_id, client.tracking_uri)
+    status, tag = _status(outcome, error)
+    if tag:
+        client.set_tag(run_id, "error", tag[:5000])
+    client.set_terminated(run_id, status)
+    return outcome
+
+
+def _status(outcome: Outcome, error: BaseException | None) -> tuple[str, str]:
+    """The parent's status and `error` tag."""
+    if error is not None and not isinstance(error, Exception):  # Ctrl-C or SIGTERM: the user stopped it
+        return "KILLED", ""
+    if outcome.all_failed:  # Optuna then raises "No trials are completed yet": this says more
+        return "FAILED", str(outcome)
+    return ("FAILED", first_line(error)) if error is not None else ("FINISHED", "")
+
+
+def _job_num(run) -> int:
+    return int(run.data.tags.get("sweep_job", -1))
 
 
 def _client(config: DictConfig) -> mlflow.MlflowClient:
@@ -102,8 +225,10 @@ def _client(config: DictConfig) -> mlflow.MlflowClient:
 
 
 def _objective(run) -> float | None:
+    """The job's objective, None when it has none or a non-finite one (it cannot be the best)."""
     metrics = run.data.metrics
-    return metrics.get("val/loss", metrics.get("train/final_loss"))
+    value = metrics.get("val/loss", metrics.get("train/final_loss"))
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _log_optuna_result(client: mlflow.MlflowClient, run_id: str, sweep_dir: Path) -> None:

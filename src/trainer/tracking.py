@@ -9,13 +9,14 @@ Whatever has been submitted is written before the run is closed, on success, err
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import lifecycle
 from trainer.config import TrainerError
+from trainer.lifecycle import retry_busy
+from trainer.store import index_for_charts
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -51,9 +55,11 @@ class Chunk:
     t_start: float = 0.0
     t_end: float = 0.0
     per_step: bool = True  # training steps, thinned by log_every; False: evaluations and summaries, all kept
+    barrier: int | None = None  # a checkpoint's step, no values: reported durable once all before it is written
 
 
 Series = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # metric key, steps, values, timestamps (ms)
+Pending = tuple[list[Series], int, int | None]  # series, their point count, the newest barrier among them
 
 
 class LogBatchWriter:
@@ -159,6 +165,20 @@ class SqlBulkWriter:
 _FLOAT_MAX = 1.7976931348623157e308
 
 
+def disk_full(error: BaseException | None) -> bool:
+    """A full disk or quota, whichever layer saw it (SQLite, the OS, TensorFlow's file writer)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # a chain can loop (raise ... from a wrapper of itself)
+        seen.add(id(error))
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "database or disk is full" in text or "No space left on device" in text or "Disk quota" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _yield_cpu() -> None:
     """Run this sink thread at the lowest CPU priority (Linux: per thread), so training keeps the cores and
     the sink uses what they leave; it catches up at the end or when the pending bound pushes back."""
@@ -177,12 +197,19 @@ class MetricSink:
     is ever dropped). When writes fail (a server gone away, SQLite locked by parallel jobs), the writer
     retries with exponential backoff and training goes on; past `max_pending_points` the oldest points are
     dropped and counted in `points_lost`, which the run reports at its end. Nothing is dropped silently.
+
+    Barriers (`barrier(step)`, sent after each checkpoint) travel through the same FIFO; once everything
+    submitted before one is committed, `on_durable(step)` is called from the writer thread, so the
+    checkpoint at that step becomes one a resume may start from. After any point is lost no later barrier
+    is reported: a resume then goes back to before the hole and redoes the steps.
     """
 
     client: MlflowClient
     run_id: str
     log_every: int = 1
     max_chunks: int = 64
+    per_variable_every: int = 1  # the per-variable columns (2-D values) at steps >= per_variable_after: every n-th
+    per_variable_after: int | None = None
     bulk: bool = True  # use the SQL bulk path when the store is SQL-backed
     batch_points: int = 50_000
     # Wait this long for more points before writing fewer than batch_points: a transaction costs ~6 ms of
@@ -194,6 +221,7 @@ class MetricSink:
     stall_seconds: float = 10.0  # a write in flight this long counts as the store being away
     max_backoff: float = 30.0
     close_timeout: float = 60.0  # at the end: how long to keep retrying a store that is away
+    on_durable: Callable[[int], None] | None = None  # called with a barrier's step once it is durable
     latest: dict[str, float] = field(default_factory=dict)  # last value of each metric (the progress bar)
     points_written: int = 0
     points_lost: int = 0
@@ -204,7 +232,7 @@ class MetricSink:
         self.writer = sql or LogBatchWriter(self.client, self.run_id)
         self._queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=self.max_chunks)
         self._cond = threading.Condition()
-        self._pending: deque[tuple[list[Series], int]] = deque()
+        self._pending: deque[Pending] = deque()
         self._pending_points = 0
         self._healthy, self._call_started, self._deadline = True, None, None
         self._threads = [
@@ -216,6 +244,10 @@ class MetricSink:
 
     def submit(self, chunk: Chunk) -> None:
         self._queue.put(chunk)  # blocks only when the collector is max_chunks behind
+
+    def barrier(self, step: int) -> None:
+        """After a checkpoint at `step`: report it durable once every point submitted before is written."""
+        self._queue.put(Chunk(step, {}, barrier=step))
 
     def close(self) -> None:
         """Write everything submitted so far (retrying an absent store up to close_timeout), then stop."""
@@ -233,17 +265,17 @@ class MetricSink:
     def _collect(self) -> None:
         _yield_cpu()
         while (chunk := self._queue.get()) is not None:
-            series = self._series(chunk)
+            series = [] if chunk.barrier is not None else self._series(chunk)
             n = sum(len(s[1]) for s in series)
-            if n == 0:  # log_every kept no step of this chunk
+            if n == 0 and chunk.barrier is None:  # log_every kept no step of this chunk
                 continue
             with self._cond:
                 while self._pending_points >= self.max_pending_points and self._store_ok():
                     self._cond.wait(0.5)  # back-pressure: the store is alive, training waits for it
-                self._pending.append((series, n))
+                self._pending.append((series, n, chunk.barrier))
                 self._pending_points += n
                 while self._pending_points > self.max_pending_points:  # the store is away: oldest go first
-                    _, dropped = self._pending.popleft()
+                    _, dropped, _ = self._pending.popleft()
                     self._pending_points -= dropped
                     self.points_lost += dropped
                 self._cond.notify_all()
@@ -258,13 +290,14 @@ class MetricSink:
                 self._cond.wait_for(self._batch_ready, timeout=self.linger_seconds)
                 if not self._pending:
                     return
-                batch, n = self._take()
+                batch, n, barrier = self._take()
                 self._call_started = time.monotonic()
             try:
-                self.writer.write(batch)
+                if batch:
+                    self.writer.write(batch)
             except Exception as e:
                 backoff = min(max(2 * backoff, 0.05), self.max_backoff)
-                if self._failed(e, batch, n, backoff):
+                if self._failed(e, (batch, n, barrier), backoff):
                     return
                 continue
             backoff = 0.0
@@ -272,26 +305,38 @@ class MetricSink:
                 self._healthy, self._call_started = True, None
                 self.points_written += n
                 self._cond.notify_all()
+            self._durable(barrier)
+
+    def _durable(self, barrier: int | None) -> None:
+        if barrier is None or self.on_durable is None or self.points_lost:
+            return
+        try:
+            self.on_durable(barrier)
+        except OSError as e:  # a full disk: the marker stays where it was, which is safe (a resume redoes more)
+            self.error = e
 
     def _batch_ready(self) -> bool:
         return self._pending_points >= self.batch_points or self._deadline is not None
 
-    def _take(self) -> tuple[list[Series], int]:
-        batch, n = [], 0
+    def _take(self) -> Pending:
+        batch, n, barrier = [], 0, None
         while self._pending and n < self.batch_points:
-            series, m = self._pending.popleft()
-            batch, n = batch + series, n + m
+            series, m, b = self._pending.popleft()
+            batch, n, barrier = batch + series, n + m, b if b is not None else barrier
         self._pending_points -= n
-        return batch, n
+        return batch, n, barrier
 
-    def _failed(self, error: Exception, batch: list[Series], n: int, backoff: float) -> bool:
-        """Put the batch back, wait `backoff`; True when closing and out of time (what is left is lost)."""
+    def _failed(self, error: Exception, pending: Pending, backoff: float) -> bool:
+        """Put the batch back, wait `backoff`; True when closing and out of time (what is left is lost).
+
+        A full disk is not waited for at the end: space does not come back within the minute."""
         with self._cond:
             self.error, self._healthy, self._call_started = error, False, None
-            self._pending.appendleft((batch, n))
-            self._pending_points += n
+            self._pending.appendleft(pending)
+            self._pending_points += pending[1]
             self._cond.notify_all()
-            if self._deadline is not None and time.monotonic() + backoff > self._deadline:
+            closing = self._deadline is not None
+            if closing and (time.monotonic() + backoff > self._deadline or disk_full(error)):
                 self.points_lost += self._pending_points
                 self._pending.clear()
                 self._pending_points = 0
@@ -304,19 +349,36 @@ class MetricSink:
         k = len(next(iter(arrays.values())))
         steps = chunk.first_step + np.arange(k)
         stamps = np.linspace(chunk.t_start, chunk.t_end, k) * 1000 if k > 1 else np.array([chunk.t_end * 1000])
-        keep = slice(None) if self.log_every == 1 or not chunk.per_step else steps % self.log_every == 0
-        steps, stamps = steps[keep], stamps.astype(np.int64)[keep]
+        stamps = stamps.astype(np.int64)
+        every = self._kept(steps, chunk.per_step)
+        per_variable = every & self._per_variable_kept(steps) if chunk.per_step else every
         out = []
         for name, values in arrays.items():
             if values.ndim == 2:
-                columns = [(f"{name}{col}", values[:, j]) for j, col in enumerate(chunk.names)]
+                columns, keep = [(f"{name}{col}", values[:, j]) for j, col in enumerate(chunk.names)], per_variable
             else:
-                columns = [(name, values)]
+                columns, keep = [(name, values)], every
             for key, series in columns:
                 self.latest[key] = float(series[-1])
-                if len(steps):
-                    out.append((key, steps, series[keep].astype(np.float64), stamps))
+                if keep.any():
+                    out.append((key, steps[keep], series[keep].astype(np.float64), stamps[keep]))
         return out
+
+    def _kept(self, steps: np.ndarray, per_step: bool) -> np.ndarray:
+        """Which steps are logged: every log_every-th training step; every evaluation and summary."""
+        return steps % self.log_every == 0 if per_step else np.ones(len(steps), dtype=bool)
+
+    def _per_variable_kept(self, steps: np.ndarray) -> np.ndarray:
+        """Per-variable norms: every step before `per_variable_after`, then every `per_variable_every`-th.
+
+        A function of the step alone, so a resumed run logs exactly the steps an uninterrupted one does. Only
+        these are thinned: on an MLP they are 6 of the 9 points a step, and what a chart of them must show is
+        a layer's trend (1M steps at 1 in 10 past 100k leave 190k points, ~600 per point the UI draws), while
+        the loss, the learning rate and the global norm stay exact at every step.
+        """
+        if self.per_variable_after is None or self.per_variable_every == 1:
+            return np.ones(len(steps), dtype=bool)
+        return (steps < self.per_variable_after) | (steps % self.per_variable_every == 0)
 
 
 class Run:
@@ -333,61 +395,118 @@ class Run:
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
     ):
-        self.cfg, self.overrides, self.tags = cfg, list(overrides), dict(tags or {})
+        self.cfg, self.overrides = cfg, list(overrides)
+        self.tags = {**lifecycle.process_tags(), **(tags or {})}  # who trains it: a kill is found out later
         self.sink: MetricSink | None = None
         self.run_id, self.resumed = run_id or "", run_id is not None
+        self.lost_before = 0  # metric points a resumed run had already lost (tag metric_points_lost)
+        self.previous_error = ""
 
     def __enter__(self) -> Run:
         t = self.cfg.tracking
         if t.uri:
             mlflow.set_tracking_uri(t.uri)
         self.uri = mlflow.get_tracking_uri()
+        probe(self.uri)  # before MLflow's own client, which retries a dead server for minutes
+        lifecycle.use_wal(self.uri)
+        if self.resumed:
+            self._claim()
         try:
             if self.resumed:  # the same run goes on: params and artifacts are already there
-                run = mlflow.start_run(run_id=self.run_id, tags=self.tags)
+                run = retry_busy(mlflow.start_run, run_id=self.run_id, tags=self.tags)
             else:
-                mlflow.set_experiment(t.experiment)
+                retry_busy(mlflow.set_experiment, t.experiment)
                 tags = {"overrides": " ".join(self.overrides), **self.tags}
-                run = mlflow.start_run(run_name=self._name(), tags=tags)
+                run = retry_busy(mlflow.start_run, run_name=self._name(), tags=tags)
         except Exception as e:
-            raise TrainerError(f"tracking.uri={self.uri!r}: cannot open the MLflow store ({_first_line(e)})") from e
+            raise TrainerError(_open_error(self.uri, t.experiment, e)) from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
+        lifecycle.use_wal(self.uri)  # a new store exists only now
+        index_for_charts(self.uri)  # the MLflow UI's charts of long runs (trainer/store.py)
+        if self.resumed:
+            self._forget_failure()
+        with contextlib.suppress(Exception):  # housekeeping: never a reason not to train
+            lifecycle.reap_dead_runs(self.client, skip=self.run_id)
         if not self.resumed:
-            mlflow.log_params(flatten(OmegaConf.to_container(self.cfg, resolve=True)))
-            mlflow.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
-            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(self.overrides)), "overrides.yaml")
-        self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks)
+            retry_busy(mlflow.log_params, flatten(OmegaConf.to_container(self.cfg, resolve=True)))
+            retry_busy(mlflow.log_text, OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+            retry_busy(mlflow.log_text, OmegaConf.to_yaml(OmegaConf.create(self.overrides)), "overrides.yaml")
+        thinning = {k: t.get(k) for k in ("per_variable_every", "per_variable_after") if t.get(k) is not None}
+        self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks, **thinning)  # absent: a
+        # run resumed from a config written before these keys logs on as it began, every step
         return self
 
+    def _claim(self) -> None:
+        """A resume takes over a run only if no live process trains it; one that died is closed first."""
+        client = MlflowClient(self.uri)
+        try:
+            info = retry_busy(client.get_run, self.run_id)
+        except Exception as e:
+            raise TrainerError(f"resume: run {self.run_id} is not in {self.uri} ({_first_line(e)})") from e
+        tags = info.data.tags
+        if info.info.status == "RUNNING":
+            alive = lifecycle.owner_alive(tags)
+            if alive:
+                raise TrainerError(f"resume: run {self.run_id} is still being trained by process "
+                                   f"{tags.get(lifecycle.PID_TAG)} on this host; stop it first")  # fmt: skip
+            if alive is False:
+                lifecycle.mark_died(client, self.run_id, tags)
+                lifecycle.say(f"resume: the process that trained run {self.run_id} had died; it goes on from here")
+                tags = retry_busy(client.get_run, self.run_id).data.tags
+        self.lost_before = int(tags.get("metric_points_lost", "0") or 0)
+        self.previous_error = tags.get("error", "")
+
+    def _forget_failure(self) -> None:
+        """The resumed run is alive again: its last failure moves to tag `previous_error`."""
+        if not self.previous_error:
+            return
+        retry_busy(self.client.set_tag, self.run_id, "previous_error", self.previous_error)
+        for key in ("error", lifecycle.DIED_TAG):
+            with contextlib.suppress(Exception):  # absent tags raise
+                self.client.delete_tag(self.run_id, key)
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        lost = 0
         if self.sink is not None:
             self.sink.close()
-            self._report_delivery()
-        if exc_type is None:
-            status = RunStatus.FINISHED
-        elif issubclass(exc_type, KeyboardInterrupt):
+            lost = self._report_delivery()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             status = RunStatus.KILLED
-        else:
+        elif exc_type is None and not lost:
+            status = RunStatus.FINISHED
+        else:  # an error, or points the store never took: a run with a hole in its history is not finished
             status = RunStatus.FAILED
-            mlflow.set_tag("error", _first_line(exc)[:5000])
+            with contextlib.suppress(Exception):
+                retry_busy(mlflow.set_tag, "error", (_first_line(exc) if exc else self._lost_message(lost))[:5000])
+        name = RunStatus.to_string(status)
         try:
-            mlflow.end_run(RunStatus.to_string(status))
-        except Exception as e:  # the store is away: training is done, say so rather than fail
-            logging.getLogger(__name__).warning("could not mark run %s %s: %s", self.run_id,
-                                                RunStatus.to_string(status), _first_line(e))  # fmt: skip
+            retry_busy(self.client.set_terminated, self.run_id, name)
+        except Exception as e:  # the store is away or full: the next trainer run closes it (trainer.died)
+            logging.getLogger(__name__).warning("could not mark run %s %s: %s", self.run_id, name, _first_line(e))
+        with contextlib.suppress(Exception):
+            mlflow.end_run(name)  # leaves the fluent API's stack (it pops before it writes)
+        if exc_type is None and lost:
+            raise TrainerError(self._lost_message(lost))
 
-    def _report_delivery(self) -> None:
-        """Never silent: points the store did not take are counted on the console and, if possible, a tag."""
+    def _lost_message(self, lost: int) -> str:
+        return (f"{lost} metric points could not be written to {self.uri} ({_first_line(self.sink.error)}); "
+                "the run is marked FAILED; once the store works again, resume it: the steps are redone from the "
+                "last checkpoint whose history is complete")  # fmt: skip
+
+    def _report_delivery(self) -> int:
+        """Never silent: points the store did not take are counted on the console and, if possible, a tag
+        (added to what an earlier attempt of a resumed run lost, never overwriting it)."""
         lost = self.sink.points_lost
         if not lost:
-            return
+            return 0
         logging.getLogger(__name__).warning(
             "%d metric points could not be delivered to %s (last error: %s)", lost, self.uri,
             _first_line(self.sink.error),
         )  # fmt: skip
         with contextlib.suppress(Exception):  # the store may be the thing that is away
-            mlflow.set_tag("metric_points_lost", str(lost))
+            mlflow.set_tag("metric_points_lost", str(self.lost_before + lost))
+        return lost
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """A handful of values at one step (validation, summaries): through the sink, so in step order."""
@@ -415,13 +534,13 @@ class Run:
             )  # fmt: skip
 
     def set_tag(self, key: str, value: str) -> None:
-        mlflow.set_tag(key, value)
+        retry_busy(mlflow.set_tag, key, value)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
+        retry_busy(mlflow.log_artifact, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        mlflow.log_text(text, name)
+        retry_busy(mlflow.log_text, text, name)
 
     @property
     def where(self) -> str:
@@ -434,6 +553,60 @@ class Run:
 def _first_line(e: BaseException | None) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+PROBE_TIMEOUT_S = 3.0  # one request, no retries: a server that is there answers /health in milliseconds
+
+
+def probe(uri: str) -> None:
+    """An http(s) tracking URI: fail in seconds, naming it, when no server answers there.
+
+    MLflow's client retries a refused connection with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by
+    default): `tracking.uri=http://127.0.0.1:1` took 257 s before its error. One request through MLflow's
+    own HTTP layer (so its TLS and auth settings apply), without retries; any HTTP answer, even an error
+    status, means a server is there and MLflow's own calls take over from here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, timeout=PROBE_TIMEOUT_S,
+                     raise_on_status=False)  # fmt: skip
+    except Exception as e:
+        chain = [e]
+        while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+            chain.append(nxt)
+        if not any(isinstance(x, requests.exceptions.RequestException) for x in chain):
+            return  # not the network (e.g. a credentials setting): MLflow's own call says what it is
+        raise TrainerError(f"tracking.uri={uri!r}: no MLflow server answers ({_network_reason(e)})") from e
+
+
+def _network_reason(error: BaseException) -> str:
+    """`[Errno 111] Connection refused` deep in urllib3's wording -> `Connection refused`."""
+    import re
+
+    text = str(error)
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")]+)", text):
+        return found.group(1).strip()
+    if "timed out" in text.lower():
+        return f"no answer within {PROBE_TIMEOUT_S:g} s"
+    return _first_line(error)[:300]
+
+
+def _open_error(uri: str, experiment: str, error: BaseException) -> str:
+    """Opening the run failed: blame the experiment when it is the deleted one, else the store."""
+    from mlflow.entities import LifecycleStage
+
+    with contextlib.suppress(Exception):
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == LifecycleStage.DELETED:
+            return (f"tracking.experiment={experiment!r} is deleted in {uri}: restore it with "
+                    f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {found.experiment_id}` "
+                    "or choose another tracking.experiment")  # fmt: skip
+    return f"tracking.uri={uri!r}: cannot open the MLflow store ({_first_line(error)})"
 
 
 class QuietRun:
@@ -466,3 +639,5 @@ class _NoSink:
     latest: dict[str, float] = {}
 
     def submit(self, chunk: Chunk) -> None: ...
+
+    def barrier(self, step: int) -> None: ...

@@ -15,9 +15,9 @@ import tensorflow as tf
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import checkpoint, losses
-from trainer.checkpoint import Checkpoints
-from trainer.config import TrainerError, build, check
+from trainer import checkpoint, lifecycle, losses
+from trainer.checkpoint import Checkpoints, NoCheckpoint
+from trainer.config import TRUST_KEY, TrainerError, build, check, named_targets, trusted_config
 from trainer.data import Dataset
 from trainer.fit import Result, console, fit
 from trainer.loop import StepLoop
@@ -34,7 +34,7 @@ def train(
     """Train as `cfg` says and return the objective a sweeper minimises (final validation loss)."""
     resume = checkpoint.find(cfg.resume, cfg.tracking.uri) if cfg.get("resume") else None
     if resume:
-        cfg = _resumed_config(resume, overrides)
+        cfg = _resumed_config(resume, overrides, cfg)
     check(cfg)
     t = cfg.trainer
     strategy = _strategy(t)  # first: multi-worker and logical devices must precede any other TF work
@@ -50,19 +50,23 @@ def train(
         model, loop, optimizer = _build(cfg, data, strategy, total_steps)
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
-        start = checkpoints.restore_latest() if resume else 0
+        start = _restore(checkpoints, resume) if resume else 0
         tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
         run_context = Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) if chief else QuietRun()
         with run_context as run:
+            run.sink.on_durable = checkpoints.mark_durable if chief else None
             if resume:
+                checkpoints.rewind(start)  # first: a kill from here on resumes from `start` again
                 run.resume_at(start)
             elif chief:
                 checkpoints.write_run_file(run.run_id, run.uri, cfg)
+            if not resume:  # a base to resume from, so even a run killed before its first periodic save can go on
+                checkpoints.save(0)
             if t.print_gradients and start == 0:
                 _report_gradients(loop, run)
             result = fit(loop, data, run, t, total_steps, checkpoints, start)
-            if cfg.tracking.log_model and chief:
-                _log_model(model, run, output_dir, data.x_train[:2])
+            if cfg.tracking.log_model and chief:  # retried whole while the store is locked
+                lifecycle.retry_busy(_log_model, model, run, output_dir, data.x_train[:2])
             _summarize(result, run)
     return result.objective
 
@@ -90,26 +94,41 @@ def _checkpoints(t: DictConfig, model, optimizer, loop: StepLoop, resume: checkp
                  output_dir: Path, strategy: tf.distribute.Strategy, chief: bool) -> Checkpoints:  # fmt: skip
     """Everything a resumed run needs; under multi-worker every worker saves, each into its own directory."""
     directory = resume.directory if resume else (output_dir / "checkpoints").resolve()
+    durable = directory / checkpoint.DURABLE_FILE  # the chief's sink knows what the store holds; workers read it
     if not chief:
         directory = directory.with_name(f"checkpoints-worker{strategy.cluster_resolver.task_id}")
     non_trainable = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]  # dropout seeds
-    return Checkpoints(directory, t.max_to_keep, model=model, optimizer=optimizer, step=loop.step,
+    return Checkpoints(directory, t.max_to_keep, durable, model=model, optimizer=optimizer, step=loop.step,
                        order=loop.order, skipped=loop.skipped, non_trainable=non_trainable)  # fmt: skip
 
 
-def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str]) -> DictConfig:
-    """The run's own config, so the resumed run is the same run; only its length may be changed."""
-    cfg = resume.config
-    cfg.tracking.uri = resume.tracking_uri
+def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume) -> int:
+    """The newest checkpoint the store's history covers; a run with none is closed (FAILED) and says so."""
+    try:
+        return checkpoints.restore_latest()
+    except NoCheckpoint as e:
+        closed = lifecycle.close_if_dead(resume.tracking_uri, resume.run_id)
+        raise TrainerError(f"{e}; {closed}; start it again as a new run") from e
+
+
+def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: DictConfig) -> DictConfig:
+    """The run's own config, so the resumed run is the same run; only its length may be changed.
+
+    The run directory is data that anyone who can write there may have edited: its config may build only
+    the targets the user's own config (`own`: its options, overrides and `trusted_targets`) would, and
+    `trusted_targets` comes from the command line, never from the run (see config.trusted_config)."""
     ignored = []
     for override in overrides:
         key, _, value = override.partition("=")
         if key in ("trainer.max_steps", "trainer.epochs"):
-            OmegaConf.update(cfg, key, yaml.safe_load(value))
-        elif key != "resume":
+            OmegaConf.update(resume.config, key, yaml.safe_load(value))
+        elif key not in ("resume", TRUST_KEY):
             ignored.append(override)
     if ignored:
         console.print(f"[yellow]resume: the run's own config is used; ignoring {' '.join(ignored)}")
+    cfg = trusted_config(resume.config, named_targets(own), f"resume: {resume.directory / checkpoint.RUN_FILE}")
+    OmegaConf.update(cfg, "tracking.uri", resume.tracking_uri, merge=True)
+    cfg[TRUST_KEY] = list(own.get(TRUST_KEY) or ())
     return cfg
 
 

@@ -1,0 +1,164 @@
+"""Which process owns a RUNNING run, closing runs whose process died, and a store that readers cannot block.
+
+A hard kill (SIGKILL, the OOM killer) gives a run no chance to set its status, so MLflow would show it
+RUNNING forever. Every run records the host and process that trains it (`trainer.host`, `trainer.pid`,
+and `trainer.process`: the boot id and the process's start time, so a recycled pid is not mistaken for
+the original); every trainer start, and every resume, marks the RUNNING runs of this host whose process
+is gone as FAILED with tag `trainer.died`. Runs of other hosts cannot be checked from here and are left.
+
+SQLite stores are switched to WAL journaling: a reader (the MLflow UI drawing a long chart, a script)
+then never blocks the run's writes, where in the default rollback journal one read held open for more
+than MLflow's 20 s busy timeout failed `log_model` and marked a finished run FAILED. Writes that still
+meet a locked database (another writer: parallel jobs on one file) are retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from mlflow.entities import RunStatus, ViewType
+from mlflow.tracking import MlflowClient
+
+HOST_TAG, PID_TAG, PROCESS_TAG, DIED_TAG = "trainer.host", "trainer.pid", "trainer.process", "trainer.died"
+BUSY_RETRY_SECONDS = 300.0  # how long a write waits out other writers before the run fails
+WAL_SWITCH_SECONDS = 5.0  # the switch needs the file to itself: past this, keep the old journal (writes retry)
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+# MLflow logs every SQL error it re-raises with a full traceback; the trainer reports each one itself, in one
+# line (or retries it): theirs printed a 60-line traceback per retry of a locked or full store.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that say which process trains a run."""
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PROCESS_TAG: _identity(pid) or ""}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """True/False when the run's process is on this host; None when it is elsewhere or was never recorded."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return None
+    identity = _identity(int(tags[PID_TAG]))
+    return identity is not None and identity == tags.get(PROCESS_TAG, identity)
+
+
+def reap_dead_runs(client: MlflowClient, skip: str = "") -> list[str]:
+    """Mark FAILED every RUNNING run of this host whose process is gone; returns their ids."""
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    reaped = []
+    for start in range(0, len(experiments), 100):  # search_runs takes at most 100 experiments
+        runs = client.search_runs(
+            experiments[start : start + 100],
+            f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            max_results=1000,
+        )
+        for run in runs:
+            if run.info.run_id == skip or owner_alive(run.data.tags) is not False:
+                continue
+            mark_died(client, run.info.run_id, run.data.tags)
+            reaped.append(run.info.run_id)
+    if reaped:
+        say(f"marked FAILED {len(reaped)} run(s) whose process died without ending them: {', '.join(reaped)}")
+    return reaped
+
+
+def mark_died(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    where = f"process {tags.get(PID_TAG, '?')} on {tags.get(HOST_TAG, '?')}"
+    message = f"{where} died without ending the run (killed, out of memory, or the machine stopped)"
+    retry_busy(client.set_tag, run_id, DIED_TAG, "true")
+    retry_busy(client.set_tag, run_id, "error", message)
+    retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def close_if_dead(uri: str, run_id: str) -> str:
+    """Close run `run_id` if no live process trains it; says what became of it."""
+    client = MlflowClient(uri)
+    try:
+        run = retry_busy(client.get_run, run_id)
+    except Exception:
+        return f"run {run_id} is not in {uri}"
+    if run.info.status != "RUNNING":
+        return f"run {run_id} is {run.info.status}"
+    if owner_alive(run.data.tags):
+        return f"run {run_id} is still being trained by process {run.data.tags.get(PID_TAG)}"
+    mark_died(client, run_id, run.data.tags)
+    return f"run {run_id} is now marked FAILED"
+
+
+def say(message: str) -> None:
+    """A notice on stderr, where the trainer's other notices go (Hydra sends logging to stdout)."""
+    print(message, file=sys.stderr)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def use_wal(uri: str) -> None:
+    """Put a SQLite store in WAL mode (a property of the file, kept for every later connection)."""
+    path = sqlite_path(uri)
+    if path is None or not path.is_file():
+        return
+    connection = sqlite3.connect(path, timeout=WAL_SWITCH_SECONDS)
+    try:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as e:  # e.g. a file system without shared memory: keep the journal it has
+        log.warning("%s: cannot switch to WAL journaling (%s); readers may delay writes", path, e)
+    finally:
+        connection.close()
+
+
+def retry_busy(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call `fn`, retrying while the store answers that the database is locked or busy."""
+    deadline, wait = time.monotonic() + BUSY_RETRY_SECONDS, 0.05
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not _busy(e) or time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(2 * wait, 5.0)
+
+
+def _busy(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if "database is locked" in str(error) or "database is busy" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _identity(pid: int) -> str | None:
+    """The boot id and start time of process `pid` (Linux), or "" if it exists elsewhere; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else _exists(pid)
+    except OSError:
+        return _exists(pid)
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, counted after the command name
+
+
+def _exists(pid: int) -> str | None:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return ""
+    return ""
