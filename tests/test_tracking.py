@@ -109,6 +109,19 @@ def test_points_held_while_the_store_is_away_are_bounded(client):
     assert sink.points_lost == 300 * 4 and sink.points_written == 0
 
 
+def test_a_healthy_store_loses_no_point_however_close_the_buffer_runs_to_its_bound(client):
+    """Chunks that would take the buffer past its bound wait while the store works; only a store that is
+    away makes the oldest go (before: one chunk over the bound dropped the oldest with the store healthy)."""
+    run_id = new_run(client)
+    sink = MetricSink(client, run_id, max_pending_points=10_000)
+    for first in range(0, 30 * 2_000, 2_000):
+        sink.submit(chunk(first, 2_000))  # 8,000 points each: two never fit the buffer together
+    sink.close()
+    assert sink.points_lost == 0 and sink.error is None
+    assert sink.points_written == 30 * 2_000 * 4
+    assert len(client.get_metric_history(run_id, "train/loss")) == 60_000
+
+
 def test_chunks_arriving_within_the_linger_share_one_transaction(client):
     """Twenty chunks inside `linger_seconds` are one write (a transaction costs the same at any size);
     then a chunk after a quiet spell is written within the linger without waiting for close()."""

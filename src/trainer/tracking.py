@@ -270,11 +270,11 @@ class MetricSink:
             if n == 0 and chunk.barrier is None:  # log_every kept no step of this chunk
                 continue
             with self._cond:
-                while self._pending_points >= self.max_pending_points and self._store_ok():
+                while self._pending and self._pending_points + n > self.max_pending_points and self._store_ok():
                     self._cond.wait(0.5)  # back-pressure: the store is alive, training waits for it
                 self._pending.append((series, n, chunk.barrier))
                 self._pending_points += n
-                while self._pending_points > self.max_pending_points:  # the store is away: oldest go first
+                while self._pending_points > self.max_pending_points and not self._store_ok():  # away: oldest go
                     _, dropped, _ = self._pending.popleft()
                     self._pending_points -= dropped
                     self.points_lost += dropped
