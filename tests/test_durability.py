@@ -65,7 +65,9 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 def durable(directory: Path) -> int:
-    return json.loads((directory / "durable.json").read_text())["step"]
+    """The run's durability record; -1 before there is one."""
+    path = directory / "durable.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else -1
 
 
 def test_hard_kill_while_the_store_lags_then_resume_has_every_step_once(tmp_path):
@@ -263,3 +265,73 @@ def test_another_writer_locking_the_store_for_30_s_across_a_runs_end_is_waited_o
     assert (Path(urlparse(run.info.artifact_uri).path) / "model" / "model.keras").is_file()
     for key in METRICS:
         assert stored_steps(db, key) == list(range(3000)), key
+
+
+def test_two_resumes_of_one_run_one_trains_the_other_is_refused(tmp_path):
+    """The run was closed FAILED by the next run on the store (its process died), so its status says nothing
+    about who trains it now: the run directory's lock does."""
+    proc = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "trainer.checkpoint_every=500")
+    ckpts = tmp_path / "run" / "checkpoints"
+    wait_for(lambda: 500 in checkpoint_steps(ckpts) and durable(ckpts) >= 500, what="a durable checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert finish(start(tmp_path, *TRAIN, "trainer.max_steps=10", "hydra.run.dir=other"))[0] == 0  # reaps it
+    client = mlflow.MlflowClient(uri(tmp_path))
+    run_id = json.loads((ckpts / "run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    first = start(tmp_path, f"resume={tmp_path / 'run'}", "trainer.max_steps=1000000")
+    wait_for(lambda: client.get_run(run_id).info.status == "RUNNING", what="the first resume")
+    rc, err = finish(start(tmp_path, f"resume={run_id}", "trainer.max_steps=1000000"))
+    first.send_signal(signal.SIGINT)
+    assert finish(first)[0] == 130
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: {ckpts}: the run is being trained by another process (pid {first.pid}); wait for it to end or stop it"
+    )
+    assert client.get_run(run_id).data.tags["trainer.pid"] == str(first.pid)
+
+
+def test_resuming_a_finished_run_rewrites_its_summary_once_and_a_shorter_one_is_refused(tmp_path):
+    args = (*TRAIN, "trainer.max_steps=300", "trainer.eval_every=100")
+    assert finish(start(tmp_path, *args))[0] == 0
+    rc, err = finish(start(tmp_path, f"resume={tmp_path / 'run'}", "trainer.max_steps=300"))
+    assert rc == 0, err
+    client, run = the_run(tmp_path)
+    for key in ("val/loss", "perf/steps_per_sec"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == ([100, 200, 300] if key == "val/loss" else [300]), key
+    assert stored_steps(tmp_path / "mlflow.db") == list(range(300))
+
+    rc, err = finish(start(tmp_path, f"resume={tmp_path / 'run'}", "trainer.max_steps=200"))
+    assert rc == 1 and "Traceback" not in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: resume: the run's checkpoint is at step 300, past the 200 steps asked for; set trainer.max_steps above"
+        )
+    )
+
+
+def test_a_durable_record_past_what_the_store_holds_is_held_to_the_store(tmp_path):
+    """An edited or damaged durable.json must not make a resume skip steps the store never got."""
+    proc = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "trainer.checkpoint_every=200",
+                 "trainer.steps_per_loop=50")  # fmt: skip
+    db, ckpts = tmp_path / "mlflow.db", tmp_path / "run" / "checkpoints"
+    wait_for(lambda: durable(ckpts) >= 400, what="a durable checkpoint")
+    lock = sqlite3.connect(db, timeout=60)
+    lock.execute("BEGIN IMMEDIATE")
+    held = durable(ckpts)
+    wait_for(lambda: checkpoint_steps(ckpts)[-1] >= held + 1000, what="checkpoints past the store")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    lock.rollback()
+    lock.close()
+    (ckpts / "durable.json").write_text(json.dumps({"step": 99_999_999}))
+    total = checkpoint_steps(ckpts)[-1] + 100
+    rc, err = finish(start(tmp_path, f"resume={tmp_path / 'run'}", f"trainer.max_steps={total}"))
+    assert rc == 0, err
+    assert "says step 99999999 but the store holds train/loss only up to step" in err
+    for key in METRICS:
+        assert stored_steps(db, key) == list(range(total)), key

@@ -6,6 +6,7 @@ a second, not after TensorFlow's start-up.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from trainer.sweep import FailedJob, Outcome
 
 register()
+# A log record that cannot be written (Hydra's job log on a full disk) is dropped, not printed with a
+# traceback per record: the failure itself reaches the user as one `error:` line.
+logging.raiseExceptions = False
 
 
 def _one_line(error: BaseException) -> str:

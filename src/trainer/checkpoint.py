@@ -9,6 +9,7 @@ checkpoint-carries-its-config).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -23,6 +24,8 @@ from trainer.config import TrainerError
 RUN_FILE = "run.json"
 DURABLE_FILE = "durable.json"  # the newest step whose metric history the store holds completely
 PREFIX = "ckpt-"
+DURABLE_KEY = "durable_record"  # run.json: this run keeps durable.json (runs before it did not)
+LOCK_FILE = ".lock"  # held (flock) by the one process that trains the run
 
 
 @dataclass
@@ -55,6 +58,29 @@ class Checkpoints:
         self.max_to_keep = max_to_keep
         self.checkpoint = tf.train.Checkpoint(**state)
 
+    def claim(self) -> None:
+        """Hold the run's lock for as long as this process trains it; a second trainer of the same run (two
+        resumes at once) is refused. The OS drops the lock when the process ends, by kill -9 too."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.directory / LOCK_FILE, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise TrainerError(f"{self.directory}: the run is being trained by another process (pid {holder}); "
+                               "wait for it to end or stop it") from None  # fmt: skip
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
+    def release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()  # closing drops the flock
+            self._lock = None
+
     def save(self, step: int) -> str:
         path = self.checkpoint.write(str(self.directory / f"{PREFIX}{step}"))
         self._prune()
@@ -77,17 +103,28 @@ class Checkpoints:
 
     def durable_step(self) -> int | None:
         """The newest step whose metric history the store holds completely; None for runs made before
-        this record existed (their checkpoints are taken as they are)."""
+        this record existed (their checkpoints are taken as they are). A run.json that says the record
+        exists but a record that is missing or garbled (a node lost between write and rename) is step 0:
+        the safe answer, which redoes the run rather than trusting checkpoints past a possible hole."""
         try:
             return int(json.loads(self.durable_file.read_text())["step"])
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            return 0 if self._has_record() else None
+
+    def _has_record(self) -> bool:
+        try:
+            return bool(json.loads((self.directory / RUN_FILE).read_text()).get(DURABLE_KEY))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def mark_durable(self, step: int) -> None:
         """Called by the sink's writer after a commit; atomic (rename), so a kill leaves the old or the new."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.durable_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"step": int(step)}))
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"step": int(step)}))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a lost node leaves the old record or the new
         os.replace(tmp, self.durable_file)
 
     def rewind(self, step: int) -> None:
@@ -95,6 +132,19 @@ class Checkpoints:
         self.mark_durable(step)
         for later in (s for s in self.steps() if s > step):
             self._delete(later)
+
+    def limit_durable(self, stored_through: int | None) -> None:
+        """Hold the record to what the store shows (`stored_through`: the step after its newest train/loss
+        point, or None if unknown): a record past it was edited or damaged, and trusting it leaves a hole."""
+        durable = self.durable_step()
+        if stored_through is None or durable is None or durable <= stored_through:
+            return
+        print(
+            f"resume: {self.durable_file} says step {durable} but the store holds train/loss only up to step "
+            f"{stored_through - 1}; resuming from a checkpoint at or before {stored_through}",
+            file=sys.stderr,
+        )
+        self.mark_durable(stored_through)
 
     def restore_latest(self) -> int:
         """Restore the newest intact checkpoint the store's history covers; returns its step.
@@ -139,7 +189,8 @@ class Checkpoints:
 
     def write_run_file(self, run_id: str, tracking_uri: str, cfg: DictConfig) -> None:
         self.mark_durable(0)  # nothing logged yet, nothing missing: the record exists from the start
-        record = {"run_id": run_id, "tracking_uri": tracking_uri, "config": OmegaConf.to_container(cfg)}
+        record = {"run_id": run_id, "tracking_uri": tracking_uri, "config": OmegaConf.to_container(cfg),
+                  DURABLE_KEY: True}  # fmt: skip
         (self.directory / RUN_FILE).write_text(json.dumps(record, indent=1))
 
 
@@ -202,7 +253,11 @@ def _checkpoint_dir(target: str, tracking_uri: str | None) -> tuple[Path, str | 
         ) from None
     tagged = run.data.tags.get("checkpoint_dir")
     if not tagged or not (Path(tagged) / RUN_FILE).is_file():
-        raise TrainerError(f"resume={target!r}: the run's checkpoint directory {tagged!r} is gone")
+        from trainer.lifecycle import close_if_dead
+
+        closed = close_if_dead(client.tracking_uri, target)  # e.g. killed while starting: nothing to resume
+        raise TrainerError(f"resume={target!r}: the run left no {RUN_FILE} in its checkpoint directory {tagged!r} "
+                           f"(removed, or never written: stopped while starting); {closed}")  # fmt: skip
     return Path(tagged), client.tracking_uri
 
 

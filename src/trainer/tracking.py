@@ -147,22 +147,47 @@ class SqlBulkWriter:
         connection.execute(insert(SqlMetric.__table__), [{**dict(zip(names, c, strict=True)), "run_uuid": self.run_id}
                                                           for c in columns])  # fmt: skip
 
-    def delete_after(self, step: int) -> None:
-        """Remove train/* points at steps >= `step` and others past it: they are about to be redone."""
+    def delete_after(self, step: int, finished: bool = False) -> None:
+        """Remove what the resumed run redoes: train/* points at steps >= `step`, others past it, and the
+        end-of-run summary at `step` (perf/*, early_stopping/*; val/* too when the run had `finished` there,
+        since evaluations during training never fall on the last step)."""
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
         from sqlalchemy import and_, delete, or_
 
+        summary = [SqlMetric.key.like(f"{prefix}%") for prefix in SUMMARY_PREFIXES + (("val/",) if finished else ())]
         redone = or_(
             and_(SqlMetric.key.like("train/%"), SqlMetric.step >= step),
             SqlMetric.step > step,
+            and_(SqlMetric.step == step, or_(*summary)),
         )
         with self.store.ManagedSessionMaker(read_only=False) as session:
             session.execute(delete(SqlMetric).where(SqlMetric.run_uuid == self.run_id, redone))
             stale = and_(SqlLatestMetric.run_uuid == self.run_id, SqlLatestMetric.step >= step)
             session.execute(delete(SqlLatestMetric).where(stale))  # rewritten by the next points
 
+    def stored_through(self, log_every: int) -> int:
+        """The step after the newest train/loss point (plus the steps log_every leaves unlogged): no record of
+        durability can honestly go past it."""
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+        from sqlalchemy import func, select
 
+        with self.store.ManagedSessionMaker() as session:
+            newest = session.execute(
+                select(func.max(SqlMetric.step)).where(SqlMetric.run_uuid == self.run_id, SqlMetric.key == "train/loss")
+            ).scalar()
+        return 0 if newest is None else int(newest) + log_every
+
+
+SUMMARY_PREFIXES = ("perf/", "early_stopping/")  # metrics only the end of a run logs (fit._finish)
 _FLOAT_MAX = 1.7976931348623157e308
+
+
+def stored_through(uri: str, run_id: str, log_every: int) -> int | None:
+    """What the store at `uri` holds of run `run_id`'s train/loss (see SqlBulkWriter.stored_through); None
+    for stores that cannot say cheaply (HTTP, files)."""
+    client = MlflowClient(uri)
+    writer = SqlBulkWriter.for_client(client, run_id)
+    return retry_busy(writer.stored_through, log_every) if writer else None
 
 
 def disk_full(error: BaseException | None) -> bool:
@@ -522,11 +547,12 @@ class Run:
         shown = [o for o in self.overrides if not o.startswith(ignore)]
         return self.cfg.tracking.run_name or " ".join(shown)[:250] or time.strftime("run-%Y%m%d-%H%M%S")
 
-    def resume_at(self, step: int) -> None:
-        """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice."""
-        mlflow.set_tag("resumed_at_step", str(step))
+    def resume_at(self, step: int, finished: bool = False) -> None:
+        """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice;
+        `finished`: the checkpoint is the run's last step, whose summary is written again."""
+        self.set_tag("resumed_at_step", str(step))
         if isinstance(self.sink.writer, SqlBulkWriter):
-            self.sink.writer.delete_after(step)
+            retry_busy(self.sink.writer.delete_after, step, finished)
         else:
             logging.getLogger(__name__).warning(
                 "resume: %s cannot delete metric points; steps after %d logged before the stop may appear twice",

@@ -22,7 +22,7 @@ from trainer.data import Dataset
 from trainer.fit import Result, console, fit
 from trainer.loop import StepLoop
 from trainer.optim import build_optimizer
-from trainer.tracking import QuietRun, Run
+from trainer.tracking import QuietRun, Run, stored_through
 
 
 def train(
@@ -50,24 +50,28 @@ def train(
         model, loop, optimizer = _build(cfg, data, strategy, total_steps)
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
-        start = _restore(checkpoints, resume) if resume else 0
-        tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
-        run_context = Run(cfg, overrides, tags=tags, run_id=resume.run_id if resume else None) if chief else QuietRun()
-        with run_context as run:
-            run.sink.on_durable = checkpoints.mark_durable if chief else None
-            if resume:
-                checkpoints.rewind(start)  # first: a kill from here on resumes from `start` again
-                run.resume_at(start)
-            elif chief:
-                checkpoints.write_run_file(run.run_id, run.uri, cfg)
-            if not resume:  # a base to resume from, so even a run killed before its first periodic save can go on
-                checkpoints.save(0)
-            if t.print_gradients and start == 0:
-                _report_gradients(loop, run)
-            result = fit(loop, data, run, t, total_steps, checkpoints, start)
-            if cfg.tracking.log_model and chief:  # retried whole while the store is locked
-                lifecycle.retry_busy(_log_model, model, run, output_dir, data.x_train[:2])
-            _summarize(result, run)
+        checkpoints.claim()  # one process per run: a second resume of it is refused here
+        try:
+            start = _restore(checkpoints, resume, cfg, chief, total_steps) if resume else 0
+            tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
+            run_id = resume.run_id if resume else None
+            with Run(cfg, overrides, tags=tags, run_id=run_id) if chief else QuietRun() as run:
+                run.sink.on_durable = checkpoints.mark_durable if chief else None
+                if resume:
+                    checkpoints.rewind(start)  # first: a kill from here on resumes from `start` again
+                    run.resume_at(start, finished=start >= total_steps)
+                else:
+                    if chief:
+                        checkpoints.write_run_file(run.run_id, run.uri, cfg)
+                    checkpoints.save(0)  # a base to resume from, even for a run killed before its first save
+                if t.print_gradients and start == 0:
+                    _report_gradients(loop, run)
+                result = fit(loop, data, run, t, total_steps, checkpoints, start)
+                if cfg.tracking.log_model and chief:  # retried whole while the store is locked
+                    lifecycle.retry_busy(_log_model, model, run, output_dir, data.x_train[:2])
+                _summarize(result, run)
+        finally:
+            checkpoints.release()
     return result.objective
 
 
@@ -102,13 +106,20 @@ def _checkpoints(t: DictConfig, model, optimizer, loop: StepLoop, resume: checkp
                        order=loop.order, skipped=loop.skipped, non_trainable=non_trainable)  # fmt: skip
 
 
-def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume) -> int:
-    """The newest checkpoint the store's history covers; a run with none is closed (FAILED) and says so."""
+def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume, cfg: DictConfig, chief: bool, total: int) -> int:
+    """The newest checkpoint the store's history covers (held to what the store shows, for SQL stores); a
+    run with none is closed (FAILED) and says so; one already past the run's length is an error."""
+    if chief:
+        checkpoints.limit_durable(stored_through(resume.tracking_uri, resume.run_id, cfg.tracking.log_every))
     try:
-        return checkpoints.restore_latest()
+        start = checkpoints.restore_latest()
     except NoCheckpoint as e:
         closed = lifecycle.close_if_dead(resume.tracking_uri, resume.run_id)
         raise TrainerError(f"{e}; {closed}; start it again as a new run") from e
+    if start > total:
+        raise TrainerError(f"resume: the run's checkpoint is at step {start}, past the {total} steps asked for; "
+                           f"set trainer.max_steps above {start} (or more trainer.epochs) to train on")  # fmt: skip
+    return start
 
 
 def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: DictConfig) -> DictConfig:
