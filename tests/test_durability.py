@@ -135,6 +135,7 @@ def test_a_run_killed_before_its_first_checkpoint_says_so_and_is_closed(tmp_path
     assert f"process {proc.pid} on " in run.data.tags["error"]
 
 
+@pytest.mark.slow
 def test_the_next_run_on_the_store_marks_a_dead_run_failed_and_leaves_live_ones(tmp_path):
     victim = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "hydra.run.dir=victim")
     alive = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "hydra.run.dir=alive")
@@ -267,6 +268,7 @@ def test_another_writer_locking_the_store_for_30_s_across_a_runs_end_is_waited_o
         assert stored_steps(db, key) == list(range(3000)), key
 
 
+@pytest.mark.slow
 def test_two_resumes_of_one_run_one_trains_the_other_is_refused(tmp_path):
     """The run was closed FAILED by the next run on the store (its process died), so its status says nothing
     about who trains it now: the run directory's lock does."""
@@ -310,6 +312,7 @@ def test_resuming_a_finished_run_rewrites_its_summary_once_and_a_shorter_one_is_
     assert "set trainer.max_steps above 300" in line
 
 
+@pytest.mark.slow
 def test_a_durable_record_past_what_the_store_holds_is_held_to_the_store(tmp_path):
     """An edited or damaged durable.json must not make a resume skip steps the store never got."""
     proc = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "trainer.checkpoint_every=200",
