@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.config import TrainerError, check, conf_dir, register
+from trainer.config import TrainerError, causes, check, conf_dir, first_line, register
 
 if TYPE_CHECKING:
     from trainer.sweep import FailedJob, Outcome
@@ -127,12 +127,8 @@ def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
 
 def _last_line(error: BaseException) -> str:
     """The innermost cause's first line: SQLAlchemy and TensorFlow wrap the OS's words in their own."""
-    seen = {id(error)}
-    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
-        error = inner
-        seen.add(id(error))
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    *_, innermost = causes(error)
+    return first_line(innermost)
 
 
 def _sweep_job(cfg: DictConfig, hc: DictConfig) -> float | FailedJob:

@@ -19,7 +19,7 @@ from pathlib import Path
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import TrainerError
+from trainer.config import TrainerError, first_line
 
 RUN_FILE = "run.json"
 DURABLE_FILE = "durable.json"  # the newest step whose metric history the store holds completely
@@ -163,7 +163,7 @@ class Checkpoints:
             try:
                 self.checkpoint.read(path).assert_existing_objects_matched()
             except Exception as e:  # truncated or garbled files fail in many ways: all are the same to the user
-                failures.append(f"{path} ({_first_line(e)})")
+                failures.append(f"{path} ({first_line(e)})")
                 continue
             if failures:
                 print(f"resume: {'; '.join(failures)} cannot be restored; using {path}", file=sys.stderr)
@@ -202,11 +202,6 @@ class NoCheckpoint(TrainerError):
         super().__init__(f"resume: no checkpoint in {directory} to continue from (the run stopped {why} "
                          "whose metrics were all stored)")  # fmt: skip
         self.directory = directory
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def find(target: str, tracking_uri: str | None = None) -> Resume:

@@ -24,6 +24,22 @@ class TrainerError(Exception):
     """A problem the user can fix (config, data, numerics): shown as one line, never a traceback."""
 
 
+def first_line(error: BaseException | None) -> str:
+    """An error as the one line a user sees: its message's first line, else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and what it wraps (__cause__, else __context__), outermost first. A chain can loop (a raise
+    from a wrapper of itself, as Hydra's instantiate errors did): each error comes once."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
         raise TrainerError(f"{key}={value!r} is invalid: expected {valid}")

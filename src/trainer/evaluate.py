@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import TRUST_KEY, TrainerError, build, is_trusted, targets, trusted_config
+from trainer.config import TRUST_KEY, TrainerError, build, first_line, is_trusted, targets, trusted_config
 
 DEFAULT_EXPERIMENT = "tape-trainer"
 EVAL_BATCH = 1024  # as the trainer's own evaluation: max(batch_size, 1024) examples per forward pass
@@ -145,7 +145,7 @@ def run_config(run: Run, uri: str, overrides: Sequence[str], dst: Path) -> DictC
     try:
         cfg = OmegaConf.load(path)  # YAML's safe loader: a python/object tag is an error, not a call
     except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise EvaluateError(f"run {run.info.run_id}'s config.yaml is not plain YAML ({_first_line(e)})") from None
+        raise EvaluateError(f"run {run.info.run_id}'s config.yaml is not plain YAML ({first_line(e)})") from None
     if not isinstance(cfg, DictConfig):
         raise EvaluateError(f"run {run.info.run_id}'s config.yaml is not a mapping: was it logged by the trainer?")
     return apply_overrides(cfg, overrides)
@@ -267,12 +267,7 @@ def _load_keras(path: Path, source: str) -> Any:
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # a lambda, an unknown class, a damaged archive: all one line to the user
-        raise EvaluateError(f"{source} cannot be loaded safely: {_first_line(e)[:300]}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise EvaluateError(f"{source} cannot be loaded safely: {first_line(e)[:300]}") from None
 
 
 # --- the numbers -------------------------------------------------------------------------------

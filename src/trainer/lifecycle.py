@@ -27,6 +27,8 @@ from typing import TypeVar
 from mlflow.entities import RunStatus, ViewType
 from mlflow.tracking import MlflowClient
 
+from trainer.config import causes
+
 HOST_TAG, PID_TAG, PROCESS_TAG, DIED_TAG = "trainer.host", "trainer.pid", "trainer.process", "trainer.died"
 BUSY_RETRY_SECONDS = 300.0  # how long a write waits out other writers before the run fails
 WAL_SWITCH_SECONDS = 5.0  # the switch needs the file to itself: past this, keep the old journal (writes retry)
@@ -133,13 +135,7 @@ def retry_busy(fn: Callable[..., T], *args, **kwargs) -> T:
 
 
 def _busy(error: BaseException) -> bool:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if "database is locked" in str(error) or "database is busy" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any("database is locked" in str(e) or "database is busy" in str(e) for e in causes(error))
 
 
 def _identity(pid: int) -> str | None:

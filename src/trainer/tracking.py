@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import lifecycle
-from trainer.config import TrainerError
+from trainer.config import TrainerError, causes, first_line
 from trainer.lifecycle import retry_busy
 from trainer.store import index_for_charts
 
@@ -192,15 +192,11 @@ def stored_through(uri: str, run_id: str, log_every: int) -> int | None:
 
 def disk_full(error: BaseException | None) -> bool:
     """A full disk or quota, whichever layer saw it (SQLite, the OS, TensorFlow's file writer)."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:  # a chain can loop (raise ... from a wrapper of itself)
-        seen.add(id(error))
-        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+    for e in causes(error):
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(error)
-        if "database or disk is full" in text or "No space left on device" in text or "Disk quota" in text:
+        if any(words in str(e) for words in ("database or disk is full", "No space left on device", "Disk quota")):
             return True
-        error = error.__cause__ or error.__context__
     return False
 
 
@@ -433,7 +429,6 @@ class Run:
             mlflow.set_tracking_uri(t.uri)
         self.uri = mlflow.get_tracking_uri()
         probe(self.uri)  # before MLflow's own client, which retries a dead server for minutes
-        lifecycle.use_wal(self.uri)
         if self.resumed:
             self._claim()
         try:
@@ -447,7 +442,7 @@ class Run:
             raise TrainerError(_open_error(self.uri, t.experiment, e)) from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
-        lifecycle.use_wal(self.uri)  # a new store exists only now
+        lifecycle.use_wal(self.uri)  # once the store exists (a new one, only now); an existing one as well
         index_for_charts(self.uri)  # the MLflow UI's charts of long runs (trainer/store.py)
         if self.resumed:
             self._forget_failure()
@@ -468,7 +463,7 @@ class Run:
         try:
             info = retry_busy(client.get_run, self.run_id)
         except Exception as e:
-            raise TrainerError(f"resume: run {self.run_id} is not in {self.uri} ({_first_line(e)})") from e
+            raise TrainerError(f"resume: run {self.run_id} is not in {self.uri} ({first_line(e)})") from e
         tags = info.data.tags
         if info.info.status == "RUNNING":
             alive = lifecycle.owner_alive(tags)
@@ -503,19 +498,19 @@ class Run:
         else:  # an error, or points the store never took: a run with a hole in its history is not finished
             status = RunStatus.FAILED
             with contextlib.suppress(Exception):
-                retry_busy(mlflow.set_tag, "error", (_first_line(exc) if exc else self._lost_message(lost))[:5000])
+                retry_busy(mlflow.set_tag, "error", (first_line(exc) if exc else self._lost_message(lost))[:5000])
         name = RunStatus.to_string(status)
         try:
             retry_busy(self.client.set_terminated, self.run_id, name)
         except Exception as e:  # the store is away or full: the next trainer run closes it (trainer.died)
-            logging.getLogger(__name__).warning("could not mark run %s %s: %s", self.run_id, name, _first_line(e))
+            logging.getLogger(__name__).warning("could not mark run %s %s: %s", self.run_id, name, first_line(e))
         with contextlib.suppress(Exception):
             mlflow.end_run(name)  # leaves the fluent API's stack (it pops before it writes)
         if exc_type is None and lost:
             raise TrainerError(self._lost_message(lost))
 
     def _lost_message(self, lost: int) -> str:
-        return (f"{lost} metric points could not be written to {self.uri} ({_first_line(self.sink.error)}); "
+        return (f"{lost} metric points could not be written to {self.uri} ({first_line(self.sink.error)}); "
                 "the run is marked FAILED; once the store works again, resume it: the steps are redone from the "
                 "last checkpoint whose history is complete")  # fmt: skip
 
@@ -527,7 +522,7 @@ class Run:
             return 0
         logging.getLogger(__name__).warning(
             "%d metric points could not be delivered to %s (last error: %s)", lost, self.uri,
-            _first_line(self.sink.error),
+            first_line(self.sink.error),
         )  # fmt: skip
         with contextlib.suppress(Exception):  # the store may be the thing that is away
             mlflow.set_tag("metric_points_lost", str(self.lost_before + lost))
@@ -576,11 +571,6 @@ class Run:
         return f"run {self.run_id} in {self.uri} (view: mlflow ui --backend-store-uri {self.uri})"
 
 
-def _first_line(e: BaseException | None) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 PROBE_TIMEOUT_S = 3.0  # one request, no retries: a server that is there answers /health in milliseconds
 
 
@@ -619,7 +609,7 @@ def _network_reason(error: BaseException) -> str:
         return found.group(1).strip()
     if "timed out" in text.lower():
         return f"no answer within {PROBE_TIMEOUT_S:g} s"
-    return _first_line(error)[:300]
+    return first_line(error)[:300]
 
 
 def _open_error(uri: str, experiment: str, error: BaseException) -> str:
@@ -632,7 +622,7 @@ def _open_error(uri: str, experiment: str, error: BaseException) -> str:
             return (f"tracking.experiment={experiment!r} is deleted in {uri}: restore it with "
                     f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {found.experiment_id}` "
                     "or choose another tracking.experiment")  # fmt: skip
-    return f"tracking.uri={uri!r}: cannot open the MLflow store ({_first_line(error)})"
+    return f"tracking.uri={uri!r}: cannot open the MLflow store ({first_line(error)})"
 
 
 class QuietRun:
