@@ -137,6 +137,23 @@ def test_a_run_killed_before_its_first_checkpoint_says_so_and_is_closed(tmp_path
     assert f"process {proc.pid} on " in run.data.tags["error"]
 
 
+def test_trainers_started_together_on_a_new_store_all_run(tmp_path):
+    """MLflow makes a new SQLite store in ~50 migrations: three trainers at once interleaved them and failed
+    ("Online migration expected to match one row", "duplicate column name") before the store lock."""
+    procs = [start(tmp_path, *TRAIN, "trainer.max_steps=5", f"hydra.run.dir=run{i}") for i in range(3)]
+    for proc in procs:
+        rc, err = finish(proc)
+        assert rc == 0 and "Traceback" not in err, err
+    client = mlflow.MlflowClient(uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"] * 3
+    assert all(stored_steps_of(client, r.info.run_id) == list(range(5)) for r in runs)
+
+
+def stored_steps_of(client: mlflow.MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+
+
 @pytest.mark.slow
 def test_the_next_run_on_the_store_marks_a_dead_run_failed_and_leaves_live_ones(tmp_path):
     victim = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "hydra.run.dir=victim")
@@ -151,7 +168,8 @@ def test_the_next_run_on_the_store_marks_a_dead_run_failed_and_leaves_live_ones(
         except Exception:
             return 0
 
-    wait_for(lambda: db.is_file() and running() == 2, what="two running runs")
+    for proc in (victim, alive):
+        wait_for(lambda: db.is_file() and running() == 2, what="two running runs", proc=proc)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     rc, err = finish(start(tmp_path, *TRAIN, "trainer.max_steps=20", "hydra.run.dir=third"))

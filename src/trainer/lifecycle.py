@@ -106,6 +106,30 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def prepare_store(uri: str, *then: Callable[[str], object]) -> None:
+    """Create (or migrate) the store at `uri`, then run each of `then` on it, one process at a time per SQLite file.
+
+    MLflow builds a new SQLite store with ~50 alembic migrations in separate transactions; two trainers started
+    together on a fresh file (two terminals, a parallel sweep) interleaved them, and both failed with
+    "Online migration expected to match one row ... 0 found" or "duplicate column name" (4 tries in 4 here).
+    A lock file per store path (in the temp directory, so nothing is added beside the user's store) puts them
+    in line; the second finds the store made and only checks its revision. Other stores need nothing.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(path.parent.resolve() / path.name).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"tape-trainer-store-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        retry_busy(MlflowClient(uri).search_experiments, max_results=1)
+        for step in then:
+            step(uri)
+
+
 def use_wal(uri: str) -> None:
     """Put a SQLite store in WAL mode (a property of the file, kept for every later connection)."""
     path = sqlite_path(uri)

@@ -429,6 +429,11 @@ class Run:
             mlflow.set_tracking_uri(t.uri)
         self.uri = mlflow.get_tracking_uri()
         probe(self.uri)  # before MLflow's own client, which retries a dead server for minutes
+        try:
+            lifecycle.prepare_store(self.uri, lifecycle.use_wal, index_for_charts)  # WAL: readers never block
+            # writes; the index: the MLflow UI's charts of long runs (trainer/store.py)
+        except Exception as e:
+            raise TrainerError(_open_error(self.uri, t.experiment, e)) from e
         if self.resumed:
             self._claim()
         try:
@@ -442,8 +447,6 @@ class Run:
             raise TrainerError(_open_error(self.uri, t.experiment, e)) from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
-        lifecycle.use_wal(self.uri)  # once the store exists (a new one, only now); an existing one as well
-        index_for_charts(self.uri)  # the MLflow UI's charts of long runs (trainer/store.py)
         if self.resumed:
             self._forget_failure()
         with contextlib.suppress(Exception):  # housekeeping: never a reason not to train
