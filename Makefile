@@ -39,8 +39,8 @@ sweep:  ## a small Hydra multirun over optimizers and learning rates
 ui:  ## the MLflow UI over this directory's store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
 
-bench:  ## side-by-side speed: naive, keras fit, bare compiled loop, ours
-	$(BIN)/python scripts/bench.py $(ARGS)
+bench:  ## side-by-side speed: naive, keras fit, bare compiled loop, ours; exit 1 if a target is missed
+	$(BIN)/python scripts/bench $(ARGS)
 
 clean:
 	rm -rf outputs multirun mlruns .pytest_cache

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import trainer.config
 
@@ -52,6 +53,13 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         finally:
             GlobalHydra.instance().clear()
     return copy.deepcopy(_composed[key])
+
+
+def option_kwargs(group: str, name: str, **changes: Any) -> dict[str, Any]:
+    """The keyword arguments Hydra gives the builder of conf/<group>/<name>.yaml (the one home of its
+    defaults; the builders have none), with `changes`: for tests that call a builder directly."""
+    values = OmegaConf.to_container(trainer.config.option(group, name))
+    return {**{k: v for k, v in values.items() if not k.startswith("_")}, **changes}
 
 
 def run_cli(

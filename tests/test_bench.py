@@ -1,30 +1,136 @@
-"""scripts/bench.py runs end to end: one smoke run of `--quick --jobs tape`, no timing asserted."""
+"""scripts/bench: its competitors draw the trainer's own batches; smoke runs end to end; the exit status."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
+from omegaconf import OmegaConf
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+from conftest import compose_config
+from trainer.config import build
+from trainer.data import Dataset
+from trainer.loop import MIN_EPOCH_FOR_CUTS, StepLoop
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+BENCH = SCRIPTS / "bench"
+sys.path.insert(0, str(SCRIPTS))  # the bench is a package of scripts/, not of the installed trainer
+
+from bench import competitors  # noqa: E402
+from bench.harness import JOBS, JobContext, fresh_model, fresh_optimizer  # noqa: E402
+
+
+class Recorder(keras.Model):
+    """A linear model of feature 1 that writes the row ids (feature 0) of every training batch it sees into `seen`."""
+
+    last: Recorder | None = None  # the competitors build their own model: the test reads it here
+
+    def __init__(self, steps: int, batch: int) -> None:
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+        self.seen = tf.Variable(tf.fill([steps, batch], -1), trainable=False)
+        self.calls = tf.Variable(0, trainable=False)
+        Recorder.last = self
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if training:
+            self.seen[self.calls].assign(tf.cast(x[:, 0], tf.int32))
+            self.calls.assign_add(1)
+        return self.dense(x[:, 1:])  # not the ids: large inputs would make SGD diverge, and the trainer stop
+
+    def batches(self) -> np.ndarray:
+        assert int(self.calls.numpy()) == self.seen.shape[0]  # one training call per step, no more
+        return self.seen.numpy()
+
+
+def order_context(tmp_path: Path, per_epoch: int, steps: int, template: Path) -> JobContext:
+    """A job of `per_epoch` batches of 4 whose rows carry their own index, the model a Recorder."""
+    batch = 4
+    n = per_epoch * batch + 3  # a ragged tail, dropped by every loop
+    x = np.stack([np.arange(n), np.zeros(n)], axis=1).astype(np.float32)
+    cfg = compose_config([f"trainer.batch_size={batch}", "trainer.seed=7", "optimizer=sgd"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.model = OmegaConf.create({"_target_": f"{__name__}.Recorder", "steps": steps, "batch": batch})
+    shutil.copyfile(template, tmp_path / "template.db")  # naive's fresh stores are copies of it
+    return JobContext(JOBS["tape"], cfg, Dataset(x, np.zeros((n, 1), np.float32), None, None), tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:.*shuffle=True")  # fit's default, moot for a dataset
+@pytest.mark.parametrize("per_epoch", [5, MIN_EPOCH_FOR_CUTS + 2])  # new epochs tested per step; chunks cut at them
+def test_competitors_see_the_trainers_batches(tmp_path: Path, mlflow_template: Path, per_epoch: int) -> None:
+    """Row for row, over three epochs' boundaries (two for the long epochs): the trainer's StepLoop, naive,
+    keras-fit (steps_per_execution 3) and bare are fed the same batches in the same order."""
+    steps = per_epoch * 2 + 3 if per_epoch < MIN_EPOCH_FOR_CUTS else per_epoch + 5
+    ctx = order_context(tmp_path, per_epoch, steps, mlflow_template)
+    model = fresh_model(ctx)
+    loop = StepLoop(model, build(ctx.cfg.loss), fresh_optimizer(ctx, steps), ctx.data.x_train, ctx.data.y_train,
+                    ctx.batch, seed=ctx.seed)  # fmt: skip
+    assert loop.cut_at_epochs == (per_epoch >= MIN_EPOCH_FOR_CUTS)
+    loop.run(steps)
+    trainer = model.batches()
+    epochs = [trainer[e * per_epoch : (e + 1) * per_epoch] for e in range(2)]
+    assert sorted(epochs[0].ravel()) == sorted(set(epochs[0].ravel()))  # an epoch draws each row at most once
+    assert not np.array_equal(epochs[0], epochs[1][: len(epochs[0])])  # and the next epoch reshuffles
+    assert not np.array_equal(epochs[0].ravel(), np.sort(epochs[0].ravel()))  # shuffled, not in row order
+
+    competitors.run_naive(ctx, steps)
+    np.testing.assert_array_equal(Recorder.last.batches(), trainer, err_msg="naive")
+    competitors.keras_fit(3)(ctx, steps)
+    np.testing.assert_array_equal(Recorder.last.batches(), trainer, err_msg="keras-fit")
+    competitors.run_bare(ctx, steps)
+    np.testing.assert_array_equal(Recorder.last.batches(), trainer, err_msg="bare")
+
+
+def bench(tmp_path: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,  # anything it writes by mistake lands here, not in the repo
+    )
 
 
 @pytest.mark.slow
 def test_bench_quick_prints_every_competitor(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--jobs", "tape", "--json", str(tmp_path / "bench.json")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,  # anything it writes by mistake lands here, not in the repo
-    )
+    """--no-targets: the targets are reported, a missed one among them, and the run still exits 0."""
+    out = tmp_path / "bench.json"
+    proc = bench(tmp_path, "--quick", "--jobs", "tape", "--json", str(out), "--no-targets", "--floor", "tape:bare=1e9")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("naive", "keras-fit", "bare", "ours"):
         assert name in proc.stdout, proc.stdout
-    assert (tmp_path / "bench.json").is_file()
+    assert "MISS tape: ours >= 1e+09x bare" in proc.stdout, proc.stdout
+    assert "tape: CLI launch->step 0 <= import tensorflow + 2 s" in proc.stdout, proc.stdout
+    payload = json.loads(out.read_text())
+    (job,) = payload["jobs"]
+    assert job["cli"]["import_tf_s"] > 0 and job["cli"]["first_step_s"] > 0
+    assert len(job["cli"]["import_tf_runs"]) == len(job["cli"]["first_step_runs"]) == 1
+    gates = [t for t in payload["targets"] if t["gate"]]
+    assert {t["line"].split(":")[0] for t in gates} == {"tape"}
+    assert [t["ok"] for t in gates if "1e+09x bare" in t["line"]] == [False]
+
+
+@pytest.mark.slow
+def test_bench_exits_1_when_a_target_is_missed(tmp_path: Path) -> None:
+    """A floor no loop can reach: the run reports it as MISS and exits 1 (the other targets may pass or not)."""
+    proc = bench(tmp_path, "--quick", "--jobs", "tape", "--steps", "40", "--naive-steps", "6",
+                 "--floor", "tape:naive=1e9")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "MISS tape: ours >= 1e+09x naive" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_rejects_a_floor_it_cannot_check(tmp_path: Path) -> None:
+    proc = bench(tmp_path, "--floor", "tape:bar=1", timeout=120)
+    assert proc.returncode == 2
+    assert "--floor 'tape:bar=1': give JOB:COMPETITOR=MIN" in proc.stderr
 
 
 @pytest.mark.slow
@@ -32,11 +138,8 @@ def test_bench_sink_counts_every_point(tmp_path: Path) -> None:
     """--sink: both arms per grad-norm mode ran, and the store holds exactly the points each logged."""
     steps = 60
     out = tmp_path / "sink.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--sink", "--jobs", "tape", "--steps", str(steps), "--repeats", "1",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+    proc = bench(tmp_path, "--sink", "--jobs", "tape", "--steps", str(steps), "--repeats", "1", "--json", str(out),
+                 "--no-targets", timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = json.loads(out.read_text())["sink"]["arms"]
     # the tape example has two variables (w, b): loss, lr, global norm, and per_variable adds 2 more a step

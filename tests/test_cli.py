@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_config, new_store, run_cli
+from conftest import compose_config, new_store, option_kwargs, run_cli
 
 EXPERIMENT = "tape-trainer"
 E2E_STEPS = 37
@@ -373,7 +373,7 @@ def test_e2e_saved_model_reproduces_the_final_val_loss(e2e, tmp_path):
     _, uri, run = e2e
     local = MlflowClient(uri).download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path))
     model = keras.saving.load_model(local)
-    data = regression(n_samples=512)  # the run's data: same defaults, same seed
+    data = regression(**option_kwargs("data", "regression", n_samples=512))  # the run's data: same defaults, same seed
     pred = np.asarray(model(data.x_val)).astype(np.float64)
     expected = np.mean((data.y_val.astype(np.float64) - pred) ** 2)
     final_step, final_val = _history(uri, run.info.run_id, "val/loss")[-1]

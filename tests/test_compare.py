@@ -101,7 +101,7 @@ def test_sweep_rows_sorted_by_objective_with_fallback_and_best_step(store):
 
 def test_latest_sweep_cli_writes_table_and_png_and_logs_them_on_the_parent(store, tmp_path, capsys):
     out = tmp_path / "report"
-    assert compare.main(["--uri", store.uri, "--latest-sweep", "--format", "csv", "--out", str(out)]) == 0
+    assert compare.main([f"uri={store.uri}", "latest_sweep=true", "format=csv", f"out={out}"]) == 0
     printed = capsys.readouterr().out
     assert printed == (out / "compare.csv").read_text()
     table = list(csv.DictReader(io.StringIO(printed)))
@@ -124,7 +124,7 @@ def test_latest_sweep_cli_writes_table_and_png_and_logs_them_on_the_parent(store
 
 
 def test_whole_experiment_holds_real_runs_and_leaves_out_sweep_parents(store, tmp_path, capsys):
-    assert compare.main(["--uri", store.uri, "--format", "markdown", "--out", str(tmp_path)]) == 0
+    assert compare.main([f"uri={store.uri}", "format=markdown", f"out={tmp_path}"]) == 0
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "compare.md").read_text() and "sweep-test" not in printed
     runs, parent = compare.select_runs(store.client, "tape-trainer")
@@ -139,21 +139,21 @@ def test_whole_experiment_holds_real_runs_and_leaves_out_sweep_parents(store, tm
         assert row.objective == pytest.approx(metrics["val/loss"]) and row.objective_key == "val/loss"
         assert row.final_train_loss == pytest.approx(metrics["train/loss"])
         assert row.status == "FINISHED" and row.steps_per_sec > 0
-    assert compare.main(["--uri", store.uri, "--format", "table", "--out", str(tmp_path)]) == 0
+    assert compare.main([f"uri={store.uri}", "format=table", f"out={tmp_path}"]) == 0
     assert "real-0.05" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--experiment", "nope"], "no experiment named 'nope'"),
-        (["--parent", "0123456789abcdef"], "no run '0123456789abcdef'"),
-        (["--parent", "CHILD"], "has no child runs"),
+        (["experiment=nope"], "no experiment named 'nope'"),
+        (["parent=0123456789abcdef"], "no run '0123456789abcdef'"),
+        (["parent=CHILD"], "has no child runs"),
     ],
 )
 def test_errors_are_one_line(store, tmp_path, capsys, args, message):
-    args = [store.child_ids["a"] if a == "CHILD" else a for a in args]
-    assert compare.main(["--uri", store.uri, "--out", str(tmp_path), *args]) == 1
+    args = [a.replace("CHILD", store.child_ids["a"]) for a in args]
+    assert compare.main([f"uri={store.uri}", f"out={tmp_path}", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "compare.png").exists()
@@ -161,14 +161,14 @@ def test_errors_are_one_line(store, tmp_path, capsys, args, message):
 
 def test_missing_store_and_no_sweep(store, tmp_path, capsys):
     missing = f"sqlite:///{tmp_path / 'absent.db'}"
-    assert compare.main(["--uri", missing]) == 1
+    assert compare.main([f"uri={missing}"]) == 1
     assert "no MLflow store at" in capsys.readouterr().err
     assert not (tmp_path / "absent.db").exists()  # not created as a side effect
     exp_id = store.client.create_experiment("no-sweeps", str(tmp_path / "artifacts"))
     store.client.create_run(exp_id, run_name="lonely")
-    assert compare.main(["--uri", store.uri, "--experiment", "no-sweeps", "--latest-sweep"]) == 1
+    assert compare.main([f"uri={store.uri}", "experiment=no-sweeps", "latest_sweep=true"]) == 1
     assert "experiment 'no-sweeps' has no sweep run" in capsys.readouterr().err
-    assert compare.main(["--uri", store.uri, "--experiment", "no-sweeps", "--out", str(tmp_path)]) == 0
+    assert compare.main([f"uri={store.uri}", "experiment=no-sweeps", f"out={tmp_path}"]) == 0
 
 
 def test_legend_keeps_only_what_differs_between_runs():
@@ -178,3 +178,34 @@ def test_legend_keeps_only_what_differs_between_runs():
     rows = [row("x", "data=big optimizer.lr=0.1"), row("y", "data=big optimizer.lr=0.01"), row("z", "data=big")]
     assert compare.legend_labels(rows) == (["optimizer.lr=0.1", "optimizer.lr=0.01", "(shared only)"], "data=big")
     assert compare.legend_labels([row("x", ""), row("y", "optimizer.lr=1")]) == (["x", "optimizer.lr=1"], "")
+
+
+def test_best_child_is_the_finished_one_with_the_lowest_finite_objective(store, tmp_path, capsys):
+    """A FAILED child's finite val/loss and a NaN are no result; a run without val/loss competes with its
+    train/final_loss (trainer.objective's rule, applied once, by compare, also at a sweep's end)."""
+    client = store.client
+    exp_id = client.create_experiment("best-rule", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp_id, run_name="sweep-best", tags={"sweep": "true"}).info.run_id
+    children = {}
+    for name, status, metrics in [
+        ("ok", "FINISHED", {"val/loss": 0.5}),
+        ("broke", "FAILED", {"val/loss": 0.1}),
+        ("nan", "FINISHED", {"val/loss": float("nan")}),
+        ("noval", "FINISHED", {"train/final_loss": 0.3}),
+    ]:
+        tags = {"mlflow.parentRunId": parent, "overrides": f"x={name}"}
+        run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value, step=0)
+        client.set_terminated(run_id, status)
+        children[name] = run_id
+    assert compare.main([f"uri={store.uri}", f"parent={parent}", f"out={tmp_path}", "format=csv"]) == 0
+    assert [r["run"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["broke", "noval", "ok", "nan"]
+    data = client.get_run(parent).data
+    assert (data.tags["best_run_id"], data.tags["best_run_name"], data.tags["best_overrides"]) == (
+        children["noval"],
+        "noval",
+        "x=noval",
+    )
+    assert data.metrics["best/objective"] == 0.3 and data.metrics["best/train/final_loss"] == 0.3
+    assert "best/val/loss" not in data.metrics

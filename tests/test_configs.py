@@ -279,7 +279,7 @@ def test_optimizer_builds_with_schedule(group, name, compose_cfg, tmp_path):
 def test_schedule_values(group, name, compose_cfg, tmp_path):
     cfg = compose_cfg(_overrides(group, name, tmp_path))
     s, lr = cfg.schedule, cfg.optimizer.lr
-    total = 100 + s.warmup_steps
+    total = 100 + (s.warmup_steps or 0)  # null: a schedule without a warm-up
     opt = build_optimizer(cfg.optimizer, s, total_steps=total)
     approx = lambda v: pytest.approx(v, rel=1e-5, abs=1e-12)  # noqa: E731
 

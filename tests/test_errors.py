@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import new_store
+from conftest import new_store, option_kwargs
 from trainer import tracking
 from trainer.checkpoint import find
 from trainer.config import TrainerError
@@ -256,7 +256,8 @@ def test_an_error_raised_by_a_built_target_has_an_acyclic_chain(tmp_path):
 
     from trainer.config import build
 
-    node = OmegaConf.create({"data": {"_target_": "trainer.data.csv", "path": str(tmp_path), "target": ["y"]}})
+    csv = option_kwargs("data", "csv", path=str(tmp_path), target=["y"])
+    node = OmegaConf.create({"data": {"_target_": "trainer.data.csv", **csv}})
     with pytest.raises(TrainerError, match="is a directory") as info:
         build(node.data)
     seen, error = [], info.value

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import option_kwargs
 from trainer import losses
 from trainer.data import regression
 from trainer.loop import MIN_EPOCH_FOR_CUTS, PER_VARIABLE, StepLoop
@@ -52,11 +56,11 @@ def test_sgd_steps_follow_the_hand_computed_trajectory():
 
 def test_chunks_of_any_size_give_the_same_run_and_trace_once():
     """k is a tensor: chunks of 5, 5, 3 equal one chunk of 13, and the chunk function is traced once."""
-    data = regression(n_samples=256, n_features=4, val_fraction=0.0)
+    data = regression(**option_kwargs("data", "regression", n_samples=256, n_features=4, val_fraction=0.0))
 
     def make() -> StepLoop:
         keras.utils.set_random_seed(1)
-        model = MLP(hidden=[8], units=1)
+        model = MLP(**option_kwargs("model", "mlp", hidden=[8]))
         return StepLoop(model, losses.mse, keras.optimizers.Adam(1e-2), data.x_train, data.y_train, 32, seed=3)
 
     one, many = make(), make()
@@ -75,11 +79,18 @@ def test_chunks_cut_at_epochs_equal_the_per_step_epoch_check_and_trace_once():
     loss and weight for weight, as a loop that checks for a new epoch in every step; each epoch's order
     is a permutation of the rows, different from the last.
     """
-    data = regression(n_samples=64, n_features=3, val_fraction=0.0)
+    data = regression(**option_kwargs("data", "regression", n_samples=64, n_features=3, val_fraction=0.0))
 
     def make(cut: bool) -> StepLoop:
         keras.utils.set_random_seed(2)
-        loop = StepLoop(MLP(hidden=[8], units=1), losses.mse, Adam(learning_rate=1e-2), data.x_train, data.y_train, 2)
+        loop = StepLoop(
+            MLP(**option_kwargs("model", "mlp", hidden=[8])),
+            losses.mse,
+            Adam(learning_rate=1e-2),
+            data.x_train,
+            data.y_train,
+            2,
+        )
         loop.cut_at_epochs = cut
         return loop
 
@@ -110,7 +121,7 @@ def test_norms_match_global_norm_and_finite_differences_on_the_mlp():
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
         x, y = rng.standard_normal((16, 3)), rng.standard_normal((16, 2))
-        model = MLP(hidden=[5, 4], units=2, activation="tanh")
+        model = MLP(**option_kwargs("model", "mlp", hidden=[5, 4], units=2, activation="tanh"))
         loop = StepLoop(model, losses.mse, keras.optimizers.SGD(0.0), x, y, batch_size=16)
         grads = loop.gradients()
         out = loop.run(1)
@@ -148,7 +159,14 @@ def test_clip_norm_bounds_the_update_but_logs_the_unclipped_norm():
 
 
 def test_each_epoch_sees_every_example_once_in_a_seeded_order():
-    loop = StepLoop(Linear(1), losses.mse, keras.optimizers.SGD(0.0), np.arange(10.0)[:, None], np.zeros((10, 1)), 3)
+    loop = StepLoop(
+        Linear(**option_kwargs("model", "linear")),
+        losses.mse,
+        keras.optimizers.SGD(0.0),
+        np.arange(10.0)[:, None],
+        np.zeros((10, 1)),
+        3,
+    )
     assert loop.steps_per_epoch == 3  # the ragged last batch is dropped
     seen = []
     for _ in range(3):
@@ -179,12 +197,14 @@ def test_each_epoch_sees_every_example_once_in_a_seeded_order():
 def test_schedules_are_the_documented_functions_of_the_step(name, step, expected):
     kwargs = {"decay_steps": 100, "decay_rate": 0.5} if name == "exponential" else {}
     warmup = 100 if name == "warmup_cosine" else 0
-    schedule = Schedule(0.1, name=name, total_steps=1000 + warmup, warmup_steps=warmup, **kwargs)
+    if warmup:
+        kwargs["warmup_steps"] = warmup
+    schedule = Schedule(0.1, total_steps=1000 + warmup, **option_kwargs("schedule", name, **kwargs))
     assert float(schedule(step)) == pytest.approx(expected, abs=1e-7)
 
 
 def test_logged_learning_rate_is_the_one_the_step_used():
-    lr = Schedule(0.1, name="exponential", total_steps=10, decay_steps=1, decay_rate=0.5)
+    lr = Schedule(0.1, total_steps=10, **option_kwargs("schedule", "exponential", decay_steps=1, decay_rate=0.5))
     loop = StepLoop(Linear(1, 0.5, 1.0), losses.squared, keras.optimizers.SGD(lr), X, Y, batch_size=1)
     np.testing.assert_allclose(loop.run(4)["train/lr"].numpy(), [0.1, 0.05, 0.025, 0.0125], rtol=1e-6)
 
@@ -195,9 +215,9 @@ def test_logged_learning_rate_is_the_one_the_step_used():
         (losses.squared, [[3.0, 1.0]], [[2.0, 3.0]], 1.0 + 4.0),
         (losses.mse, [[3.0, 1.0]], [[2.0, 3.0]], 2.5),
         (losses.mae, [[3.0, 1.0]], [[2.0, 3.0]], 1.5),
-        (losses.huber, [[0.0, 0.0]], [[0.5, 3.0]], (0.125 + (0.5 + 2.0)) / 2),
-        (losses.binary_crossentropy, [[1.0]], [[0.0]], np.log(2.0)),
-        (losses.categorical_crossentropy, [[0.0, 1.0]], [[0.0, 0.0]], np.log(2.0)),
+        (functools.partial(losses.huber, delta=1.0), [[0.0, 0.0]], [[0.5, 3.0]], (0.125 + (0.5 + 2.0)) / 2),
+        (functools.partial(losses.binary_crossentropy, from_logits=True), [[1.0]], [[0.0]], np.log(2.0)),
+        (functools.partial(losses.categorical_crossentropy, from_logits=True), [[0.0, 1.0]], [[0.0, 0.0]], np.log(2.0)),
     ],
 )
 def test_losses_match_their_formulas(fn, y, pred, expected):
@@ -206,14 +226,36 @@ def test_losses_match_their_formulas(fn, y, pred, expected):
 
 
 def test_jit_compiles_the_gradients_and_follows_the_same_trajectory():
-    data = regression(n_samples=256, n_features=4, val_fraction=0.0)
+    data = regression(**option_kwargs("data", "regression", n_samples=256, n_features=4, val_fraction=0.0))
 
     def losses_with(jit: bool) -> np.ndarray:
         keras.utils.set_random_seed(1)
-        loop = StepLoop(MLP(hidden=[8], units=1), losses.mse, keras.optimizers.Adam(1e-2), data.x_train,
-                        data.y_train, 32, jit=jit)  # fmt: skip
+        model = MLP(**option_kwargs("model", "mlp", hidden=[8]))
+        loop = StepLoop(model, losses.mse, keras.optimizers.Adam(1e-2), data.x_train, data.y_train, 32, jit=jit)
         values = np.concatenate([loop.run(k)["train/loss"].numpy() for k in (5, 7)])
         assert loop._chunk.experimental_get_tracing_count() == 1
         return values
 
     np.testing.assert_allclose(losses_with(True), losses_with(False), rtol=1e-4)
+
+
+def test_a_sweeps_trials_in_one_process_never_warn_of_retracing():
+    """Optuna's 5th in-process trial printed TensorFlow's "5 out of the last 5 calls ... triggered tf.function
+    retracing": its count was per code object, summed over every trial's new loop. Seven loops, each traced once
+    for its chunk and its evaluation, now log no such warning."""
+    data = regression(**option_kwargs("data", "regression", n_samples=128, n_features=4, val_fraction=0.25))
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    tf.get_logger().addHandler(handler)
+    try:
+        for trial in range(7):
+            keras.utils.set_random_seed(trial)
+            model = MLP(**option_kwargs("model", "mlp", hidden=[8]))
+            loop = StepLoop(model, losses.mse, keras.optimizers.SGD(1e-2), data.x_train, data.y_train, 16)
+            loop.run(3)
+            loop.evaluate(tf.constant(data.x_val), tf.constant(data.y_val))
+            assert loop._chunk.experimental_get_tracing_count() == 1
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [r for r in records if "retracing" in r], records

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import option_kwargs
 from trainer.models import MLP
 from trainer.optim import Adam, AdamW, Schedule
 
@@ -18,7 +19,7 @@ def trained(
 ) -> tuple[list[np.ndarray], keras.Optimizer]:
     """`steps` compiled updates of a small MLP on fixed data; its weights afterwards."""
     keras.utils.set_random_seed(1)
-    model = MLP(hidden=[16, 8], units=1)
+    model = MLP(**option_kwargs("model", "mlp", hidden=[16, 8]))
     x, y = tf.random.stateless_normal([64, 5], seed=[1, 2]), tf.random.stateless_normal([64, 1], seed=[3, 4])
     model(x)
     variables = list(model.trainable_variables)
@@ -37,7 +38,7 @@ def trained(
 
 
 def cosine() -> Schedule:
-    return Schedule(1e-2, name="cosine", total_steps=STEPS)
+    return Schedule(1e-2, total_steps=STEPS, **option_kwargs("schedule", "cosine"))
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from alembic.operations import Operations
 from mlflow.store.db.utils import _get_alembic_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config, new_store, sqlite_uri
+from conftest import compose_config, new_store, option_kwargs, sqlite_uri
 from trainer import losses
 from trainer.config import TrainerError, check
 from trainer.data import regression
@@ -36,12 +36,12 @@ from trainer.models import MLP, Linear
 from trainer.store import CHART_COLUMNS, CHART_INDEX, MLFLOW_COLUMNS, index_for_charts
 from trainer.tracking import Chunk, MetricSink, Run
 
-DATA = regression(n_samples=256, n_features=4, val_fraction=0.0, seed=2)
+DATA = regression(**option_kwargs("data", "regression", n_samples=256, n_features=4, val_fraction=0.0, seed=2))
 
 
 def linear_loop(batch_size: int, accumulate: int) -> StepLoop:
     keras.utils.set_random_seed(0)
-    model = Linear(units=1)
+    model = Linear(**option_kwargs("model", "linear"))
     return StepLoop(model, losses.mse, keras.optimizers.SGD(0.1), DATA.x_train, DATA.y_train, batch_size,
                     seed=5, accumulate_steps=accumulate)  # fmt: skip
 
@@ -65,7 +65,9 @@ def test_mixed_precision_trains_and_reports_unscaled_gradient_norms(policy):
         optimizer = keras.optimizers.Adam(1e-2)
         if p == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        return StepLoop(MLP(hidden=[16], units=1), losses.mse, optimizer, DATA.x_train, DATA.y_train, 32)
+        return StepLoop(
+            MLP(**option_kwargs("model", "mlp", hidden=[16])), losses.mse, optimizer, DATA.x_train, DATA.y_train, 32
+        )
 
     try:
         reference, mixed = loop_for("float32"), loop_for(policy)

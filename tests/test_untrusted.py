@@ -22,9 +22,9 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from conftest import compose_config, new_store
+from conftest import compose_config, new_store, option_kwargs
 from trainer import evaluate as ev
 from trainer.config import Config, TrainerError
 from trainer.train import train
@@ -41,7 +41,8 @@ def touch(marker: Path) -> dict:
 
 def user_data(marker: Path) -> dict:
     """The run's own data config, built by the user's module instead of trainer.data (same data)."""
-    return {"_target_": f"{USER_MODULE}.regression", "marker": str(marker), "n_samples": 64, "val_fraction": 0.2}
+    kwargs = option_kwargs("data", "regression", n_samples=64, val_fraction=0.2)
+    return {"_target_": f"{USER_MODULE}.regression", "marker": str(marker), **kwargs}
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +118,7 @@ def one_line_error(code: int, stderr: str) -> str:
 def test_the_key_defaults_to_nothing_and_builtins_come_from_conf():
     from trainer.config import builtin_targets
 
-    assert compose_config([]).trusted_targets == [] == Config().trusted_targets  # schema and conf/config.yaml
+    assert compose_config([]).trusted_targets == [] and Config().trusted_targets == MISSING  # one home: the YAML
     shipped = {"trainer.models.MLP", "trainer.losses.mse", "trainer.data.csv", "keras.optimizers.SGD"}
     assert shipped <= builtin_targets() and "pathlib.Path.touch" not in builtin_targets()
 
@@ -284,7 +285,7 @@ def with_data(logged: Logged, data: object) -> str:
 
 
 def evaluate_cli(logged: Logged, run_id: str, *args: str, capsys) -> tuple[int, str, str]:
-    code = ev.main([f"uri={logged.uri}", f"run_id={run_id}", "--json", *args])
+    code = ev.main([f"uri={logged.uri}", f"run_id={run_id}", "format=json", *args])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import new_store
+from conftest import new_store, option_kwargs
 from trainer import data
 from trainer.config import TrainerError, check
 
@@ -85,7 +85,7 @@ def test_csv_values_float32_cannot_train_on_name_the_row_and_column(tmp_path, ce
     path = tmp_path / "t.csv"
     path.write_text("\n" + _table(40, row, cell).replace("\n", "\n\n", 3))  # blank lines: lines != rows + 1
     with pytest.raises(TrainerError) as info:
-        data.csv(str(path), ["y"])
+        data.csv(**option_kwargs("data", "csv", path=str(path), target=["y"]))
     line = 1 + 1 + 3 + row  # the leading blank line, the header, the 3 blank lines after the first rows
     assert str(info.value).startswith(f"data.path='{path}': row {row} (line {line}), column 'b' {what}")
 
@@ -94,16 +94,29 @@ def test_the_bound_is_the_largest_value_float32_can_square():
     with np.errstate(over="ignore"):
         assert np.isfinite(np.float32(data.MAX_ABS_VALUE) ** 2)
         assert not np.isfinite(np.float32(data.MAX_ABS_VALUE * 1.0001) ** 2)
-    assert data.tape_example(x=1.8e19).x_train[0, 0] == np.float32(1.8e19)  # just below: accepted
+    example = data.tape_example(**option_kwargs("data", "tape_example", x=1.8e19))
+    assert example.x_train[0, 0] == np.float32(1.8e19)  # just below: accepted
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: data.tape_example(x=1e308), "data=tape_example: row 1, column 'x' is 1e+308"),
-        (lambda: data.tape_example(y=math.nan), "data=tape_example: row 1, column 'y' is not finite (nan)"),
-        (lambda: data.regression(n_samples=16, noise=1e30), "data=regression: row 1, column 'y0' is "),
-        (lambda: data.classification(n_samples=16, separation=1e30), "data=classification: row 1, column 'x"),
+        (
+            lambda: data.tape_example(**option_kwargs("data", "tape_example", x=1e308)),
+            "data=tape_example: row 1, column 'x' is 1e+308",
+        ),
+        (
+            lambda: data.tape_example(**option_kwargs("data", "tape_example", y=math.nan)),
+            "data=tape_example: row 1, column 'y' is not finite (nan)",
+        ),
+        (
+            lambda: data.regression(**option_kwargs("data", "regression", n_samples=16, noise=1e30)),
+            "data=regression: row 1, column 'y0' is ",
+        ),
+        (
+            lambda: data.classification(**option_kwargs("data", "classification", n_samples=16, separation=1e30)),
+            "data=classification: row 1, column 'x",
+        ),
         (lambda: data.split(np.ones((3, 2)), np.array([[0.0], [np.inf], [0.0]]), 0.0, 0), "data: row 2, column 'y0'"),
     ],
 )
@@ -117,7 +130,7 @@ def test_one_hot_targets_are_checked_before_reading_class_ids(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a,c\n1,0\n2,nan\n3,1\n")
     with pytest.raises(TrainerError, match=r"row 2 \(line 3\), column 'c' is not finite \(nan\)"):
-        data.csv(str(path), ["c"], one_hot=True, val_fraction=0.0)
+        data.csv(**option_kwargs("data", "csv", path=str(path), target=["c"], one_hot=True, val_fraction=0.0))
 
 
 # --- (b) schedules ---------------------------------------------------------------------------------
@@ -161,7 +174,7 @@ def test_cosine_decays_over_the_whole_run_whatever_warmup_steps_it_is_given():
     """Schedule itself (built without the config check): only warmup_cosine's decay is shortened by a warm-up."""
     from trainer.optim import Schedule
 
-    schedule = Schedule(0.1, name="cosine", total_steps=10, warmup_steps=5)
+    schedule = Schedule(0.1, total_steps=10, **option_kwargs("schedule", "cosine", warmup_steps=5))
     assert float(schedule(5)) == pytest.approx(0.05, abs=1e-7)  # half-way through a 10-step decay
 
 
@@ -319,4 +332,4 @@ def test_an_mlp_built_without_the_schema_refuses_no_hidden_layers():
     from trainer.models import MLP
 
     with pytest.raises(TrainerError, match=re.escape("model.hidden=[] is invalid: expected at least one hidden")):
-        MLP(hidden=[])
+        MLP(**option_kwargs("model", "mlp", hidden=[]))

@@ -1,4 +1,5 @@
-"""The CLI: `python -m trainer model=mlp optimizer.lr=3e-3` (or `trainer ...`). Returns the objective.
+"""The CLI: `trainer model=mlp optimizer.lr=3e-3` (or `python -m trainer ...`) trains and returns the objective;
+`trainer compare ...` and `trainer evaluate ...` read the store (trainer.cli: one key=value grammar for all three).
 
 TensorFlow is imported only once Hydra has composed and checked the config, so a typo fails in
 a second, not after TensorFlow's start-up.
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
-import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from trainer import cli, compat, quiet
 from trainer.config import TrainerError, causes, check, conf_dir, first_line, register
 
 if TYPE_CHECKING:
@@ -65,8 +66,7 @@ def _report_errors(func):
             _exit_all_failed(outcome)
         if not isinstance(e, (HydraException, OmegaConfBaseException)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(cli.print_error(_one_line(e)))
     outcome = _end_sweep(None)
     if outcome and outcome.all_failed:
         _exit_all_failed(outcome)
@@ -85,16 +85,26 @@ def _end_sweep(error: BaseException | None) -> Outcome | None:
 
 
 def _exit_all_failed(outcome: Outcome) -> None:
-    print(f"error: {outcome}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(cli.print_error(str(outcome)))
 
 
-_hydra_run_and_report = hydra_utils.run_and_report
-hydra_utils.run_and_report = lambda func: _hydra_run_and_report(lambda: _report_errors(func))
+# Hydra's private run_and_report, fenced (trainer/compat.py); without it, Hydra prints errors its own way and
+# _report_errors wraps the whole command instead, so a sweep's parent run is still closed.
+_HYDRA_HOOKED = compat.wrap_hydra_errors(_report_errors)
+
+
+def main() -> None:
+    """The `trainer` command: `trainer compare|evaluate key=value ...` run that command (before Hydra sees
+    argv); anything else is training, Hydra's command line unchanged (`trainer --help`, `-m`, overrides)."""
+    cli.plain_when_piped()
+    status = cli.main(sys.argv[1:])
+    if status is not None:
+        sys.exit(status)
+    _train_main() if _HYDRA_HOOKED else _report_errors(_train_main)  # the objective goes to the sweeper
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def main(cfg: DictConfig) -> float | FailedJob:
+def _train_main(cfg: DictConfig) -> float | FailedJob:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         return _sweep_job(cfg, hc)
@@ -106,6 +116,8 @@ def main(cfg: DictConfig) -> float | FailedJob:
 
 def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
     check(cfg)  # range errors too fail before TensorFlow is imported
+    quiet.quiet_libraries(cfg.verbose)
+    quiet.import_tensorflow(cfg.verbose)  # its C++ start-up lines dropped, unless verbose
 
     from trainer.fit import Interrupted
     from trainer.train import train
@@ -145,7 +157,7 @@ def _sweep_job(cfg: DictConfig, hc: DictConfig) -> float | FailedJob:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(e, TrainerError):
             traceback.print_exc()
         label = name or " ".join(hc.overrides.task)
-        print(f"error: job {hc.job.num} ({label}): {sweep.first_line(e)}", file=sys.stderr)
+        cli.print_error(f"job {hc.job.num} ({label}): {sweep.first_line(e)}")  # the sweep goes on
         sweep.record_failed_job(cfg.tracking.uri, hc.sweep.dir, hc.job.num, tags, list(hc.overrides.task), e)
         return sweep.FailedJob(sweep.first_line(e))
 
@@ -153,8 +165,7 @@ def _sweep_job(cfg: DictConfig, hc: DictConfig) -> float | FailedJob:
 def _fail(error: TrainerError) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(cli.print_error(error))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """Compare finished runs side by side: a sorted table and loss / gradient-norm curves in one PNG.
 
-    python -m trainer.compare                          # every run of experiment tape-trainer
-    python -m trainer.compare --latest-sweep           # the children of the newest sweep (Hydra multirun)
-    python -m trainer.compare --parent <run id> --format markdown --out reports/
+    trainer compare                                    # every run of experiment tracking.experiment
+    trainer compare latest_sweep=true                  # the children of the newest sweep (Hydra multirun)
+    trainer compare parent=<run id> format=markdown out=reports/
 
 It reads only what the trainer logs (the `overrides` tag, `train/*`, `val/*`, `perf/*` metrics), so it works
 on any store the trainer wrote to. When a sweep's parent run is selected, the PNG, the tables and the best
-child are logged back onto the parent, so the sweep's own page in the MLflow UI shows the outcome.
+child (trainer.objective's rule) are logged back onto the parent, so the sweep's own page in the MLflow UI
+shows the outcome. `python -m trainer compare ...` and `python -m trainer.compare ...` are the same command.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -25,15 +25,25 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-DEFAULT_EXPERIMENT = "tape-trainer"
-DEFAULT_OBJECTIVE = "val/loss"
-FALLBACK_OBJECTIVE = "train/final_loss"  # what the trainer logs instead of val/loss without a validation split
+from trainer import cli
+from trainer.config import TrainerError
+from trainer.objective import FALLBACK, PRIMARY, best_run, objective_key
+
 PLOT_SIZE_IN, PLOT_DPI = (12.0, 4.5), 100  # -> exactly 1200 x 450 px: predictable for reports and tests
 COLUMNS = ("run", "overrides", "status", "final_train_loss", "objective", "best_step", "steps_per_sec", "points")
 
 
-class CompareError(Exception):
-    """Nothing to compare (no such experiment, parent or runs): one line for the user, exit status 1."""
+@dataclass
+class Options:
+    """The command's keys (`trainer compare --help` lists them from here)."""
+
+    uri: str | None = cli.key(None, "tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    experiment: str | None = cli.key(None, "the experiment; null: tracking.experiment's")
+    parent: str | None = cli.key(None, "only the child runs of this sweep run (a run id)")
+    latest_sweep: bool = cli.key(False, "the children of the newest run tagged sweep")
+    objective: str = cli.key(PRIMARY, f"sort by this, ascending ({PRIMARY}: {FALLBACK} in a run without it)")
+    format: str = cli.key("table", "what to print on stdout:", ("table", "markdown", "csv"))
+    out: str = cli.key(".", "where compare.png, compare.md and compare.csv go")
 
 
 @dataclass
@@ -70,17 +80,17 @@ def select_runs(
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise CompareError(f"no experiment named {experiment!r} in {client.tracking_uri}")
+            raise TrainerError(f"no experiment named {experiment!r} in {client.tracking_uri}")
         exp_ids = [exp.experiment_id]
         parent_run = _latest_sweep(client, exp_ids, experiment) if latest_sweep else None
     if parent_run is not None:
         runs = _search_all(client, exp_ids, f"tags.`mlflow.parentRunId` = '{parent_run.info.run_id}'")
         if not runs:
-            raise CompareError(f"sweep run {parent_run.info.run_id} ({parent_run.info.run_name}) has no child runs")
+            raise TrainerError(f"sweep run {parent_run.info.run_id} ({parent_run.info.run_name}) has no child runs")
         return runs, parent_run
     runs = [r for r in _search_all(client, exp_ids) if r.data.tags.get("sweep") != "true"]
     if not runs:
-        raise CompareError(f"experiment {experiment!r} has no runs")
+        raise TrainerError(f"experiment {experiment!r} has no runs")
     return runs, None
 
 
@@ -88,13 +98,13 @@ def _get_run(client: MlflowClient, run_id: str) -> Run:
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise CompareError(f"no run {run_id!r} in {client.tracking_uri}") from None
+        raise TrainerError(f"no run {run_id!r} in {client.tracking_uri}") from None
 
 
 def _latest_sweep(client: MlflowClient, exp_ids: list[str], experiment: str) -> Run:
     found = client.search_runs(exp_ids, "tags.sweep = 'true'", max_results=1, order_by=["attributes.start_time DESC"])
     if not found:
-        raise CompareError(f"experiment {experiment!r} has no sweep run (a run tagged sweep=true)")
+        raise TrainerError(f"experiment {experiment!r} has no sweep run (a run tagged sweep=true)")
     return found[0]
 
 
@@ -110,7 +120,7 @@ def _search_all(client: MlflowClient, exp_ids: list[str], filter_string: str = "
 
 
 # --- the table ---------------------------------------------------------------------------------
-def summarize(client: MlflowClient, runs: Sequence[Run], objective: str = DEFAULT_OBJECTIVE) -> list[Row]:
+def summarize(client: MlflowClient, runs: Sequence[Run], objective: str = PRIMARY) -> list[Row]:
     """One row per run, sorted by the objective ascending; runs without it (failed early, say) last."""
     rows = [_row(client, run, objective) for run in runs]
     return sorted(rows, key=lambda r: (r.objective is None, r.objective if r.objective is not None else 0.0))
@@ -118,7 +128,7 @@ def summarize(client: MlflowClient, runs: Sequence[Run], objective: str = DEFAUL
 
 def _row(client: MlflowClient, run: Run, objective: str) -> Row:
     run_id, metrics = run.info.run_id, run.data.metrics
-    key = objective if objective in metrics or objective != DEFAULT_OBJECTIVE else FALLBACK_OBJECTIVE
+    key = objective_key(metrics) if objective == PRIMARY else objective
     loss = _history(client, run_id, "train/loss")
     target = _history(client, run_id, key) if key in metrics else []
     # One point (the end-of-run evaluation) says nothing about when the run was best; the training curve does.
@@ -168,7 +178,7 @@ def _headers(objective: str) -> list[str]:
     return ["run", "overrides", "status", "final train loss", objective, "best step", "steps/s", "points"]
 
 
-def to_markdown(rows: Sequence[Row], objective: str = DEFAULT_OBJECTIVE) -> str:
+def to_markdown(rows: Sequence[Row], objective: str = PRIMARY) -> str:
     """A GitHub-style table: readable as text and rendered by the MLflow UI's artifact viewer."""
     lines = [_md_line(_headers(objective)), _md_line(["---"] * len(COLUMNS))]
     lines += [_md_line(_cells(r, objective)) for r in rows]
@@ -190,8 +200,7 @@ def to_csv(rows: Sequence[Row]) -> str:
     return buf.getvalue()
 
 
-def print_table(rows: Sequence[Row], objective: str = DEFAULT_OBJECTIVE) -> None:
-    from rich.console import Console
+def print_table(rows: Sequence[Row], objective: str = PRIMARY) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} runs by {objective}")
@@ -199,10 +208,7 @@ def print_table(rows: Sequence[Row], objective: str = DEFAULT_OBJECTIVE) -> None
         table.add_column(header, justify="right" if i >= 3 else "left", overflow="fold")
     for r in rows:
         table.add_row(*_cells(r, objective))
-    console = Console()
-    if not console.is_terminal:  # piped: rich would fold every cell to 80 columns; let the table be its size
-        console = Console(width=max(console.width, 240))
-    console.print(table)
+    cli.plain_console().print(table)
 
 
 # --- the plot ----------------------------------------------------------------------------------
@@ -249,7 +255,7 @@ def _shorten(text: str, limit: int = 70) -> str:
 
 
 # --- writing and logging back ------------------------------------------------------------------
-def write_outputs(rows: Sequence[Row], out: Path, objective: str = DEFAULT_OBJECTIVE) -> list[Path]:
+def write_outputs(rows: Sequence[Row], out: Path, objective: str = PRIMARY) -> list[Path]:
     """compare.png, compare.md and compare.csv in `out`; both tables are tiny, so both are always written."""
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "compare.md", out / "compare.csv"
@@ -258,59 +264,54 @@ def write_outputs(rows: Sequence[Row], out: Path, objective: str = DEFAULT_OBJEC
     return [plot(rows, out / "compare.png"), md, csv_path]
 
 
-def log_to_parent(client: MlflowClient, parent_id: str, rows: Sequence[Row], files: Sequence[Path]) -> Row | None:
-    """The sweep's page then shows its outcome: the files, `best_run_id`/`best_run_name` and `best/<objective>`."""
-    for path in files:
-        client.log_artifact(parent_id, str(path))
-    best = rows[0] if rows and rows[0].objective is not None else None
+def log_best(client: MlflowClient, parent_id: str, runs: Sequence[Run]) -> Run | None:
+    """The sweep's page then shows its best child (trainer.objective's rule: the FINISHED run with the lowest
+    finite objective, whatever `objective=` sorts the table by): tags `best_run_id`, `best_run_name`,
+    `best_overrides`, metrics `best/objective` and `best/<its objective key>`. The one place a sweep's best
+    is found and written; the sweep's own end comes here too."""
+    best = best_run(runs)
     if best is not None:
-        client.set_tag(parent_id, "best_run_id", best.run_id)
-        client.set_tag(parent_id, "best_run_name", best.name)
-        client.log_metric(parent_id, f"best/{best.objective_key}", best.objective)
+        metrics, key = best.data.metrics, objective_key(best.data.metrics)
+        client.set_tag(parent_id, "best_run_id", best.info.run_id)
+        client.set_tag(parent_id, "best_run_name", best.info.run_name or best.info.run_id[:8])
+        client.set_tag(parent_id, "best_overrides", best.data.tags.get("overrides", ""))
+        client.log_metric(parent_id, "best/objective", metrics[key])
+        client.log_metric(parent_id, f"best/{key}", metrics[key])
     return best
 
 
-# --- the CLI -----------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default: %(default)s)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this sweep run")
-    which.add_argument("--latest-sweep", action="store_true", help="the children of the newest run tagged sweep")
-    fallback = f"a run without {DEFAULT_OBJECTIVE} uses {FALLBACK_OBJECTIVE}"
-    p.add_argument("--objective", default=DEFAULT_OBJECTIVE, help=f"sort by this, ascending ({fallback})")
-    p.add_argument("--format", choices=("table", "markdown", "csv"), default="table", help="what to print on stdout")
-    p.add_argument("--out", type=Path, default=Path("."), help="where compare.png/.md/.csv go (default: here)")
-    return p.parse_args(argv)
-
-
+# --- the command -------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    uri = args.uri or mlflow.get_tracking_uri()
-    try:
-        _check_store(uri)
-        client = MlflowClient(uri)
-        runs, parent = select_runs(client, args.experiment, args.parent, args.latest_sweep)
-        rows = summarize(client, runs, args.objective)
-        files = write_outputs(rows, args.out, args.objective)
-        best = log_to_parent(client, parent.info.run_id, rows, files) if parent else None
-    except (CompareError, MlflowException) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
-    _print(rows, args.format, args.objective)
+    """`trainer compare key=value ...`: the exit status (1 after one `error:` line)."""
+    return cli.main_of("compare", Options, __doc__.splitlines()[0], lambda opts, _: compare(opts), argv)
+
+
+def compare(opts: Options) -> None:
+    """Select, tabulate, plot, write, log back onto a sweep's parent, then print; raises TrainerError."""
+    if opts.parent and opts.latest_sweep:
+        raise TrainerError(f"parent={opts.parent} and latest_sweep=true both pick the runs: give one")
+    uri = opts.uri or mlflow.get_tracking_uri()
+    _check_store(uri)
+    client = MlflowClient(uri)
+    experiment = opts.experiment or cli.default_experiment()
+    runs, parent = select_runs(client, experiment, opts.parent, opts.latest_sweep)
+    best = log_best(client, parent.info.run_id, runs) if parent else None  # first: it needs no plot
+    rows = summarize(client, runs, opts.objective)
+    files = write_outputs(rows, Path(opts.out), opts.objective)
+    for path in files if parent else ():
+        client.log_artifact(parent.info.run_id, str(path))
+    _print(rows, opts.format, opts.objective)
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     if parent is not None:
-        tail = f"; best {best.name} ({best.run_id})" if best else ""
+        tail = f"; best {best.info.run_name} ({best.info.run_id})" if best else ""
         print(f"logged to sweep run {parent.info.run_id}{tail}", file=sys.stderr)
-    return 0
 
 
 def _check_store(uri: str) -> None:
     """MLflow would silently create an empty SQLite store at a mistyped path; say it is not there instead."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and ":memory:" not in uri and not Path(uri[len(prefix) :]).is_file():
-        raise CompareError(f"no MLflow store at {uri} (set --uri or MLFLOW_TRACKING_URI)")
+        raise TrainerError(f"no MLflow store at {uri} (set uri=... or MLFLOW_TRACKING_URI)")
 
 
 def _print(rows: Sequence[Row], fmt: str, objective: str) -> None:

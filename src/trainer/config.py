@@ -12,7 +12,7 @@ import fnmatch
 import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,15 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 
 
 # --- model -------------------------------------------------------------------------------------
+# Every value lives in the YAML option (conf/<group>/<name>.yaml) a user reads and overrides; the schemas
+# below hold only types and ranges, each field MISSING, so a value stated twice cannot drift apart
+# (tests/test_defaults.py). `_partial_` is no setting: it is how the trainer calls the object.
 @dataclass
 class LinearModel:
-    _target_: str = "trainer.models.Linear"
-    units: int = 1
-    w_init: float | None = None  # None: Glorot uniform; a number: every weight starts there
-    b_init: float = 0.0
+    _target_: str = MISSING
+    units: int = MISSING
+    w_init: float | None = MISSING  # None: Glorot uniform; a number: every weight starts there
+    b_init: float = MISSING
 
     def __post_init__(self) -> None:
         _require(self.units >= 1, "model.units", self.units, "an integer >= 1")
@@ -62,11 +65,11 @@ NO_HIDDEN_LAYER = "at least one hidden layer; for none use model=linear"  # MLP(
 
 @dataclass
 class MLPModel:
-    _target_: str = "trainer.models.MLP"
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    units: int = 1
-    activation: str = "relu"
-    dropout: float = 0.0
+    _target_: str = MISSING
+    hidden: list[int] = MISSING
+    units: int = MISSING
+    activation: str = MISSING
+    dropout: float = MISSING
 
     def __post_init__(self) -> None:
         _require(len(self.hidden) >= 1, "model.hidden", list(self.hidden), NO_HIDDEN_LAYER)
@@ -79,13 +82,12 @@ class MLPModel:
 @dataclass
 class Loss:
     _target_: str = MISSING
-    _partial_: bool = True
+    _partial_: bool = True  # the loop calls loss(y_true, y_pred); the option's keys are bound at build time
 
 
 @dataclass
 class HuberLoss(Loss):
-    _target_: str = "trainer.losses.huber"
-    delta: float = 1.0
+    delta: float = MISSING
 
     def __post_init__(self) -> None:
         _require(self.delta > 0, "loss.delta", self.delta, "a positive number")
@@ -93,15 +95,15 @@ class HuberLoss(Loss):
 
 @dataclass
 class CrossEntropyLoss(Loss):
-    from_logits: bool = True
+    from_logits: bool = MISSING
 
 
 # --- data --------------------------------------------------------------------------------------
 @dataclass
 class Data:
     _target_: str = MISSING
-    val_fraction: float = 0.2
-    seed: int = 0
+    val_fraction: float = MISSING
+    seed: int = MISSING
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a value in [0, 1)")
@@ -109,20 +111,17 @@ class Data:
 
 @dataclass
 class TapeExampleData(Data):
-    _target_: str = "trainer.data.tape_example"
-    x: float = 2.0
-    y: float = 3.0
-    val_fraction: float = 0.0
+    x: float = MISSING
+    y: float = MISSING
 
 
 @dataclass
 class RegressionData(Data):
-    _target_: str = "trainer.data.regression"
-    n_samples: int = 4096
-    n_features: int = 8
-    n_targets: int = 1
-    noise: float = 0.1
-    kind: str = "linear"  # linear | nonlinear
+    n_samples: int = MISSING
+    n_features: int = MISSING
+    n_targets: int = MISSING
+    noise: float = MISSING
+    kind: str = MISSING  # linear | nonlinear
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,11 +134,10 @@ class RegressionData(Data):
 
 @dataclass
 class ClassificationData(Data):
-    _target_: str = "trainer.data.classification"
-    n_samples: int = 4096
-    n_features: int = 8
-    n_classes: int = 3
-    separation: float = 2.0
+    n_samples: int = MISSING
+    n_features: int = MISSING
+    n_classes: int = MISSING
+    separation: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,11 +148,10 @@ class ClassificationData(Data):
 
 @dataclass
 class CsvData(Data):
-    _target_: str = "trainer.data.csv"
     path: str = MISSING
     target: list[str] = MISSING
-    features: list[str] | None = None  # None: every column that is not a target
-    one_hot: bool = False  # one integer class column -> one-hot targets for categorical_crossentropy
+    features: list[str] | None = MISSING  # None: every column that is not a target
+    one_hot: bool = MISSING  # one integer class column -> one-hot targets for categorical_crossentropy
 
 
 # --- optimizer and schedule --------------------------------------------------------------------
@@ -162,8 +159,8 @@ class CsvData(Data):
 class Optimizer:
     _target_: str = MISSING
     _partial_: bool = True  # the learning rate (or its schedule) is handed over by the trainer
-    lr: float = 1e-3
-    weight_decay: float | None = None
+    lr: float = MISSING
+    weight_decay: float | None = MISSING
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
@@ -171,10 +168,8 @@ class Optimizer:
 
 @dataclass
 class SGDOptimizer(Optimizer):
-    _target_: str = "keras.optimizers.SGD"
-    lr: float = 1e-2
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float = MISSING
+    nesterov: bool = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,58 +178,64 @@ class SGDOptimizer(Optimizer):
 
 @dataclass
 class AdamOptimizer(Optimizer):
-    _target_: str = "trainer.optim.Adam"
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
-    amsgrad: bool = False
-    fused: bool | None = None  # one flat update for all variables (trainer.optim); None: for small variables
+    beta_1: float = MISSING
+    beta_2: float = MISSING
+    epsilon: float = MISSING
+    amsgrad: bool = MISSING
+    fused: bool | None = MISSING  # one flat update for all variables (trainer.optim); None: for small variables
 
 
 @dataclass
 class AdamWOptimizer(AdamOptimizer):
-    _target_: str = "trainer.optim.AdamW"
-    weight_decay: float | None = 0.004
+    pass
 
 
 @dataclass
 class RMSpropOptimizer(Optimizer):
-    _target_: str = "keras.optimizers.RMSprop"
-    rho: float = 0.9
-    momentum: float = 0.0
-    epsilon: float = 1e-7
-    centered: bool = False
+    rho: float = MISSING
+    momentum: float = MISSING
+    epsilon: float = MISSING
+    centered: bool = MISSING
 
 
 @dataclass
 class Schedule:
-    """How the learning rate moves with the step; `name` picks the pure function in `optim.py`."""
+    """How the learning rate moves with the step; `name` picks the pure function in `optim.py`.
 
-    name: str = "constant"  # constant | cosine | exponential | warmup_cosine
-    warmup_steps: int = 0
-    decay_steps: int | None = None  # None: the run's total steps
-    decay_rate: float = 0.96  # exponential: lr * decay_rate ** (step / decay_steps)
-    final_lr_fraction: float = 0.0  # cosine: the lr it ends at, as a fraction of optimizer.lr
+    Each option states every key; the keys its schedule does not read are null (SCHEDULE_KEYS_USED_BY).
+    """
+
+    name: str = MISSING  # constant | cosine | exponential | warmup_cosine
+    warmup_steps: int | None = MISSING
+    decay_steps: int | None = MISSING  # None: the run's total steps (less the warm-up)
+    decay_rate: float | None = MISSING  # exponential: lr * decay_rate ** (step / decay_steps)
+    final_lr_fraction: float | None = MISSING  # cosine: the lr it ends at, as a fraction of optimizer.lr
 
     def __post_init__(self) -> None:
         names = ("constant", "cosine", "exponential", "warmup_cosine")
         _require(self.name in names, "schedule.name", self.name, " | ".join(names))
-        _require(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
-        ok = self.decay_steps is None or self.decay_steps >= 1
-        _require(ok, "schedule.decay_steps", self.decay_steps, "null or an integer >= 1")
-        _require(0 < self.decay_rate <= 1, "schedule.decay_rate", self.decay_rate, "a value in (0, 1]")
-        ok = 0.0 <= self.final_lr_fraction <= 1.0
-        _require(ok, "schedule.final_lr_fraction", self.final_lr_fraction, "a value in [0, 1]")
         for key, users in SCHEDULE_KEYS_USED_BY.items():
-            value, default = getattr(self, key), type(self).__dataclass_fields__[key].default
-            if value != default and self.name not in users:
+            value = getattr(self, key)
+            if value is not None and self.name not in users:
                 raise TrainerError(
                     f"schedule.{key}={value!r} has no effect with schedule={self.name} (it is read by "
                     f"{' | '.join(users)}); drop it or pick schedule={users[0]}"
                 )
+        read = {key for key, users in SCHEDULE_KEYS_USED_BY.items() if self.name in users}
+        if "warmup_steps" in read:
+            ok = self.warmup_steps is not None and self.warmup_steps >= 0
+            _require(ok, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        ok = self.decay_steps is None or self.decay_steps >= 1
+        _require(ok, "schedule.decay_steps", self.decay_steps, "null or an integer >= 1")
+        if "decay_rate" in read:
+            ok = self.decay_rate is not None and 0 < self.decay_rate <= 1
+            _require(ok, "schedule.decay_rate", self.decay_rate, "a value in (0, 1]")
+        if "final_lr_fraction" in read:
+            ok = self.final_lr_fraction is not None and 0.0 <= self.final_lr_fraction <= 1.0
+            _require(ok, "schedule.final_lr_fraction", self.final_lr_fraction, "a value in [0, 1]")
 
 
-# Which schedules read each key: set away from its default for any other, it would be silently ignored
+# Which schedules read each key: set (not null) for any other, it would be silently ignored
 # (cosine ignored warmup_steps but still shortened its decay by it, so its lr was 0 from step 1).
 SCHEDULE_KEYS_USED_BY: dict[str, tuple[str, ...]] = {
     "warmup_steps": ("warmup_cosine",),
@@ -247,10 +248,10 @@ SCHEDULE_KEYS_USED_BY: dict[str, tuple[str, ...]] = {
 # --- trainer and tracking ----------------------------------------------------------------------
 @dataclass
 class EarlyStopping:
-    patience: int | None = None  # evaluations without improvement before stopping; None: off
-    monitor: str = "val/loss"  # a val/ metric; accuracy-like names are maximised, the rest minimised
-    min_delta: float = 0.0  # an improvement smaller than this does not count
-    restore_best: bool = True  # end with the weights of the best evaluation
+    patience: int | None = MISSING  # evaluations without improvement before stopping; None: off
+    monitor: str = MISSING  # a val/ metric; accuracy-like names are maximised, the rest minimised
+    min_delta: float = MISSING  # an improvement smaller than this does not count
+    restore_best: bool = MISSING  # end with the weights of the best evaluation
 
     def __post_init__(self) -> None:
         ok = self.patience is None or self.patience >= 1
@@ -262,29 +263,30 @@ class EarlyStopping:
 
 @dataclass
 class TrainerSettings:
-    max_steps: int = 1000
-    epochs: int | None = None  # when set, wins over max_steps: epochs * (train examples // batch_size)
-    batch_size: int = 32
-    steps_per_loop: int | None = None  # steps per compiled call; None: chosen from the run (see loop.py)
-    eval_every: int | None = None  # None: only at the end
-    clip_norm: float | None = None  # clip gradients to this global norm
-    seed: int = 0
-    jit: bool = False  # XLA-compile the step; measure it per job, it is slower on most CPUs
-    device: str = "auto"  # auto | cpu | gpu | a TF device string such as /GPU:1
-    print_gradients: bool = False  # print each variable's gradient at the first step (a host sync, once)
-    progress: bool = True
-    checkpoint_every: int | None = None  # None: at the end (and on Ctrl-C / SIGTERM) only
-    max_to_keep: int = 3
-    deterministic: bool = False  # op determinism: a resumed run ends bitwise equal to an uninterrupted one
-    on_nonfinite: str = "stop"  # stop: fail at the first NaN/Inf; skip_step: leave the weights, count it
-    max_skipped_fraction: float = 0.1  # skip_step: fail once more than this fraction of the run's steps is skipped
-    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
-    accumulate_steps: int = 1  # micro-batches of batch_size whose mean gradient makes one update
-    precision: str = "float32"  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
-    strategy: str = "auto"  # auto | default | mirrored | multi_worker (tf.distribute)
-    logical_cpus: int | None = None  # split the CPU into this many devices (try mirrored without GPUs)
-    intra_op_threads: int | None = None  # threads inside one op (a matmul); None: TensorFlow's default
-    inter_op_threads: int | None = None  # ops run side by side; None: TensorFlow's default
+    max_steps: int = MISSING
+    epochs: int | None = MISSING  # when set, wins over max_steps: epochs * (train examples // batch_size)
+    batch_size: int = MISSING
+    steps_per_loop: int | None = MISSING  # steps per compiled call; None: chosen from the run (see loop.py)
+    eval_every: int | None = MISSING  # None: only at the end
+    clip_norm: float | None = MISSING  # clip gradients to this global norm
+    seed: int = MISSING
+    jit: bool = MISSING  # XLA-compile the step; measure it per job, it is slower on most CPUs
+    device: str = MISSING  # auto | cpu | gpu | a TF device string such as /GPU:1
+    print_gradients: bool = MISSING  # print each variable's gradient at the first step (a host sync, once)
+    progress: bool = MISSING
+    checkpoint_every: int | None = MISSING  # None: at the end (and on Ctrl-C / SIGTERM) only
+    max_to_keep: int = MISSING
+    deterministic: bool = MISSING  # op determinism: a resumed run ends bitwise equal to an uninterrupted one
+    on_nonfinite: str = MISSING  # stop: fail at the first NaN/Inf; skip_step: leave the weights, count it
+    max_skipped_fraction: float = MISSING  # skip_step: fail once more than this fraction of the run's steps is skipped
+    early_stopping: EarlyStopping = MISSING
+    accumulate_steps: int = MISSING  # micro-batches of batch_size whose mean gradient makes one update
+    precision: str = MISSING  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
+    strategy: str = MISSING  # auto | default | mirrored | multi_worker (tf.distribute)
+    logical_cpus: int | None = MISSING  # split the CPU into this many devices (try mirrored without GPUs)
+    intra_op_threads: int | None = MISSING  # threads inside one op (a matmul); None: TensorFlow's default
+    inter_op_threads: int | None = MISSING  # ops run side by side; None: TensorFlow's default
+    callbacks: list[Any] = MISSING  # your own actions between chunks: nodes with a _target_ (trainer.callbacks)
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -319,19 +321,19 @@ class TrainerSettings:
 
 @dataclass
 class Tracking:
-    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)
-    experiment: str = "tape-trainer"
-    run_name: str | None = None
-    log_every: int = 1  # log every n-th step's metrics (1: every step)
-    log_grad_norms: str = "per_variable"  # per_variable | global | off
-    log_model: bool = True
-    queue_chunks: int = 64  # bound on chunks waiting for the writer thread (back-pressure past it)
+    uri: str | None = MISSING  # None: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)
+    experiment: str = MISSING  # conf/tracking/default.yaml: the one home of the name
+    run_name: str | None = MISSING
+    log_every: int = MISSING  # log every n-th step's metrics (1: every step)
+    log_grad_norms: str = MISSING  # per_variable | global | off
+    log_model: bool = MISSING
+    queue_chunks: int = MISSING  # bound on chunks waiting for the writer thread (back-pressure past it)
     # Per-variable gradient norms at steps >= per_variable_after only every per_variable_every-th step (None:
     # every step of any run); loss, lr and the global norm stay at every step. The MLflow UI ranks every point
     # of a metric for each chart request (~2 us a point): on a 1M-step MLP run a per-variable chart took 2.7 s,
     # at these defaults (190k points) 0.41 s, and the store shrank from 2.76 to 1.28 GB (README: Performance).
-    per_variable_every: int = 10
-    per_variable_after: int | None = 100_000
+    per_variable_every: int = MISSING
+    per_variable_after: int | None = MISSING
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "tracking.log_every", self.log_every, "an integer >= 1")
@@ -349,16 +351,17 @@ class Config:
     loss: Any = MISSING
     data: Any = MISSING
     optimizer: Any = MISSING
-    schedule: Schedule = field(default_factory=Schedule)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    tracking: Tracking = field(default_factory=Tracking)
+    schedule: Schedule = MISSING
+    trainer: TrainerSettings = MISSING
+    tracking: Tracking = MISSING
     experiment: Any = None
     hparams_search: Any = None
     launcher: Any = None
-    resume: str | None = None  # a run's output dir or MLflow run id: continue from its last checkpoint
+    resume: str | None = MISSING  # a run's output dir or MLflow run id: continue from its last checkpoint
     # `_target_`s a resumed run's run.json may build beyond the built-ins and what your own config names:
     # exact names or patterns (my_models.*). Run data is never trusted by itself (see trusted_config).
-    trusted_targets: list[str] = field(default_factory=list)
+    trusted_targets: list[str] = MISSING
+    verbose: bool = MISSING  # the libraries' start-up lines as they print them (trainer/quiet.py)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -405,7 +408,9 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     cause = error.__cause__
     if isinstance(cause, TrainerError):
         raise cause
-    unimportable = unimportable_target(error, node._get_full_key(None))
+    from trainer.compat import full_key  # OmegaConf's private Node._get_full_key, fenced
+
+    unimportable = unimportable_target(error, full_key(node))
     if unimportable:
         raise TrainerError(unimportable) from error
     target = node.get("_target_", "?")
@@ -473,6 +478,44 @@ def check(cfg: DictConfig) -> None:
         _check_finite(OmegaConf.to_container(node, resolve=True), group)
         if OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # builds the dataclass, so its __post_init__ checks run
+    _check_callbacks(cfg.trainer.get("callbacks") or [])
+
+
+def _check_callbacks(nodes: Sequence[Any]) -> None:
+    """trainer.callbacks: each a node whose `_target_` imports, checked before TensorFlow is imported. Only ever
+    run on the user's own config or on run data that trusted_config passed: importing runs the module's code."""
+    for i, node in enumerate(nodes):
+        key = f"trainer.callbacks[{i}]"
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if not isinstance(target, str):
+            raise TrainerError(f"{key}={node!r} is invalid: expected a node with a _target_, such as "
+                               "{_target_: my_pkg.MyCallback}")  # fmt: skip
+        reason = _import_error(target)
+        if reason:
+            raise TrainerError(f"{key}._target_={target!r} cannot be imported: {reason}")
+
+
+def _import_error(target: str) -> str | None:
+    """Why the dotted name `target` cannot be imported, or None: its module is the longest prefix that imports."""
+    import importlib
+
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (module == e.name or module.startswith(f"{e.name}.")):
+                continue  # this prefix is no module: perhaps a shorter one is, with attributes after it
+            return first_line(e)
+        except Exception as e:  # the module itself fails to import: its own error
+            return f"{type(e).__name__}: {first_line(e)}"
+        for name in parts[i:]:
+            if not hasattr(found, name):
+                return f"module {module!r} has no attribute {name!r}"
+            found = getattr(found, name)
+        return None
+    return f"No module named {parts[0]!r}" if len(parts) > 1 else "expected a dotted path such as my_pkg.MyCallback"
 
 
 # --- run data: what a resumed or evaluated run may build --------------------------------------
@@ -488,19 +531,36 @@ def conf_dir() -> Path:
 
 @functools.cache
 def builtin_targets() -> frozenset[str]:
-    """Every `_target_` the trainer ships: the schemas' defaults and every option under conf/ (~20 ms, once)."""
+    """Every `_target_` the trainer ships: those of every option under conf/ (~20 ms, once)."""
     import yaml
 
-    found = {
-        f.default
-        for group in SCHEMAS.values()
-        for schema in group.values()
-        for f in fields(schema)
-        if f.name == "_target_" and f.default != MISSING
-    }
+    found: set[str] = set()
     for path in sorted(conf_dir().rglob("*.yaml")):
         found.update(target for _, target in targets(yaml.safe_load(path.read_text())))
     return frozenset(found)
+
+
+def option(group: str, name: str) -> DictConfig:
+    """The values conf/<group>/<name>.yaml states, its defaults list left out: each default's one home."""
+    node = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    node.pop("defaults", None)
+    return node
+
+
+def with_current_defaults(stored: DictConfig) -> DictConfig:
+    """A run's stored config, with the trainer keys it lacks (its run.json predates them) from conf/trainer/.
+
+    A resumed run is the same run, so its own values win; a key added since (trainer.max_skipped_fraction
+    once was) takes the value a new run gets from the YAML option rather than a second copy of it in code.
+    Tracking keys stay as stored: there an absent key means the run logs on as it began (tracking/run.py).
+    """
+    if "trainer" in stored and (
+        OmegaConf.is_interpolation(stored, "trainer") or not isinstance(stored.trainer, DictConfig)
+    ):
+        return stored  # not a mapping of settings: left for trusted_config and check() to refuse
+    return OmegaConf.merge(
+        stored, {"trainer": OmegaConf.merge(option("trainer", "default"), stored.get("trainer", {}))}
+    )
 
 
 def targets(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:

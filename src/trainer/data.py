@@ -97,19 +97,13 @@ def split(
     return Dataset(x[train], y[train], x[val], y[val], task)
 
 
-def tape_example(x: float = 2.0, y: float = 3.0, val_fraction: float = 0.0, seed: int = 0) -> Dataset:
+def tape_example(x: float, y: float, val_fraction: float, seed: int) -> Dataset:
     """The one example of TensorFlow's GradientTape introduction."""
     return split(np.array([[x]]), np.array([[y]]), val_fraction, seed, source="data=tape_example", columns=["x", "y"])
 
 
 def regression(
-    n_samples: int = 4096,
-    n_features: int = 8,
-    n_targets: int = 1,
-    noise: float = 0.1,
-    kind: str = "linear",
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    n_samples: int, n_features: int, n_targets: int, noise: float, kind: str, val_fraction: float, seed: int
 ) -> Dataset:
     """y = x @ W + b (+ a smooth nonlinearity for kind=nonlinear) + Gaussian noise; x ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
@@ -123,12 +117,7 @@ def regression(
 
 
 def classification(
-    n_samples: int = 4096,
-    n_features: int = 8,
-    n_classes: int = 3,
-    separation: float = 2.0,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    n_samples: int, n_features: int, n_classes: int, separation: float, val_fraction: float, seed: int
 ) -> Dataset:
     """Gaussian blobs around random class centres `separation` apart on average; one-hot targets."""
     rng = np.random.default_rng(seed)
@@ -140,12 +129,7 @@ def classification(
 
 
 def csv(
-    path: str,
-    target: list[str],
-    features: list[str] | None = None,
-    one_hot: bool = False,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    path: str, target: list[str], features: list[str] | None, one_hot: bool, val_fraction: float, seed: int
 ) -> Dataset:
     """A header-first CSV of numbers; errors name the file and the column at fault."""
     rows, header, lines = _read_csv(Path(path))

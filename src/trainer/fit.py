@@ -1,38 +1,42 @@
-"""The controller: cuts training into compiled chunks and does the host-side work between them.
+"""The controller: cuts training into compiled chunks and runs the actions between them.
 
-Everything that needs the host (handing metrics to the sink, validation, checkpoints, early stopping,
-the progress bar, signals) happens only between chunks, as in Orbit's Controller. Chunk boundaries are
-placed on evaluation and checkpoint steps, so those happen at exactly the configured steps.
+Everything that needs the host happens only between chunks, as in Orbit's Controller: the controller runs a
+call, checks it (the steps it ran, non-finite steps), then calls each action (trainer/actions.py: sink
+hand-off, steps-per-loop choice, the user's callbacks, validation and early stopping, checkpoints, progress)
+with the step and the chunk's per-step arrays. Chunk boundaries are placed on every action's `every`
+(eval_every, checkpoint_every, a callback's own), so those happen at exactly the configured steps.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import numpy as np
-import tensorflow as tf
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from trainer.actions import (
+    AutoStepsPerLoop,
+    Checkpointing,
+    EarlyStopper,
+    MetricHandoff,
+    ProgressBar,
+    Validation,
+    console,
+)
+from trainer.callbacks import Callback, Context, StepArrays
 from trainer.checkpoint import Checkpoints
-from trainer.config import TrainerError, TrainerSettings
+from trainer.config import TrainerError
 from trainer.data import Dataset
-from trainer.loop import MAX_ROWS, StepLoop
-from trainer.tracking import Chunk, Run
+from trainer.loop import StepLoop
+from trainer.process import StopFlag
+from trainer.tracking import Run
 
-console = Console(stderr=True)
+__all__ = ["EarlyStopper", "Interrupted", "Result", "console", "fit"]  # EarlyStopper, console: their old home
 
-CHUNK_SECONDS = 0.2  # auto steps_per_loop aims at calls this long: a live progress bar, negligible overhead
 FIRST_CHUNKS = 10  # auto: the first two calls run this many steps; the second one is timed
 MULTI_WORKER_STEPS_PER_LOOP = 100
-GIL_SWITCH_SECONDS = 2e-4
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,121 +57,129 @@ class Result:
     best_step: int | None = None
 
 
-@dataclass
-class EarlyStopper:
-    """Tracks the monitored validation metric; says when `patience` evaluations brought no improvement."""
-
-    monitor: str
-    patience: int
-    min_delta: float
-    best: float = float("inf")
-    best_step: int = -1
-    waited: int = 0
-    weights: list[np.ndarray] = field(default_factory=list)
-
-    @property
-    def sign(self) -> float:
-        return -1.0 if "acc" in self.monitor else 1.0  # accuracy-like metrics are maximised
-
-    def should_stop(self, step: int, metrics: dict[str, float], model) -> bool:
-        value = self.sign * metrics[self.monitor.removeprefix("val/")]
-        if value < self.best - self.min_delta:
-            self.best, self.best_step, self.waited = value, step, 0
-            self.weights = [v.numpy() for v in model.weights]  # a host copy, only on improvement
-            return False
-        self.waited += 1
-        return self.waited >= self.patience
-
-    def restore(self, model) -> None:
-        for v, w in zip(model.weights, self.weights, strict=True):
-            v.assign(w)
-
-
 def fit(
-    loop: StepLoop, data: Dataset, run: Run, t: DictConfig, total_steps: int, checkpoints: Checkpoints, start: int = 0
+    loop: StepLoop,
+    data: Dataset,
+    run: Run,
+    t: DictConfig,
+    total_steps: int,
+    checkpoints: Checkpoints,
+    start: int = 0,
+    callbacks: Sequence[Callback] = (),
+    stop: StopFlag | None = None,
 ) -> Result:
-    val = (tf.constant(data.x_val), tf.constant(data.y_val)) if data.x_val is not None else None
-    accuracy = data.task != "regression"
-    es = t.early_stopping
-    stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es.patience and val is not None else None
+    """Train from step `start` to `total_steps` (or an earlier stop), then evaluate; `stop` is the flag
+    process.process_settings hands out (None: signals are not caught)."""
     lockstep = t.strategy == "multi_worker"  # workers must cut chunks alike: no timing-based choice
     k = t.steps_per_loop or (MULTI_WORKER_STEPS_PER_LOOP if lockstep else FIRST_CHUNKS)
-    step, calls, last = start, 0, {}
+    ctx = Context(loop.model, run, total_steps, start, k)
+    validation = _validation(loop, data, t)
+    actions = _actions(t, checkpoints, validation, callbacks, auto=t.steps_per_loop is None and not lockstep)
+    stop = stop or StopFlag()
+    result = None
+    try:
+        for action in actions:
+            action.on_train_begin(ctx)
+        with stop.catching():
+            last, steps_per_sec = _train(loop, t, ctx, actions, checkpoints, stop)
+        if ctx.signum:
+            raise Interrupted(ctx.signum, ctx.step, str(checkpoints.directory))
+        if t.on_nonfinite == "skip_step":  # an early stop ran fewer steps: the fraction is of those run
+            skipped = _check_skipped(loop, ctx.step, ctx.step, t.max_skipped_fraction, checkpoints)
+            console.print(
+                f"skipped {skipped} of {ctx.step} steps (non-finite loss or gradient; trainer.on_nonfinite=skip_step)"
+            )
+        result = _finish(loop, run, validation, ctx, last, steps_per_sec)
+        return result
+    finally:
+        for action in actions:
+            action.on_train_end(ctx, result)
+
+
+def _validation(loop: StepLoop, data: Dataset, t: DictConfig) -> Validation | None:
+    if data.x_val is None:
+        return None
+    es = t.early_stopping
+    stopper = EarlyStopper(es.monitor, es.patience, es.min_delta, es.restore_best) if es.patience else None
+    return Validation(loop, data.x_val, data.y_val, data.task != "regression", t.eval_every, stopper)
+
+
+def _actions(t: DictConfig, checkpoints: Checkpoints, validation: Validation | None, callbacks: Sequence[Callback],
+             auto: bool) -> list[Callback]:  # fmt: skip
+    """The round's order (actions.py says why): hand-off, steps per loop, the user's, validation, checkpoint,
+    progress."""
+    return [
+        MetricHandoff(),
+        *([AutoStepsPerLoop()] if auto else []),
+        *callbacks,
+        *([validation] if validation else []),
+        Checkpointing(checkpoints, t.checkpoint_every),
+        ProgressBar(t.progress and console.is_terminal),
+    ]
+
+
+def _train(loop: StepLoop, t: DictConfig, ctx: Context, actions: list[Callback], checkpoints: Checkpoints,
+           stop: StopFlag) -> tuple[StepArrays | None, float]:  # fmt: skip
+    """The chunks, each followed by one round of actions; returns the last chunk's arrays and the rate."""
+    start = step = ctx.step
+    calls, last = 0, None
     t_start = t_timed = time.perf_counter()
     step_timed = start
-    with _stop_on_signals() as stop, _progress(t.progress and console.is_terminal) as bar, _prompt_gil():
-        task = bar.add_task("train", total=total_steps, completed=start, loss=float("nan"))
-        while step < total_steps and not stop.signum:
-            n = min(k, total_steps - step, _until(step, t.eval_every), _until(step, t.checkpoint_every),
-                    loop.call_limit(step))  # fmt: skip
-            t0 = time.time()
-            out = loop.run(n)
-            ran = n if t.on_nonfinite != "stop" else int(out["steps"])  # one scalar per chunk, not per step
-            last = {key: v for key, v in out.items() if key.startswith("train/")}
-            if ran:
-                run.sink.submit(Chunk(step, last, loop.variable_names, t0, time.time()))
-            step, calls = step + ran, calls + 1
-            if ran < n:
-                _raise_nonfinite(loop, step, int(out["bad_variable"]), checkpoints)
-            if t.on_nonfinite == "skip_step":  # past the run's budget already: no need to train on to see it
-                _check_skipped(loop, step, total_steps, _max_skipped_fraction(t), checkpoints)
-            if calls == 1:
-                t_timed, step_timed = time.perf_counter(), step  # the rate is measured past the first call
-            elif calls == 2 and t.steps_per_loop is None and not lockstep:
-                k = _auto_steps_per_loop(last, n, t_timed)
-            if val is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                metrics = {key: float(v) for key, v in loop.evaluate(*val, accuracy).items()}  # host sync per eval
-                run.log(step, {f"val/{key}": v for key, v in metrics.items()})
-                if stopper and stopper.should_stop(step, metrics, loop.model):
-                    run.set_tag("early_stopped_at", str(step))
-                    break
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
-                _checkpoint(checkpoints, run, step)
-            bar.update(task, completed=step, loss=run.sink.latest.get("train/loss", float("nan")))
-        _checkpoint(checkpoints, run, step)
-        if stop.signum:
-            raise Interrupted(stop.signum, step, str(checkpoints.directory))
-    if t.on_nonfinite == "skip_step":  # an early stop ran fewer steps: the fraction is of those run
-        skipped = _check_skipped(loop, step, step, _max_skipped_fraction(t), checkpoints)
-        console.print(
-            f"skipped {skipped} of {step} steps (non-finite loss or gradient; trainer.on_nonfinite=skip_step)"
-        )
+    while not ctx.stopping:
+        n = min(ctx.steps_per_loop, ctx.total_steps - step, loop.call_limit(step),
+                *(_until(step, getattr(a, "every", None)) for a in actions))  # fmt: skip
+        t0 = time.time()
+        out = loop.run(n)
+        ran = n if t.on_nonfinite != "stop" else int(out["steps"])  # one scalar per chunk, not per step
+        tensors = {key: v for key, v in out.items() if key.startswith("train/")}
+        last = StepArrays(step, tensors, loop.variable_names, ran, t0, time.time())
+        step = ctx.step = step + ran
+        calls += 1
+        if ran < n:  # the steps before the non-finite one are logged, then the run fails
+            MetricHandoff().on_chunk_end(ctx, step, last)
+            _raise_nonfinite(loop, step, int(out["bad_variable"]), checkpoints)
+        if t.on_nonfinite == "skip_step":  # past the run's budget already: no need to train on to see it
+            _check_skipped(loop, step, ctx.total_steps, t.max_skipped_fraction, checkpoints)
+        if calls == 1:
+            t_timed, step_timed = time.perf_counter(), step  # the rate is measured past the first call
+        ctx.signum = stop.signum  # read once a round: a signal arriving during it counts from the next
+        for action in actions:
+            if action.on_chunk_end(ctx, step, last) and ctx.stopped_by is None:
+                ctx.stopped_by = type(action).__qualname__
+                ctx.run.set_tag("stopped_by", f"{ctx.stopped_by} at step {step}")
     if step == step_timed:  # a single call: the rate includes the trace
         t_timed, step_timed = t_start, start
-    steps_per_sec = (step - step_timed) / max(time.perf_counter() - t_timed, 1e-9)
-    return _finish(loop, data, run, stopper, step, last, steps_per_sec)
+    return last, (step - step_timed) / max(time.perf_counter() - t_timed, 1e-9)
 
 
-def _finish(loop: StepLoop, data: Dataset, run: Run, stopper, step: int, last: dict, steps_per_sec: float) -> Result:
-    """Final evaluation (after restoring the best weights if early stopping kept them) and summary metrics."""
-    train_loss = float(last["train/loss"][-1]) if last else float("nan")  # host sync, once, at the end
+def _finish(loop: StepLoop, run: Run, validation: Validation | None, ctx: Context, last: StepArrays | None,
+            steps_per_sec: float) -> Result:  # fmt: skip
+    """Final evaluation (of the best weights if early stopping kept them) and summary metrics, at the last step.
+
+    Its val/* are the last step's only point: validation never logs that step (actions.Validation). When the
+    last step was evaluated already and the weights stayed (restore_best=false), that evaluation is reused.
+    """
+    step = ctx.step
+    train_loss = float(last["train/loss"][-1]) if last is not None and last.steps else float("nan")  # once
     summary: dict[str, float] = {"perf/steps_per_sec": steps_per_sec}
-    best_step = None
-    if stopper and stopper.weights:
-        stopper.restore(loop.model)
+    stopper = validation.stopper if validation else None
+    best_step, restored = None, False
+    if stopper and stopper.best_step >= 0:
         best_step = stopper.best_step
         summary["early_stopping/best_step"] = best_step
-    if data.x_val is not None:
-        val = {k: float(v) for k, v in loop.evaluate(tf.constant(data.x_val), tf.constant(data.y_val),
-                                                      data.task != "regression").items()}  # fmt: skip
-        objective = val["loss"]
+        if stopper.restore_best:
+            stopper.restore(loop.model)
+            restored = True
+    from trainer.objective import FALLBACK, objective_key  # val/loss, else train/final_loss: the rule's one home
+
+    if validation is not None:
+        val = ctx.val if ctx.val_step == step and not restored else validation.evaluate()
         summary.update({f"val/{k}": v for k, v in val.items()})
     else:  # no held-out split: the objective is the loss over the whole training set
-        val, objective = {}, float(loop.evaluate(loop.x, loop.y)["loss"])
-        summary["train/final_loss"] = objective
+        val, summary[FALLBACK] = {}, float(loop.evaluate(loop.x, loop.y)["loss"])
+    objective = summary[objective_key(summary)]
     run.log(step, summary)
     return Result(step, train_loss, val, steps_per_sec, objective, best_step)
-
-
-def _checkpoint(checkpoints: Checkpoints, run: Run, step: int) -> None:
-    """Save, then send the sink a barrier: the checkpoint becomes resumable once the store holds all before it."""
-    checkpoints.save(step)
-    run.sink.barrier(step)
-
-
-def _max_skipped_fraction(t: DictConfig) -> float:
-    """The key, or its schema default for a resumed run whose run.json was written before the key existed."""
-    return t.get("max_skipped_fraction", TrainerSettings.max_skipped_fraction)
 
 
 def _check_skipped(loop: StepLoop, done: int, of: int, fraction: float, checkpoints: Checkpoints) -> int:
@@ -203,62 +215,5 @@ def _kept(checkpoints: Checkpoints) -> str:
     return f"the newest checkpoint is at step {steps[-1]} (resume={checkpoints.directory.parent} continues from it)"
 
 
-def _auto_steps_per_loop(last: dict[str, tf.Tensor], n: int, t_start: float) -> int:
-    """Steps per call so that one call lasts about CHUNK_SECONDS; measured once (one host sync)."""
-    np.asarray(last["train/loss"])  # wait for the chunk so the time is real
-    per_step = (time.perf_counter() - t_start) / n
-    return int(np.clip(CHUNK_SECONDS / max(per_step, 1e-6), 1, MAX_ROWS))
-
-
 def _until(step: int, every: int | None) -> int:
     return every - step % every if every else 1 << 62
-
-
-@contextmanager
-def _prompt_gil() -> Iterator[None]:
-    """While training, a thread waiting for the GIL gets it within 0.2 ms instead of Python's 5 ms.
-
-    Between chunks the training thread needs the GIL for a few short stretches (the compiled call's
-    return, one scalar, the hand-off to the sink) while the sink's threads run Python; at the default
-    interval each stretch could wait up to 5 ms, measured as ~10% of a small model's steps/s.
-    """
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, GIL_SWITCH_SECONDS))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
-
-
-@dataclass
-class _StopFlag:
-    signum: int = 0
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
-    """SIGINT/SIGTERM end the run at the next chunk boundary (checkpoint, flush, KILLED); a second one now."""
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame) -> None:
-        if flag.signum:
-            raise KeyboardInterrupt
-        flag.signum = signum
-        console.print(f"[yellow]{signal.Signals(signum).name}: stopping after this chunk (again to stop now)")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
-        TimeRemainingColumn(), console=console, disable=not enabled,
-    )  # fmt: skip

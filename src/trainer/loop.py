@@ -17,11 +17,14 @@ every step. Measured on a 2-core CPU, MLP 32-64-64-1 at ~230 us a step: a Tensor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from trainer.metrics import eval_batch, split_metrics
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # The per-step outputs are named as their MLflow metrics. This one is [k, n_variables]: one column per
@@ -56,6 +59,11 @@ def distinct_names(names: list[str]) -> list[str]:
         nested = any(other.startswith(f"{name}/") for other in taken)  # `a` beside `a/b`: `a` is renamed
         out.append(f"{name}_{i}" if name in out or nested else name)
     return out
+
+
+# Autograph rewrites every function of ours a compiled call reaches (~50-160 ms each, at every start); these
+# have no tensor-dependent `if` or loop (their branches test Python settings), so they are traced as written.
+_plain_graph = tf.autograph.experimental.do_not_convert
 
 
 class StepLoop:
@@ -107,9 +115,9 @@ class StepLoop:
         self._rows = tf.Variable(tf.zeros([MAX_ROWS, self._row_width()]), trainable=False, name="metric_rows")
         # jit: XLA compiles the forward and backward pass only; batch gathering, the optimizer's update and
         # the metric arrays stay in the ordinary graph (XLA around the whole chunk was far slower on CPUs)
-        self._gradients = tf.function(self._loss_and_gradients, jit_compile=True) if jit else self._loss_and_gradients
-        self._chunk = tf.function(self._run_chunk)
-        self._eval = tf.function(self._evaluate)
+        self._gradients = _compiled(self._loss_and_gradients, jit_compile=True) if jit else self._loss_and_gradients
+        self._chunk = _compiled(self._run_chunk)
+        self._eval = _compiled(self._evaluate)
 
     # --- the step ------------------------------------------------------------------------------
     def train_step(self, batch: tf.Tensor) -> tf.Tensor:
@@ -138,6 +146,7 @@ class StepLoop:
         )
         return self._update(loss, grads)
 
+    @_plain_graph
     def _update(self, loss: tf.Tensor, grads: list[tf.Tensor]) -> tf.Tensor:
         """Apply the step; return its row: loss, learning rate, [skipped steps,] half squared norms."""
         unscaled = grads
@@ -162,6 +171,7 @@ class StepLoop:
             self._apply(grads)
         return tf.stack(row + halves)
 
+    @_plain_graph
     def _finite(self, loss: tf.Tensor, grad_norm: tf.Tensor) -> tf.Tensor:
         """Float16 loss scaling: overflowing gradients are the LossScaleOptimizer's to skip; only the loss counts."""
         finite = tf.math.is_finite(loss)
@@ -186,6 +196,7 @@ class StepLoop:
             grads = [g + m for g, m in zip(grads, micro_grads, strict=True)]
         return loss / n, [g / n for g in grads]
 
+    @_plain_graph
     def _apply(self, grads: list[tf.Tensor]) -> tf.Operation:
         if self.distributed:  # Keras sums gradients across replicas again: hand it 1/R of the sum
             grads = [g / self.replicas for g in grads]
@@ -193,6 +204,7 @@ class StepLoop:
         return tf.no_op()
 
     @staticmethod
+    @_plain_graph
     def _first_nonfinite(per_variable: tf.Tensor) -> tf.Tensor:
         """Index of the first variable whose gradient norm is not finite, -1 if none (named in the error)."""
         bad = ~tf.math.is_finite(per_variable)
@@ -238,9 +250,11 @@ class StepLoop:
             self._rows[i].assign(row)
         return self._chunk_outputs(self._rows[:num_steps], num_steps)
 
+    @_plain_graph
     def _row_width(self) -> int:
         return 2 + (self.on_nonfinite == "skip_step") + len(self.variables)
 
+    @_plain_graph
     def _chunk_outputs(self, rows: tf.Tensor, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         """The rows' columns as named metrics; norms from the squares, the first non-finite step, once."""
         result = {"train/loss": rows[:, 0], "train/lr": rows[:, 1]}
@@ -277,36 +291,34 @@ class StepLoop:
         idx = self.order[start : start + self.batch_size]
         return tf.gather(self.x, idx), tf.gather(self.y, idx)
 
+    @_plain_graph
     def _epoch_order(self, epoch: tf.Tensor) -> tf.Tensor:
-        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(epoch, tf.int64)])
-        # a seeded Fisher-Yates shuffle: ~1 ms for 65,536 rows here, where argsort of uniforms took ~8 ms
-        return tf.random.experimental.stateless_shuffle(tf.range(self.n), seed=seed)
+        return epoch_order(self.n, self.seed, epoch)
 
     # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self, x: tf.Tensor, y: tf.Tensor, accuracy: bool = False) -> dict[str, tf.Tensor]:
         """Mean loss (and accuracy) over a whole split, batched so large splits fit; on the device."""
-        return self._eval(x, y, tf.constant(max(self.batch_size, 1024), tf.int32), accuracy)
+        return self._eval(x, y, tf.constant(eval_batch(self.batch_size), tf.int32), accuracy)
 
     def _evaluate(self, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor, accuracy: bool) -> dict[str, tf.Tensor]:
-        n = tf.shape(x)[0]
-        total_loss, correct = tf.constant(0.0), tf.constant(0.0)
-        for start in tf.range(0, n, batch):
-            xb, yb = x[start : start + batch], y[start : start + batch]
-            pred = self.model(xb, training=False)
-            count = tf.cast(tf.shape(xb)[0], tf.float32)
-            total_loss += tf.cast(self.loss_fn(yb, pred), tf.float32) * count
-            if accuracy:
-                correct += tf.reduce_sum(tf.cast(_hits(yb, pred), tf.float32))
-        out = {"loss": total_loss / tf.cast(n, tf.float32)}
-        if accuracy:
-            out["accuracy"] = correct / tf.cast(n, tf.float32)
-        return out
+        return split_metrics(self.model, self.loss_fn, x, y, batch, accuracy)
 
 
-def _hits(y: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
-    if y.shape[-1] == 1:  # binary: one logit per example
-        return tf.equal(tf.cast(pred > 0, y.dtype), y)[:, 0]
-    return tf.equal(tf.argmax(pred, axis=-1), tf.argmax(y, axis=-1))
+@_plain_graph
+def epoch_order(n: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
+    """The row order of epoch `epoch`: a stateless shuffle of range(n) seeded by (seed, epoch), so the data
+    position is a pure function of the step. Public: the bench's competitors draw their batches from it."""
+    pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    # a seeded Fisher-Yates shuffle: ~1 ms for 65,536 rows here, where argsort of uniforms took ~8 ms
+    return tf.random.experimental.stateless_shuffle(tf.range(n), seed=pair)
+
+
+def _compiled(method: Callable, **options) -> Callable:
+    """`tf.function(method)` with its own retracing count. TensorFlow counts traces per code object, so in a
+    sweep run in one process every trial's new loop added to one count and Optuna's 5th trial printed
+    "5 out of the last 5 calls ... triggered tf.function retracing" though each loop traced once; a partial
+    has no code object of its own, so each loop's functions are counted apart."""
+    return tf.function(functools.partial(method.__func__, method.__self__), **options)
 
 
 def _joined(parts: list[dict[str, tf.Tensor]]) -> dict[str, tf.Tensor]:

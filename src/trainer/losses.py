@@ -1,7 +1,8 @@
 """Built-in losses: `(y_true, y_pred) -> scalar`, mean-reduced over the batch.
 
 A config names one with `_target_` and `_partial_: true`, so keyword settings (`delta`, `from_logits`)
-are bound at build time and the loop only ever calls `loss(y_true, y_pred)`.
+are bound at build time (from conf/loss/*.yaml, their one home: no defaults here) and the loop only ever
+calls `loss(y_true, y_pred)`.
 """
 
 from __future__ import annotations
@@ -22,20 +23,20 @@ def mae(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.abs(y_true - y_pred))
 
 
-def huber(y_true: tf.Tensor, y_pred: tf.Tensor, delta: float = 1.0) -> tf.Tensor:
+def huber(y_true: tf.Tensor, y_pred: tf.Tensor, delta: float) -> tf.Tensor:
     err = tf.abs(y_true - y_pred)
     quadratic = tf.minimum(err, delta)
     return tf.reduce_mean(0.5 * tf.square(quadratic) + delta * (err - quadratic))
 
 
-def binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool = True) -> tf.Tensor:
+def binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool) -> tf.Tensor:
     if from_logits:
         return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=y_pred))
     p = tf.clip_by_value(y_pred, 1e-7, 1.0 - 1e-7)
     return -tf.reduce_mean(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
 
 
-def categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool = True) -> tf.Tensor:
+def categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool) -> tf.Tensor:
     if from_logits:
         return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=y_true, logits=y_pred))
     p = tf.clip_by_value(y_pred, 1e-7, 1.0)

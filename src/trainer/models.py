@@ -1,4 +1,6 @@
-"""Built-in models. Any callable `model(x, training=...)` with `trainable_variables` works in their place."""
+"""Built-in models. Any callable `model(x, training=...)` with `trainable_variables` works in their place.
+
+Their settings have no defaults here: conf/model/*.yaml holds them, and Hydra passes every key."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from trainer.config import NO_HIDDEN_LAYER, _require
 class Linear(keras.Model):
     """y = x @ w + b, with variables named `w` and `b` as in the GradientTape introduction."""
 
-    def __init__(self, units: int = 1, w_init: float | None = None, b_init: float = 0.0, **kwargs):
+    def __init__(self, units: int, w_init: float | None, b_init: float, **kwargs):
         super().__init__(**kwargs)
         self.units, self.w_init, self.b_init = units, w_init, b_init
 
@@ -31,14 +33,7 @@ class Linear(keras.Model):
 class MLP(keras.Model):
     """Dense layers with `activation` between them and a linear head; also the classifier (logits head)."""
 
-    def __init__(
-        self,
-        hidden: list[int] = (64, 64),
-        units: int = 1,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        **kwargs,
-    ):
+    def __init__(self, hidden: list[int], units: int, activation: str, dropout: float, **kwargs):
         super().__init__(**kwargs)
         _require(len(hidden) >= 1, "model.hidden", list(hidden), NO_HIDDEN_LAYER)  # however it was built
         self.hidden, self.units, self.activation, self.dropout = list(hidden), units, activation, dropout

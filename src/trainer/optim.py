@@ -7,28 +7,33 @@ counter inside the compiled step, so the learning rate logged for a step is the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.compat import keras_fused_ok
 from trainer.config import TrainerError, build
 
 
 @keras.saving.register_keras_serializable(package="trainer")
 class Schedule(keras.optimizers.schedules.LearningRateSchedule):
-    """constant | cosine | exponential | warmup_cosine, all starting from `lr`."""
+    """constant | cosine | exponential | warmup_cosine, all starting from `lr`.
+
+    Every key is required, as conf/schedule/*.yaml (their one home) gives them; a key the schedule does
+    not read is None there."""
 
     def __init__(
         self,
         lr: float,
-        name: str = "constant",
-        total_steps: int = 1,
-        warmup_steps: int = 0,
-        decay_steps: int | None = None,
-        decay_rate: float = 0.96,
-        final_lr_fraction: float = 0.0,
+        name: str,
+        total_steps: int,
+        warmup_steps: int | None,
+        decay_steps: int | None,
+        decay_rate: float | None,
+        final_lr_fraction: float | None,
     ):
         self.lr, self.name, self.total_steps = lr, name, total_steps
         self.warmup_steps, self.decay_rate, self.final_lr_fraction = (
@@ -63,6 +68,23 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
 FUSED_MAX_MEAN_SIZE = 16_384  # fused=None: flat while variables average at most this many parameters
 
 
+@dataclass(frozen=True)
+class _FlatLayout:
+    """Where each variable's parameters sit in the flat vector. Held in one object, not lists: Keras'
+    optimizer tracks every list of variables set on it as its own variables."""
+
+    variables: tuple  # in build order, as Keras numbers them
+    index: dict[int, int]  # id() of a variable (Keras' or its tf.Variable) -> its position
+    sizes: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, var_list: list) -> _FlatLayout:
+        index = {id(w): i for i, v in enumerate(var_list) for w in (v, getattr(v, "value", v))}
+        shapes = tuple(tuple(v.shape) for v in var_list)
+        return cls(tuple(var_list), index, tuple(math.prod(s) for s in shapes), shapes)
+
+
 class _FusedAdam:
     """Adam's update for every variable at once, on one flat vector of all the model's parameters.
 
@@ -77,35 +99,38 @@ class _FusedAdam:
     and the update back out costs ~1.6 ns a parameter here, against ~25 us of op dispatch saved per
     variable, so it is used while variables average at most FUSED_MAX_MEAN_SIZE parameters (MLP
     32-64-64-1: ~1,000, 1.2x faster a step; 784-1024-1024-1: ~310,000, where flat was 8% slower).
+
+    It overrides one private Keras method, `_backend_update_step`; trainer.compat checks once that Keras
+    still has it (and calls it), else this is Keras' own Adam with a one-line warning.
     """
 
     def __init__(self, *args: Any, fused: bool | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fused = fused
-        self._flat = False
+        self._flat: _FlatLayout | None = None
 
     def build(self, var_list: list) -> None:
         if self.built:
             return
         small = sum(math.prod(v.shape) for v in var_list) <= FUSED_MAX_MEAN_SIZE * max(len(var_list), 1)
         flat = (small if self.fused is None else self.fused) and not self.amsgrad and not tf.distribute.has_strategy()
-        if not (flat and all(v.dtype == "float32" for v in var_list)):
+        if not (flat and all(v.dtype == "float32" for v in var_list) and keras_fused_ok()):
             super().build(var_list)
             return
         keras.optimizers.Optimizer.build(self, var_list)  # iterations, lr, variable indices; no slots
-        self._sizes = [math.prod(v.shape) for v in var_list]
-        self._shapes = [tuple(v.shape) for v in var_list]
-        total = sum(self._sizes)
+        layout = _FlatLayout.of(var_list)
+        total = sum(layout.sizes)
         self._flat_momentum = self.add_variable((total,), name="flat_momentum")
         self._flat_velocity = self.add_variable((total,), name="flat_velocity")
-        self._flat = True
+        self._flat = layout
 
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
-        if not self._flat:
+        layout = self._flat
+        if layout is None:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
             return
-        given = {self._get_variable_index(v): g for g, v in zip(grads, trainable_variables, strict=True)}
-        parts = [given.get(i, tf.zeros(shape)) for i, shape in enumerate(self._shapes)]
+        given = {layout.index[id(v)]: g for g, v in zip(grads, trainable_variables, strict=True)}
+        parts = [given.get(i, tf.zeros(shape)) for i, shape in enumerate(layout.shapes)]
         g = tf.concat([tf.reshape(tf.convert_to_tensor(p, tf.float32), [-1]) for p in parts], axis=0)
         step = tf.cast(self.iterations + 1, tf.float32)
         alpha = tf.cast(learning_rate, tf.float32) * tf.sqrt(1 - tf.pow(self.beta_2, step))
@@ -113,7 +138,7 @@ class _FusedAdam:
         m = self._flat_momentum.value.assign_add((g - self._flat_momentum.value) * (1 - self.beta_1))
         v = self._flat_velocity.value.assign_add((tf.square(g) - self._flat_velocity.value) * (1 - self.beta_2))
         delta = (m * alpha) / (tf.sqrt(v) + self.epsilon)
-        for var, d, shape in zip(self._trainable_variables, tf.split(delta, self._sizes), self._shapes, strict=True):
+        for var, d, shape in zip(layout.variables, tf.split(delta, layout.sizes), layout.shapes, strict=True):
             var.value.assign_sub(tf.reshape(d, shape))
 
     def get_config(self) -> dict[str, Any]:

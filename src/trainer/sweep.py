@@ -3,8 +3,8 @@
 `SweepCallback` is registered in conf/config.yaml under `hydra.callbacks`. At the start of a multirun it
 creates the parent run and leaves its id in the sweep directory, where every job finds it whatever the
 launcher (in-process, joblib processes, SLURM nodes sharing the directory). At the end it gives the parent
-the sweep's summary: job count, the best job and its objective, Optuna's best params when an Optuna
-sweeper ran, and the comparison table and plot of the children.
+the sweep's summary: job count, Optuna's best params when an Optuna sweeper ran, and through trainer.compare
+the comparison table and plot of the children and the best child (trainer.objective's rule, found once).
 
 A job that fails does not end the sweep (see `FailedJob`): it is a FAILED child with its `error` tag,
 the parent counts it in `sweep/failed_jobs` and ends FINISHED unless every job failed.
@@ -13,7 +13,6 @@ the parent counts it in `sweep/failed_jobs` and ends FINISHED unless every job f
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -189,12 +188,6 @@ def _close(config: DictConfig, error: BaseException | None = None) -> Outcome | 
     client.log_metric(run_id, "sweep/jobs", len(children))
     failed = sorted((c for c in children if c.info.status != "FINISHED"), key=_job_num)
     client.log_metric(run_id, "sweep/failed_jobs", len(failed))
-    scored = [(v, c) for c in children if c.info.status == "FINISHED" and (v := _objective(c)) is not None]
-    if scored:
-        value, best = min(scored, key=lambda pair: pair[0])
-        client.log_metric(run_id, "best/objective", value)
-        client.set_tag(run_id, "best_run_id", best.info.run_id)
-        client.set_tag(run_id, "best_overrides", best.data.tags.get("overrides", ""))
     _log_optuna_result(client, run_id, sweep_dir)
     if children:
         _log_comparison(client, run_id, config)
@@ -224,13 +217,6 @@ def _client(config: DictConfig) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(config.tracking.uri or None)
 
 
-def _objective(run) -> float | None:
-    """The job's objective, None when it has none or a non-finite one (it cannot be the best)."""
-    metrics = run.data.metrics
-    value = metrics.get("val/loss", metrics.get("train/final_loss"))
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _log_optuna_result(client: mlflow.MlflowClient, run_id: str, sweep_dir: Path) -> None:
     path = sweep_dir / "optimization_results.yaml"
     if not path.is_file():
@@ -244,11 +230,10 @@ def _log_optuna_result(client: mlflow.MlflowClient, run_id: str, sweep_dir: Path
 
 
 def _log_comparison(client: mlflow.MlflowClient, run_id: str, config: DictConfig) -> None:
-    """The children's table and loss/grad-norm plot, as artifacts of the parent (trainer.compare)."""
-    try:
-        from trainer import compare
-    except ImportError:
-        return
-    out = Path(config.hydra.sweep.dir) / "compare"
-    compare.main(["--uri", client.tracking_uri, "--experiment", config.tracking.experiment, "--parent", run_id,
-                  "--out", str(out), "--format", "markdown"])  # fmt: skip
+    """The children's table and loss/grad-norm plot as artifacts of the parent, and its best child (tags
+    best_run_id, best_overrides, metric best/objective): `trainer compare parent=<run id>`, in this process."""
+    from trainer import cli, compare
+
+    out = str(Path(config.hydra.sweep.dir) / "compare")
+    opts = compare.Options(uri=client.tracking_uri, parent=run_id, out=out, format="markdown")
+    cli.run(lambda: compare.compare(opts))

@@ -16,13 +16,19 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import checkpoint, lifecycle, losses
+from trainer.actions import build_callbacks
+from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpoints, NoCheckpoint
-from trainer.config import TRUST_KEY, TrainerError, build, check, named_targets, trusted_config
+from trainer.cli import notice_console
+from trainer.config import TRUST_KEY, TrainerError, build, check, named_targets, trusted_config, with_current_defaults
 from trainer.data import Dataset
-from trainer.fit import Result, console, fit
+from trainer.fit import Result, fit
 from trainer.loop import StepLoop
 from trainer.optim import build_optimizer
+from trainer.process import process_settings
 from trainer.tracking import QuietRun, Run, stored_through
+
+console = notice_console()
 
 
 def train(
@@ -30,23 +36,26 @@ def train(
     overrides: Sequence[str] = (),
     output_dir: str | Path | None = None,
     tags: dict[str, str] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> float:
-    """Train as `cfg` says and return the objective a sweeper minimises (final validation loss)."""
+    """Train as `cfg` says and return the objective a sweeper minimises (final validation loss).
+
+    `callbacks`: objects of your own, run after those of `trainer.callbacks` (actions.Callback)."""
     resume = checkpoint.find(cfg.resume, cfg.tracking.uri) if cfg.get("resume") else None
     if resume:
         cfg = _resumed_config(resume, overrides, cfg)
     check(cfg)
     t = cfg.trainer
+    callbacks = [*build_callbacks(t.get("callbacks") or ()), *callbacks]  # a bad one fails before TensorFlow starts
     strategy = _strategy(t)  # first: multi-worker and logical devices must precede any other TF work
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
-    keras.config.set_dtype_policy(t.precision)  # before the model is built; the loss stays float32
     keras.utils.set_random_seed(t.seed)
     data: Dataset = build(cfg.data)
     total_steps = _total_steps(t, data)
     output_dir = Path(output_dir or ".")
-    with _device(t.device):
+    with process_settings(t.precision) as stop, _device(t.device):  # process-wide state, restored on exit
         model, loop, optimizer = _build(cfg, data, strategy, total_steps)
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
@@ -66,7 +75,7 @@ def train(
                     checkpoints.save(0)  # a base to resume from, even for a run killed before its first save
                 if t.print_gradients and start == 0:
                     _report_gradients(loop, run)
-                result = fit(loop, data, run, t, total_steps, checkpoints, start)
+                result = fit(loop, data, run, t, total_steps, checkpoints, start, callbacks, stop)
                 if cfg.tracking.log_model and chief:  # retried whole while the store is locked
                     lifecycle.retry_busy(_log_model, model, run, output_dir, data.x_train[:2])
                 _summarize(result, run)
@@ -137,7 +146,8 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
             ignored.append(override)
     if ignored:
         console.print(f"[yellow]resume: the run's own config is used; ignoring {' '.join(ignored)}")
-    cfg = trusted_config(resume.config, named_targets(own), f"resume: {resume.directory / checkpoint.RUN_FILE}")
+    stored = with_current_defaults(resume.config)  # keys its run.json predates
+    cfg = trusted_config(stored, named_targets(own), f"resume: {resume.directory / checkpoint.RUN_FILE}")
     OmegaConf.update(cfg, "tracking.uri", resume.tracking_uri, merge=True)
     cfg[TRUST_KEY] = list(own.get(TRUST_KEY) or ())
     return cfg
@@ -259,16 +269,18 @@ def _log_model(model, run: Run, output_dir: Path, example: np.ndarray) -> None:
         tf.saved_model.save(model, str(path))
     run.log_artifact(path, "model")
     if isinstance(model, keras.Model):
-        from trainer.evaluate import log_model
+        from trainer.tracking.models import log_model
 
         log_model(model, "model", input_example=example)
 
 
 def _summarize(r: Result, run: Run) -> None:
     val = ", ".join(f"val {k} {v:.6g}" for k, v in r.val.items()) or "no validation split"
+    from rich.markup import escape
+
     console.print(
         f"[bold]done[/bold]: {r.steps} steps, final train loss {r.train_loss:.6g}, {val}, "
-        f"{r.steps_per_sec:,.0f} steps/s\nMLflow: {run.where}"
+        f"{r.steps_per_sec:,.0f} steps/s\nMLflow: {escape(run.where)}"
     )
 
 

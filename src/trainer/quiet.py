@@ -1,0 +1,75 @@
+"""What a user sees first: the trainer's own lines, not TensorFlow's, MLflow's or matplotlib's start-up chatter.
+
+`import tensorflow` wrote 5 lines to stderr here (TF 2.20, x86-64): absl's "All log messages before
+absl::InitializeLog()" preamble and oneDNN's notice, twice, plus cpu_feature_guard's two. They come from C++
+before absl's logging is set up, so `TF_CPP_MIN_LOG_LEVEL` does not hold them back (tried at 2 and 3; nor does
+`TF_ENABLE_ONEDNN_OPTS=1`): the import runs with file descriptor 2 pointed at a temporary file, and what it
+wrote is replayed except those INFO/WARNING lines. Errors (`E`/`F` lines, Python tracebacks, anything else)
+still reach the user. `TF_CPP_MIN_LOG_LEVEL` is set to 2 as well (unless the user set it), for the C++ INFO and
+WARNING lines that come later. MLflow's "Creating a new experiment" INFO line and matplotlib's font-cache
+notice are lowered the same way. `verbose=true` (or TRAINER_VERBOSE=1) leaves everything as the libraries print it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+VERBOSE_ENV = "TRAINER_VERBOSE"
+# absl's INFO/WARNING lines (I1126 12:00:00.000 or I0000 00:00:1795...), its preamble, and the second line of
+# cpu_feature_guard's notice: the start-up chatter of TensorFlow's C++ side.
+NOISE = re.compile(r"^([IW]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog|To enable the "
+                   r"following instructions: .* in other operations, rebuild TensorFlow)")  # fmt: skip
+QUIET_LOGGERS = {"mlflow.tracking.fluent": logging.WARNING, "alembic": logging.WARNING, "matplotlib": logging.ERROR}
+
+
+def verbose(requested: bool = False) -> bool:
+    return requested or os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def quiet_libraries(requested_verbose: bool = False) -> None:
+    """Before TensorFlow or MLflow is imported: their start-up INFO lines off, unless verbose."""
+    if verbose(requested_verbose):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def import_tensorflow(requested_verbose: bool = False):
+    """`import tensorflow`, its native start-up lines dropped unless verbose; the module."""
+    if verbose(requested_verbose) or "tensorflow" in sys.modules:
+        import tensorflow
+
+        return tensorflow
+    with _native_stderr_filtered():
+        import tensorflow
+    return tensorflow
+
+
+@contextmanager
+def _native_stderr_filtered() -> Iterator[None]:
+    """fd 2 into a temporary file for the block; then what it got, less NOISE, onto the real stderr."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr (a daemon): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [ln for ln in captured.read().decode(errors="replace").splitlines(True) if not NOISE.match(ln)]
+            if kept:
+                os.write(2, "".join(kept).encode())

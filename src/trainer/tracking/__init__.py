@@ -1,0 +1,49 @@
+"""MLflow tracking, one job per module:
+
+    run.py      one run: lifecycle (open, resume claim, status at the end), params, artifacts, tags; QuietRun
+    sink.py     the metric sink: chunks off the training thread, back-pressure, retries; Chunk, disk_full
+    writers.py  the two writers: MLflow's log_batch, and the SQL bulk insert
+    connect.py  reaching a store: the HTTP probe, the one-line reason a store cannot be opened
+    compat.py   the fence around MLflow's internals (the bulk writer's), checked once, public fallback
+    models.py   logging a trained model in MLflow's own format
+
+The names below are imported from their module on first use, so `from trainer.tracking import disk_full`
+costs no MLflow import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "Run": "run",
+    "QuietRun": "run",
+    "flatten": "run",
+    "Chunk": "sink",
+    "MetricSink": "sink",
+    "disk_full": "sink",
+    "LogBatchWriter": "writers",
+    "SqlBulkWriter": "writers",
+    "stored_through": "writers",
+    "probe": "connect",
+    "PROBE_TIMEOUT_S": "connect",
+    "log_model": "models",
+}
+__all__ = [  # noqa: RUF022  (grouped by module, as _HOMES)
+    "Run", "QuietRun", "flatten", "Chunk", "MetricSink", "disk_full", "LogBatchWriter", "SqlBulkWriter",
+    "stored_through", "probe", "PROBE_TIMEOUT_S", "log_model",
+]  # fmt: skip
+
+if TYPE_CHECKING:
+    from trainer.tracking.connect import PROBE_TIMEOUT_S, probe
+    from trainer.tracking.models import log_model
+    from trainer.tracking.run import QuietRun, Run, flatten
+    from trainer.tracking.sink import Chunk, MetricSink, disk_full
+    from trainer.tracking.writers import LogBatchWriter, SqlBulkWriter, stored_through
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'trainer.tracking' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"trainer.tracking.{_HOMES[name]}"), name)

@@ -1,0 +1,63 @@
+"""Reaching a tracking store: fail in seconds on a dead server, and say in one line why a store cannot be opened."""
+
+from __future__ import annotations
+
+import contextlib
+
+from mlflow.tracking import MlflowClient
+
+from trainer.config import TrainerError, first_line
+from trainer.tracking import compat
+
+PROBE_TIMEOUT_S = 3.0  # one request, no retries: a server that is there answers /health in milliseconds
+
+
+def probe(uri: str) -> None:
+    """An http(s) tracking URI: fail in seconds, naming it, when no server answers there.
+
+    MLflow's client retries a refused connection with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by
+    default): `tracking.uri=http://127.0.0.1:1` took 257 s before its error. One request through MLflow's
+    own HTTP layer (so its TLS and auth settings apply), without retries; any HTTP answer, even an error
+    status, means a server is there and MLflow's own calls take over from here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    request = compat.http_probe()
+    if request is None:  # MLflow's HTTP layer changed shape: its own retries find a dead server
+        return
+    import requests
+
+    try:
+        request(uri, PROBE_TIMEOUT_S)
+    except Exception as e:
+        chain = [e]
+        while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+            chain.append(nxt)
+        if not any(isinstance(x, requests.exceptions.RequestException) for x in chain):
+            return  # not the network (e.g. a credentials setting): MLflow's own call says what it is
+        raise TrainerError(f"tracking.uri={uri!r}: no MLflow server answers ({_network_reason(e)})") from e
+
+
+def _network_reason(error: BaseException) -> str:
+    """`[Errno 111] Connection refused` deep in urllib3's wording -> `Connection refused`."""
+    import re
+
+    text = str(error)
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")]+)", text):
+        return found.group(1).strip()
+    if "timed out" in text.lower():
+        return f"no answer within {PROBE_TIMEOUT_S:g} s"
+    return first_line(error)[:300]
+
+
+def open_error(uri: str, experiment: str, error: BaseException) -> str:
+    """Opening the run failed: blame the experiment when it is the deleted one, else the store."""
+    from mlflow.entities import LifecycleStage
+
+    with contextlib.suppress(Exception):
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == LifecycleStage.DELETED:
+            return (f"tracking.experiment={experiment!r} is deleted in {uri}: restore it with "
+                    f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {found.experiment_id}` "
+                    "or choose another tracking.experiment")  # fmt: skip
+    return f"tracking.uri={uri!r}: cannot open the MLflow store ({first_line(error)})"

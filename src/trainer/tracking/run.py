@@ -1,0 +1,244 @@
+"""One MLflow run: its lifecycle (open, claim on resume, close with the right status), params, artifacts, tags.
+
+Metrics go through the run's sink (sink.py). `QuietRun` stands in on workers that are not the chief.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import lifecycle
+from trainer.config import TrainerError, first_line
+from trainer.lifecycle import retry_busy
+from trainer.store import index_for_charts
+from trainer.tracking.connect import open_error, probe
+from trainer.tracking.sink import Chunk, MetricSink
+from trainer.tracking.writers import SqlBulkWriter
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"optimizer.lr": "0.001", ...}: MLflow params, one per leaf."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class Run:
+    """One MLflow run: params and artifacts at the start, metrics through a sink, status at the end.
+
+    Used as a context manager so the status is right however training ends: FINISHED, FAILED (with the
+    error in the `error` tag) or KILLED on Ctrl-C, and the sink is flushed before the status is set.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        overrides: Sequence[str] = (),
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+    ):
+        self.cfg, self.overrides = cfg, list(overrides)
+        self.tags = {**lifecycle.process_tags(), **(tags or {})}  # who trains it: a kill is found out later
+        self.sink: MetricSink | None = None
+        self.run_id, self.resumed = run_id or "", run_id is not None
+        self.lost_before = 0  # metric points a resumed run had already lost (tag metric_points_lost)
+        self.previous_error = ""
+
+    def __enter__(self) -> Run:
+        t = self.cfg.tracking
+        if t.uri:
+            mlflow.set_tracking_uri(t.uri)
+        self.uri = mlflow.get_tracking_uri()
+        probe(self.uri)  # before MLflow's own client, which retries a dead server for minutes
+        try:
+            lifecycle.prepare_store(self.uri, lifecycle.use_wal, index_for_charts)  # WAL: readers never block
+            # writes; the index: the MLflow UI's charts of long runs (trainer/store.py)
+        except Exception as e:
+            raise TrainerError(open_error(self.uri, t.experiment, e)) from e
+        if self.resumed:
+            self._claim()
+        try:
+            if self.resumed:  # the same run goes on: params and artifacts are already there
+                run = retry_busy(mlflow.start_run, run_id=self.run_id, tags=self.tags)
+            else:
+                retry_busy(mlflow.set_experiment, t.experiment)
+                tags = {"overrides": " ".join(self.overrides), **self.tags}
+                run = retry_busy(mlflow.start_run, run_name=self._name(), tags=tags)
+        except Exception as e:
+            raise TrainerError(open_error(self.uri, t.experiment, e)) from e
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        self.client = MlflowClient(self.uri)
+        if self.resumed:
+            self._forget_failure()
+        with contextlib.suppress(Exception):  # housekeeping: never a reason not to train
+            lifecycle.reap_dead_runs(self.client, skip=self.run_id)
+        if not self.resumed:
+            retry_busy(mlflow.log_params, flatten(OmegaConf.to_container(self.cfg, resolve=True)))
+            retry_busy(mlflow.log_text, OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+            retry_busy(mlflow.log_text, OmegaConf.to_yaml(OmegaConf.create(self.overrides)), "overrides.yaml")
+        thinning = {k: t.get(k) for k in ("per_variable_every", "per_variable_after") if t.get(k) is not None}
+        self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks, **thinning)  # absent: a
+        # run resumed from a config written before these keys logs on as it began, every step
+        return self
+
+    def _claim(self) -> None:
+        """A resume takes over a run only if no live process trains it; one that died is closed first."""
+        client = MlflowClient(self.uri)
+        try:
+            info = retry_busy(client.get_run, self.run_id)
+        except Exception as e:
+            raise TrainerError(f"resume: run {self.run_id} is not in {self.uri} ({first_line(e)})") from e
+        tags = info.data.tags
+        if info.info.status == "RUNNING":
+            alive = lifecycle.owner_alive(tags)
+            if alive:
+                raise TrainerError(f"resume: run {self.run_id} is still being trained by process "
+                                   f"{tags.get(lifecycle.PID_TAG)} on this host; stop it first")  # fmt: skip
+            if alive is False:
+                lifecycle.mark_died(client, self.run_id, tags)
+                lifecycle.say(f"resume: the process that trained run {self.run_id} had died; it goes on from here")
+                tags = retry_busy(client.get_run, self.run_id).data.tags
+        self.lost_before = int(tags.get("metric_points_lost", "0") or 0)
+        self.previous_error = tags.get("error", "")
+
+    def _forget_failure(self) -> None:
+        """The resumed run is alive again: its last failure moves to tag `previous_error`."""
+        if not self.previous_error:
+            return
+        retry_busy(self.client.set_tag, self.run_id, "previous_error", self.previous_error)
+        for key in ("error", lifecycle.DIED_TAG):
+            with contextlib.suppress(Exception):  # absent tags raise
+                self.client.delete_tag(self.run_id, key)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        lost = 0
+        if self.sink is not None:
+            self.sink.close()
+            lost = self._report_delivery()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            status = RunStatus.KILLED
+        elif exc_type is None and not lost:
+            status = RunStatus.FINISHED
+        else:  # an error, or points the store never took: a run with a hole in its history is not finished
+            status = RunStatus.FAILED
+            with contextlib.suppress(Exception):
+                retry_busy(mlflow.set_tag, "error", (first_line(exc) if exc else self._lost_message(lost))[:5000])
+        name = RunStatus.to_string(status)
+        try:
+            retry_busy(self.client.set_terminated, self.run_id, name)
+        except Exception as e:  # the store is away or full: the next trainer run closes it (trainer.died)
+            logging.getLogger(__name__).warning("could not mark run %s %s: %s", self.run_id, name, first_line(e))
+        with contextlib.suppress(Exception):
+            mlflow.end_run(name)  # leaves the fluent API's stack (it pops before it writes)
+        if exc_type is None and lost:
+            raise TrainerError(self._lost_message(lost))
+
+    def _lost_message(self, lost: int) -> str:
+        return (f"{lost} metric points could not be written to {self.uri} ({first_line(self.sink.error)}); "
+                "the run is marked FAILED; once the store works again, resume it: the steps are redone from the "
+                "last checkpoint whose history is complete")  # fmt: skip
+
+    def _report_delivery(self) -> int:
+        """Never silent: points the store did not take are counted on the console and, if possible, a tag
+        (added to what an earlier attempt of a resumed run lost, never overwriting it)."""
+        lost = self.sink.points_lost
+        if not lost:
+            return 0
+        logging.getLogger(__name__).warning(
+            "%d metric points could not be delivered to %s (last error: %s)", lost, self.uri,
+            first_line(self.sink.error),
+        )  # fmt: skip
+        with contextlib.suppress(Exception):  # the store may be the thing that is away
+            mlflow.set_tag("metric_points_lost", str(self.lost_before + lost))
+        return lost
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """A handful of values at one step (validation, summaries): through the sink, so in step order."""
+        now = time.time()
+        self.sink.submit(Chunk(step, dict(metrics), t_start=now, t_end=now, per_step=False))
+
+    def _name(self) -> str:
+        """The configured name; else the overrides, which tell a sweep's runs apart in the UI's lists.
+
+        (MLflow's own random names would all be the same here: set_random_seed seeds Python's `random`.)
+        """
+        ignore = ("tracking.", "hydra.", "resume=")
+        shown = [o for o in self.overrides if not o.startswith(ignore)]
+        return self.cfg.tracking.run_name or " ".join(shown)[:250] or time.strftime("run-%Y%m%d-%H%M%S")
+
+    def resume_at(self, step: int, finished: bool = False) -> None:
+        """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice;
+        `finished`: the checkpoint is the run's last step, whose summary is written again."""
+        self.set_tag("resumed_at_step", str(step))
+        if isinstance(self.sink.writer, SqlBulkWriter):
+            retry_busy(self.sink.writer.delete_after, step, finished)
+        else:
+            logging.getLogger(__name__).warning(
+                "resume: %s cannot delete metric points; steps after %d logged before the stop may appear twice",
+                self.uri, step,
+            )  # fmt: skip
+
+    def set_tag(self, key: str, value: str) -> None:
+        retry_busy(mlflow.set_tag, key, value)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        retry_busy(mlflow.log_artifact, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        retry_busy(mlflow.log_text, text, name)
+
+    @property
+    def where(self) -> str:
+        """A line telling the user where to look at this run."""
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"run {self.run_id} in {self.uri} (view: mlflow ui --backend-store-uri {self.uri})"
+
+
+class QuietRun:
+    """Stands in for `Run` on a worker that is not the chief: it trains in step with the others and
+    logs nothing, so one MLflow run holds the metrics of a multi-worker job (the chief's)."""
+
+    run_id, uri, where = "", "", "not logged here: this worker is not the chief"
+
+    def __init__(self) -> None:
+        self.sink = _NoSink()
+
+    def __enter__(self) -> QuietRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log(self, *args, **kwargs) -> None: ...
+
+    def set_tag(self, *args, **kwargs) -> None: ...
+
+    def resume_at(self, *args, **kwargs) -> None: ...
+
+    def log_artifact(self, *args, **kwargs) -> None: ...
+
+    def log_text(self, *args, **kwargs) -> None: ...
+
+
+class _NoSink:
+    latest: dict[str, float] = {}
+
+    def submit(self, chunk: Chunk) -> None: ...
+
+    def barrier(self, step: int) -> None: ...
