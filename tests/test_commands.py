@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import CLI_TIMEOUT_S, REPO_ROOT, compose_config, new_store, run_cli
-from trainer import cli, compare, evaluate, quiet
+from trainer import cli, compare, evaluate, startup
 from trainer.config import TRUST_KEY
 
 PIPED = {"COLUMNS": "80"}  # what rich assumes for a pipe without COLUMNS: its wrap width
@@ -144,7 +144,7 @@ def test_first_contact_is_the_trainers_own_lines_and_verbose_brings_the_rest_bac
     loud = run_cli(["trainer.max_steps=2", "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/new.db",
                     "trainer.progress=false", "verbose=true"], tmp_path, env=PIPED)  # fmt: skip
     assert loud.returncode == 0, loud.stderr[-3000:]
-    assert any(quiet.NOISE.match(line) for line in loud.stderr.splitlines()), loud.stderr[:3000]
+    assert any(startup.NOISE.match(line) for line in loud.stderr.splitlines()), loud.stderr[:3000]
     assert "INFO mlflow.tracking.fluent: Experiment with name 'tape-trainer' does not exist" in loud.stderr
 
 
@@ -181,3 +181,13 @@ def test_optuna_sweep_logs_without_colour_codes(tmp_path, mlflow_template):
     assert proc.returncode == 0, proc.stderr[-3000:]
     both = clean(proc)
     assert re.search(r"^\[I [-\d: ,]+\] A new study created", both, flags=re.M), both[-3000:]
+
+
+def test_tensorflow_imported_by_the_trainer_leaves_scikit_learn_importable():
+    """startup.import_tensorflow hides scikit-learn from `import tensorflow` alone (Keras' optional wrappers: 0.75 s
+    of the import); user code imports it as usual afterwards, and TensorFlow works."""
+    code = ("from trainer import startup; tf = startup.import_tensorflow(); import sklearn.datasets as d; "
+            "x, y = d.load_diabetes(return_X_y=True); print(x.shape, float(tf.reduce_sum(tf.ones([3]))))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "(442, 10) 3.0" and not any(map(startup.NOISE.match, proc.stderr.splitlines()))

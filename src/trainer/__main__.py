@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer import cli, compat, quiet
+from trainer import cli, compat, startup
 from trainer.config import TrainerError, causes, check, conf_dir, first_line, register
 
 if TYPE_CHECKING:
@@ -116,8 +116,7 @@ def _train_main(cfg: DictConfig) -> float | FailedJob:
 
 def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
     check(cfg)  # range errors too fail before TensorFlow is imported
-    quiet.quiet_libraries(cfg.verbose)
-    quiet.import_tensorflow(cfg.verbose)  # its C++ start-up lines dropped, unless verbose
+    startup.before_training(cfg)  # quiet libraries, the store opened, TensorFlow imported (its chatter dropped)
 
     from trainer.fit import Interrupted
     from trainer.train import train

@@ -361,7 +361,7 @@ class Config:
     # `_target_`s a resumed run's run.json may build beyond the built-ins and what your own config names:
     # exact names or patterns (my_models.*). Run data is never trusted by itself (see trusted_config).
     trusted_targets: list[str] = MISSING
-    verbose: bool = MISSING  # the libraries' start-up lines as they print them (trainer/quiet.py)
+    verbose: bool = MISSING  # the libraries' start-up lines as they print them (trainer/startup.py)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

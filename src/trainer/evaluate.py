@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer import cli, quiet
+from trainer import cli, startup
 from trainer.config import TrainerError, build, first_line, is_trusted, targets, trusted_config
 from trainer.objective import FALLBACK, PRIMARY
 from trainer.tracking.models import log_model  # noqa: F401  (tests and scripts log a model as trainer.evaluate did)
@@ -324,8 +324,8 @@ def _evaluate(opts: Options, overrides: list[str]) -> None:
         raise TrainerError(f"run_id={opts.run_id} and run_name={opts.run_name}: the run is already picked; give one")
     if not (opts.run_id or opts.run_name):
         raise TrainerError("say which run: run_id=<id> or run_name=<name> (trainer evaluate --help)")
-    quiet.quiet_libraries(opts.verbose)
-    quiet.import_tensorflow(opts.verbose)  # the model's loading imports it: its C++ start-up lines dropped
+    startup.quiet_libraries(opts.verbose)
+    startup.import_tensorflow(opts.verbose)  # the model's loading imports it: its C++ start-up lines dropped
     report = evaluate(opts.run_id, opts.run_name, overrides, opts.uri, opts.experiment, opts.trusted_targets)
     if opts.format == "json":
         print(json.dumps({k: _jsonable(v) for k, v in report.items()}, indent=2))

@@ -20,6 +20,7 @@ _HOMES = {
     "Run": "run",
     "QuietRun": "run",
     "flatten": "run",
+    "open_store": "run",
     "Chunk": "sink",
     "MetricSink": "sink",
     "disk_full": "sink",
@@ -31,14 +32,14 @@ _HOMES = {
     "log_model": "models",
 }
 __all__ = [  # noqa: RUF022  (grouped by module, as _HOMES)
-    "Run", "QuietRun", "flatten", "Chunk", "MetricSink", "disk_full", "LogBatchWriter", "SqlBulkWriter",
+    "Run", "QuietRun", "flatten", "open_store", "Chunk", "MetricSink", "disk_full", "LogBatchWriter", "SqlBulkWriter",
     "stored_through", "probe", "PROBE_TIMEOUT_S", "log_model",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from trainer.tracking.connect import PROBE_TIMEOUT_S, probe
     from trainer.tracking.models import log_model
-    from trainer.tracking.run import QuietRun, Run, flatten
+    from trainer.tracking.run import QuietRun, Run, flatten, open_store
     from trainer.tracking.sink import Chunk, MetricSink, disk_full
     from trainer.tracking.writers import LogBatchWriter, SqlBulkWriter, stored_through
 
