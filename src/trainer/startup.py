@@ -12,7 +12,8 @@ are lowered too. `verbose=true` (or TRAINER_VERBOSE=1) leaves everything as the 
 Fast. Measured on this 2-core VM (`python scripts/bench`'s start-up column, and a timeline of one launch):
 - The store is opened before TensorFlow is imported (tracking.open_store): the same SQLAlchemy set-up and
   MLflow run-context work cost ~0.3 s more after it, when every first isinstance() against an ABC walks
-  TensorFlow's thousands of classes.
+  TensorFlow's thousands of classes. A server is probed there too (a dead one fails before TensorFlow starts);
+  a SQLite store that does not exist yet is left to the run, so a run refused for its data makes no file.
 - Keras' scikit-learn wrappers (keras.wrappers, imported by `import tensorflow` whenever scikit-learn is
   installed, as it is beside MLflow) cost 0.75 s of the import; the trainer does not use them, so scikit-learn
   is hidden from that import alone. It imports normally afterwards (`import sklearn` works in user code); only
@@ -68,9 +69,13 @@ def before_training(cfg) -> None:
     quiet_libraries(cfg.verbose)
     import mlflow
 
+    from trainer.lifecycle import sqlite_path
     from trainer.tracking import open_store
 
-    open_store(cfg.tracking.uri or mlflow.get_tracking_uri(), cfg.tracking.experiment)
+    uri = cfg.tracking.uri or mlflow.get_tracking_uri()
+    path = sqlite_path(uri)
+    if path is None or path.is_file():  # a new SQLite file is made by the run itself, once the data has loaded:
+        open_store(uri, cfg.tracking.experiment)  # a bad data file leaves no empty store behind
     import_tensorflow(cfg.verbose)
 
 
