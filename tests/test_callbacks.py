@@ -214,8 +214,12 @@ def test_restore_best_decides_the_final_weights_and_val_has_one_point_per_step(t
         ("[{_target_:collections.OrderedDict}]", "trainer.callbacks[0]._target_='collections.OrderedDict' is not "
          "a callback: it has no on_train_begin, on_chunk_end, on_train_end; subclass trainer.callbacks.Callback",
          False),
+        ("[{_target_:my_callbacks.MeanLoss,every:-5}]", "trainer.callbacks[0].every=-5 is invalid: expected an "
+         "integer >= 1, or null for wherever chunks end", False),  # it made chunks of no steps: a spin forever
+        ("[{_target_:my_callbacks.MeanLoss,every:0}]", "trainer.callbacks[0].every=0 is invalid: expected an "
+         "integer >= 1, or null for wherever chunks end", False),
     ],
-    ids=["no_module", "no_class", "not_a_node", "not_a_callback"],
+    ids=["no_module", "no_class", "not_a_node", "not_a_callback", "every_negative", "every_zero"],
 )  # fmt: skip
 def test_a_bad_callback_is_one_line(tmp_path, run_cli, mlflow_template, value, message, before_tf):
     proc = run_cli([*TAPE, f"trainer.callbacks={value}", f"tracking.uri={new_store(tmp_path, mlflow_template)}"],

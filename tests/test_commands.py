@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +87,7 @@ VALID_COMPARE = "uri=, experiment=, parent=, latest_sweep=, objective=, format=,
          "error: unknown option '--latest-sweep': trainer compare takes key=value; use latest_sweep=true"),
         (["compare", "out=a,b"], "error: 'out=a,b': trainer compare takes one value per key, not a sweep"),
         (["compare", "uri=sqlite:///absent.db"],
-         "error: no MLflow store at sqlite:///absent.db (set uri=... or MLFLOW_TRACKING_URI)"),
+         "error: no MLflow store at sqlite:///absent.db (no such file): set uri=... or MLFLOW_TRACKING_URI"),
         (["evaluate", "--json", "run_id=x"],
          "error: unknown option '--json': trainer evaluate takes key=value; use format=json"),
         (["evaluate", "data.seed=1"], "error: say which run: run_id=<id> or run_name=<name> (trainer evaluate --help)"),
@@ -191,3 +193,37 @@ def test_tensorflow_imported_by_the_trainer_leaves_scikit_learn_importable():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "(442, 10) 3.0" and not any(map(startup.NOISE.match, proc.stderr.splitlines()))
+
+
+# --- reading commands never write ---------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["compare", "evaluate run_id=abc"])
+def test_reading_commands_refuse_a_foreign_sqlite_file_and_leave_it_as_it_was(tmp_path, command):
+    """Opening it through MLflow wrote MLflow's 30 tables into another program's database (and a mistyped path
+    became an empty store); the reading commands now check first and say so."""
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE foo (x)")
+    before = db.read_bytes()
+    proc = run_cli([*command.split(), f"uri=sqlite:///{db}"], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: no MLflow store at sqlite:///{db} (the file holds no "
+                                                     "MLflow tables): set uri=... or MLFLOW_TRACKING_URI")  # fmt: skip
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["compare", "evaluate run_id=abc"])
+def test_reading_commands_fail_in_seconds_on_a_dead_server(tmp_path, command):
+    """MLflow's own retries took ~4 minutes, and evaluate then blamed the run ("no run 'abc'")."""
+    started = time.monotonic()
+    proc = run_cli([*command.split(), "uri=http://127.0.0.1:9"], tmp_path)
+    assert time.monotonic() - started < 60 and proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: tracking.uri='http://127.0.0.1:9': no MLflow server answers (Connection refused)"
+    )
+
+
+def test_compare_refuses_an_objective_no_run_logged(trained):
+    proc = run_cli(["compare", f"uri={trained.uri}", "objective=foo/bar"], trained.cwd)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: objective=foo/bar: no run here logged a finite foo/bar"
+    )

@@ -54,6 +54,10 @@ def build_callbacks(nodes: Sequence[DictConfig]) -> list[Callback]:
                 f"trainer.callbacks[{i}]._target_={node._target_!r} is not a callback: it has no "
                 f"{', '.join(missing)}; subclass trainer.callbacks.Callback"
             )
+        every = getattr(callback, "every", None)
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise TrainerError(f"trainer.callbacks[{i}].every={every!r} is invalid: expected an integer >= 1, "
+                               "or null for wherever chunks end")  # fmt: skip
         built.append(callback)
     return built
 

@@ -149,7 +149,7 @@ def parse_override(command: str, arg: str, keys: dict[str, dataclasses.Field] | 
 def _flag_hint(command: str, arg: str, keys: dict[str, dataclasses.Field]) -> str:
     """The flags of the argparse CLI this replaces, pointed at their key=value spelling."""
     name = arg.lstrip("-").partition("=")[0].replace("-", "_")
-    if name == "json" and "format" in keys:
+    if name == "json" and "json" in keys.get("format", dataclasses.field()).metadata.get("choices", ()):
         return f"unknown option {arg!r}: trainer {command} takes key=value; use format=json"
     if name in keys:
         example = f"{name}=true" if keys[name].type in ("bool", bool) else f"{name}=..."

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from trainer import cli
 from trainer.config import TrainerError
 from trainer.objective import FALLBACK, PRIMARY, best_run, objective_key
+from trainer.tracking.connect import check_readable
 
 PLOT_SIZE_IN, PLOT_DPI = (12.0, 4.5), 100  # -> exactly 1200 x 450 px: predictable for reports and tests
 COLUMNS = ("run", "overrides", "status", "final_train_loss", "objective", "best_step", "steps_per_sec", "points")
@@ -291,12 +292,15 @@ def compare(opts: Options) -> None:
     if opts.parent and opts.latest_sweep:
         raise TrainerError(f"parent={opts.parent} and latest_sweep=true both pick the runs: give one")
     uri = opts.uri or mlflow.get_tracking_uri()
-    _check_store(uri)
+    check_readable(uri)  # a server answers, a SQLite file is MLflow's: nothing is made or migrated
     client = MlflowClient(uri)
     experiment = opts.experiment or cli.default_experiment()
     runs, parent = select_runs(client, experiment, opts.parent, opts.latest_sweep)
     best = log_best(client, parent.info.run_id, runs) if parent else None  # first: it needs no plot
     rows = summarize(client, runs, opts.objective)
+    if rows and opts.objective != PRIMARY and all(r.objective is None for r in rows):
+        raise TrainerError(f"objective={opts.objective}: no run here logged a finite {opts.objective} (e.g. "
+                           f"{PRIMARY}, {FALLBACK}, train/loss, val/accuracy)")  # fmt: skip
     files = write_outputs(rows, Path(opts.out), opts.objective)
     for path in files if parent else ():
         client.log_artifact(parent.info.run_id, str(path))
@@ -305,13 +309,6 @@ def compare(opts: Options) -> None:
     if parent is not None:
         tail = f"; best {best.info.run_name} ({best.info.run_id})" if best else ""
         print(f"logged to sweep run {parent.info.run_id}{tail}", file=sys.stderr)
-
-
-def _check_store(uri: str) -> None:
-    """MLflow would silently create an empty SQLite store at a mistyped path; say it is not there instead."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and ":memory:" not in uri and not Path(uri[len(prefix) :]).is_file():
-        raise TrainerError(f"no MLflow store at {uri} (set uri=... or MLFLOW_TRACKING_URI)")
 
 
 def _print(rows: Sequence[Row], fmt: str, objective: str) -> None:

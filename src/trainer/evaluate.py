@@ -43,6 +43,7 @@ from omegaconf.errors import OmegaConfBaseException
 from trainer import cli, startup
 from trainer.config import TrainerError, build, first_line, is_trusted, targets, trusted_config
 from trainer.objective import FALLBACK, PRIMARY
+from trainer.tracking.connect import check_readable
 from trainer.tracking.models import log_model  # noqa: F401  (tests and scripts log a model as trainer.evaluate did)
 
 BUILT = ("data", "loss")  # the config nodes evaluate instantiates; the model comes from its .keras file
@@ -246,6 +247,7 @@ def evaluate(
     rebuilt from its config plus `overrides`; a JSON-ready report. The config builds only what
     `trusted_config` lets through: built-ins, targets the overrides name, and `trusted_targets`."""
     uri = uri or mlflow.get_tracking_uri()
+    check_readable(uri)  # a server answers, a SQLite file is MLflow's: nothing is made or migrated
     client = MlflowClient(uri)
     run = find_run(client, run_id, run_name, experiment or cli.default_experiment())
     trusted = [*trusted_targets, *named_by(overrides)]

@@ -28,16 +28,17 @@ _HOMES = {
     "SqlBulkWriter": "writers",
     "stored_through": "writers",
     "probe": "connect",
+    "check_readable": "connect",
     "PROBE_TIMEOUT_S": "connect",
     "log_model": "models",
 }
 __all__ = [  # noqa: RUF022  (grouped by module, as _HOMES)
     "Run", "QuietRun", "flatten", "open_store", "Chunk", "MetricSink", "disk_full", "LogBatchWriter", "SqlBulkWriter",
-    "stored_through", "probe", "PROBE_TIMEOUT_S", "log_model",
+    "stored_through", "probe", "check_readable", "PROBE_TIMEOUT_S", "log_model",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from trainer.tracking.connect import PROBE_TIMEOUT_S, probe
+    from trainer.tracking.connect import PROBE_TIMEOUT_S, check_readable, probe
     from trainer.tracking.models import log_model
     from trainer.tracking.run import QuietRun, Run, flatten, open_store
     from trainer.tracking.sink import Chunk, MetricSink, disk_full

@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 
 from mlflow.tracking import MlflowClient
 
+from trainer import lifecycle
 from trainer.config import TrainerError, first_line
 from trainer.tracking import compat
 
 PROBE_TIMEOUT_S = 3.0  # one request, no retries: a server that is there answers /health in milliseconds
+
+
+def check_readable(uri: str) -> None:
+    """For the commands that only read a store (compare, evaluate): a server answers, or a SQLite file exists and
+    holds MLflow's tables. Opening a SQLite path through MLflow makes or migrates its schema: a mistyped path
+    became an empty store, and another program's database got MLflow's 30 tables written into it."""
+    probe(uri)
+    path = lifecycle.sqlite_path(uri)
+    if path is None or ":memory:" in uri:
+        return
+    tables: set[str] = set()
+    if path.is_file():
+        with (
+            contextlib.suppress(sqlite3.Error),
+            contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db,
+        ):
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"alembic_version", "experiments", "runs"} <= tables:
+        what = "no such file" if not path.is_file() else "the file holds no MLflow tables"
+        raise TrainerError(f"no MLflow store at {uri} ({what}): set uri=... or MLFLOW_TRACKING_URI")
 
 
 def probe(uri: str) -> None:
