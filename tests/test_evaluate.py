@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, new_store
 from trainer import evaluate as ev
-from trainer.config import build
+from trainer.config import TrainerError, build
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["data.n_samples=256", "trainer.max_steps=30", "trainer.progress=false", "model.hidden=[8]"]
@@ -157,3 +157,20 @@ def test_logged_model_loads_in_a_fresh_process_without_importing_trainer(store, 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(np.load(store.tmp / "x.npy"), np.asarray(model(x, training=False)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.n_samples=-5", "data.n_samples=-5 is invalid: expected an integer >= 2"),
+        ("data.seed=abc", "data.seed: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("~data.seed", "data.seed must be set (e.g. data.seed=...)"),
+        ("+data.bogus=1", "data.bogus: Key 'bogus' not in 'RegressionData'"),
+    ],
+)
+def test_overrides_are_checked_as_training_checks_them(store, override, message):
+    """The run's config with your overrides meets the option's schema, as a composed config does: before, the
+    builder's own words ("negative dimensions are not allowed", "SeedSequence expects int") named no key."""
+    with pytest.raises(TrainerError) as raised:
+        ev.evaluate(run_id=store.regression_id, uri=store.uri, overrides=[override])
+    assert str(raised.value) == message

@@ -547,6 +547,37 @@ def option(group: str, name: str) -> DictConfig:
     return node
 
 
+def check_option(group: str, node: DictConfig) -> None:
+    """A built-in option's values from elsewhere than composition (a logged config with `trainer evaluate`'s
+    overrides applied) checked as training checks them: the schema of the option whose `_target_` it has, so a
+    wrong type, a deleted key or a value out of range is the same one line (`data.n_samples=-5 is invalid: ...`).
+    A `_target_` that no built-in option has (the user's own) is the user's to check."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = _schema_of(group, node.get("_target_"))
+    if schema is None:
+        return
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))  # types, then __post_init__
+    except OmegaConfBaseException as e:
+        key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
+        if "missing mandatory value" in str(e).lower():
+            raise TrainerError(f"{key} must be set (e.g. {key}=...)") from None
+        raise TrainerError(f"{key}: {first_line(e)}") from None
+
+
+def _schema_of(group: str, target: Any) -> type | None:
+    """The schema named in the defaults list of the conf/<group>/ option whose _target_ is `target`."""
+    for path in sorted((conf_dir() / group).glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        if raw.get("_target_") != target:
+            continue
+        for entry in raw.get("defaults") or []:
+            if isinstance(entry, str) and entry.startswith(f"/schema/{group}/"):
+                return SCHEMAS[group].get(entry.removeprefix(f"/schema/{group}/").partition("@")[0])
+    return None
+
+
 def with_current_defaults(stored: DictConfig) -> DictConfig:
     """A run's stored config, with the trainer keys it lacks (its run.json predates them) from conf/trainer/.
 

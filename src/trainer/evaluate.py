@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer import cli, startup
-from trainer.config import TrainerError, build, first_line, is_trusted, targets, trusted_config
+from trainer.config import TrainerError, build, check_option, first_line, is_trusted, targets, trusted_config
 from trainer.objective import FALLBACK, PRIMARY
 from trainer.tracking.connect import check_readable
 from trainer.tracking.models import log_model  # noqa: F401  (tests and scripts log a model as trainer.evaluate did)
@@ -257,6 +257,8 @@ def evaluate(
         model_target = OmegaConf.select(logged, "model._target_", default=None, throw_on_resolution_failure=False)
         trusted_model = isinstance(model_target, str) and is_trusted(model_target, trusted)
         model, source = load_run_model(client, run, uri, Path(tmp), model_target if trusted_model else None)
+    for group in BUILT:  # the run's config with your overrides, checked as training checks its own
+        check_option(group, cfg[group])
     data = build(cfg.data)
     loss_fn = build(cfg.loss)
     split = "validation" if data.x_val is not None else "train"
