@@ -16,8 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from trainer.actions import EarlyStopper
 from trainer.config import TrainerError, register
-from trainer.fit import EarlyStopper
 from trainer.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

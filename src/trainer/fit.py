@@ -33,7 +33,7 @@ from trainer.loop import StepLoop
 from trainer.process import StopFlag
 from trainer.tracking import Run
 
-__all__ = ["EarlyStopper", "Interrupted", "Result", "console", "fit"]  # EarlyStopper, console: their old home
+__all__ = ["Interrupted", "Result", "fit"]
 
 FIRST_CHUNKS = 10  # auto: the first two calls run this many steps; the second one is timed
 MULTI_WORKER_STEPS_PER_LOOP = 100

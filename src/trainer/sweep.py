@@ -98,9 +98,11 @@ def job_identity(sweep_dir: str | Path, job_num: int, overrides: Sequence[str]) 
 def first_line(error: BaseException) -> str:
     """An error as one line: a TrainerError's message, anything else with its type."""
     from trainer.config import TrainerError
+    from trainer.config import first_line as line
 
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text if isinstance(error, TrainerError) and text else f"{type(error).__name__}: {text}".rstrip(": ")
+    if isinstance(error, TrainerError) or not str(error).strip():
+        return line(error)  # the message (or, for an empty one, the type's name)
+    return f"{type(error).__name__}: {line(error)}"
 
 
 def record_failed_job(
