@@ -58,8 +58,18 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 def option_kwargs(group: str, name: str, **changes: Any) -> dict[str, Any]:
     """The keyword arguments Hydra gives the builder of conf/<group>/<name>.yaml (the one home of its
     defaults; the builders have none), with `changes`: for tests that call a builder directly."""
-    values = OmegaConf.to_container(trainer.config.option(group, name))
-    return {**{k: v for k, v in values.items() if not k.startswith("_")}, **changes}
+    node = trainer.config.option(group, name)
+    if group == "data":  # the shared settings first (conf/data_defaults.yaml), as its defaults list says
+        node = OmegaConf.merge(OmegaConf.load(trainer.config.conf_dir() / "data_defaults.yaml"), node)
+    values = {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
+    if group == "data":  # the keys its function takes, as trainer.data.prepare.load passes them
+        from hydra.utils import get_method
+
+        from trainer.data.prepare import _accepted
+
+        accepted = _accepted(get_method(node._target_))
+        values = {k: v for k, v in values.items() if accepted is None or k in accepted}
+    return {**values, **changes}
 
 
 def run_cli(
@@ -140,3 +150,45 @@ def compose_cfg(tracking_uri: str) -> Callable[..., DictConfig]:
 def run_cli_fixture() -> Callable[..., subprocess.CompletedProcess[str]]:
     """run_cli(args, cwd, env=None, python_flags=()) -> CompletedProcess (text, ~120 s timeout)."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict:
+    """load_digits (1,797 8x8 images, values 0..16) as uint8 pixels 0..255, written in every format.
+
+    The PNG folder orders examples class by class, files sorted: every other format is written in that order.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    d = load_digits()
+    pixels = (d.images * 255 / 16).round().astype(np.uint8)
+    order = np.lexsort((np.arange(len(d.target)), d.target))  # class by class, then the file names below
+    x, y = pixels[order], d.target[order].astype(np.int64)
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / "png" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{i:05d}.png")
+    flat = x.reshape(len(x), -1)
+    columns = [f"p{j}" for j in range(64)]
+    table = pa.table({**{c: flat[:, j].astype(np.float64) for j, c in enumerate(columns)}, "label": y})
+    pq.write_table(table.slice(0, 1000), root / "a.parquet", row_group_size=300)
+    pq.write_table(table.slice(1000), root / "b.parquet", row_group_size=300)
+    header = ",".join([*columns, "label"])
+    np.savetxt(root / "digits.csv", np.column_stack([flat, y]), fmt="%d", delimiter=",", header=header, comments="")
+    np.savez(root / "digits.npz", images=x[..., None], labels=y)
+    np.save(root / "x.npy", x[..., None])
+    np.save(root / "y.npy", y)
+    with tf.io.TFRecordWriter(str(root / "digits.tfrecord.gz"), "GZIP") as w:
+        for image, label in zip(x, y, strict=True):
+            features = {
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+            }
+            w.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    return {"root": root, "x": x[..., None], "y": y}

@@ -149,3 +149,51 @@ def test_bench_sink_counts_every_point(tmp_path: Path) -> None:
         assert arm["points_quiet"] < arm["points"] / 10  # log_every=steps: one step's points and the summary
         assert len(arm["overhead"]) == 1
     assert "what the store adds" in proc.stdout
+
+
+def test_stream_file_is_the_regression_written_in_blocks(tmp_path: Path) -> None:
+    """--stream's file: x [rows, 32] and y [rows, 1] float32, `gb` GiB together, several blocks (the last one
+    short), and y a linear function of x plus noise of std 0.1, as trainer.data.regression makes it."""
+    from bench.stream import FEATURES, NOISE, WRITE_ROWS, write_regression
+
+    files = write_regression(tmp_path / "d", 0.09)
+    x, y = np.load(files.x, mmap_mode="r"), np.load(files.y, mmap_mode="r")
+    assert files.rows == int(0.09 * 2**30) // 132 == 732_096 and files.rows > 2 * WRITE_ROWS
+    assert x.shape == (files.rows, FEATURES) and y.shape == (files.rows, 1)
+    assert x.dtype == y.dtype == np.float32
+    size = files.x.stat().st_size + files.y.stat().st_size
+    assert 0.09 * 2**30 <= size < 0.09 * 2**30 + 1024  # the data, and the two headers
+    tail = np.asarray(x[-1000:])
+    assert abs(tail.std() - 1.0) < 0.05  # the short last block was written too, not left as zeros
+    design = np.hstack([np.asarray(x, np.float64), np.ones((files.rows, 1))])
+    _, residual, *_ = np.linalg.lstsq(design, np.asarray(y, np.float64), rcond=None)
+    assert abs(np.sqrt(residual[0] / files.rows) - NOISE) < 0.002
+
+
+def test_bench_stream_rejects_steps_keras_cannot_split(tmp_path: Path) -> None:
+    proc = bench(tmp_path, "--stream", "--steps", "300", timeout=120)
+    assert proc.returncode == 2
+    assert "--steps 300: --stream needs a multiple of 400 (4 epochs of spe (1, 10, 100))" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_stream_races_ours_and_keras_on_one_file(tmp_path: Path) -> None:
+    """--stream on a 10 MB file: a row per size, ours and each spe's Keras fit ran the same 200 steps, each in its
+    own process with its own peak RSS; --no-targets reports the targets and exits 0; the file is removed."""
+    out, files = tmp_path / "stream.json", tmp_path / "files"
+    proc = bench(tmp_path, "--stream", "--quick", "--stream-gb", "0.01", "--steps", "200", "--stream-dir", str(files),
+                 "--json", str(out), "--no-targets", timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (size,) = json.loads(out.read_text())["stream"]
+    assert size["gb"] == 0.01 and size["rows"] == 81_344 and size["steps"] == 200
+    assert [r["steps"] for r in size["ours"]] == [200]
+    assert {spe: [r["steps"] for r in runs] for spe, runs in size["keras"].items()} == {"1": [200], "50": [200]}
+    for run in [*size["ours"], *size["keras"]["1"], *size["keras"]["50"]]:
+        assert run["rate"] > 0
+        assert 300 < run["usage"]["peak_rss_mb"] < 3000  # TensorFlow's own ~0.7 GB, and not the parent's
+        assert run["usage"]["peak_anon_mb"] <= run["usage"]["peak_rss_mb"]
+    row = next(line for line in proc.stdout.splitlines() if "81,344" in line)
+    assert "200 / 200" in row and "(spe=" in row
+    assert "stream 0.01 GiB: ours >= 1x keras-fit best, same pipeline:" in proc.stdout
+    assert "stream 0.01 GiB: ours' peak RSS < 1.5 GB:" in proc.stdout
+    assert not any(files.iterdir())  # no --keep: the size's files are gone, the given directory stays

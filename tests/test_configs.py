@@ -25,6 +25,7 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 from trainer import config as tconfig
 from trainer.config import SCHEMAS, TrainerError, build, check
 from trainer.data import Dataset
+from trainer.data.prepare import load as load_data
 from trainer.optim import build_optimizer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -69,7 +70,42 @@ def _overrides(group: str, name: str, tmp_path: Path) -> list[str]:
     if (group, name) == ("data", "csv"):
         _write_csv(tmp_path / "table.csv")
         ov += [f"data.path={tmp_path / 'table.csv'}", "data.target=[y]"]
+    if group == "data" and name in FILE_SOURCES:
+        ov += FILE_SOURCES[name](tmp_path, _write_csv(tmp_path / "table.csv"))
     return ov
+
+
+def _parquet(tmp_path: Path, rows: np.ndarray) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": rows[:, 0], "b": rows[:, 1], "y": rows[:, 2]}), tmp_path / "t.parquet")
+    return [f"data.path={tmp_path / 't.parquet'}", "data.target=y"]
+
+
+def _tfrecord(tmp_path: Path, rows: np.ndarray) -> list[str]:
+    with tf.io.TFRecordWriter(str(tmp_path / "t.tfrecord")) as w:
+        for r in rows:
+            f = {k: tf.train.Feature(float_list=tf.train.FloatList(value=v)) for k, v in (("x", r[:2]), ("y", r[2:]))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
+    spec = "{x: {shape: [2], dtype: float32}, y: {shape: [], dtype: float32}}"
+    return [f"data.path={tmp_path / 't.tfrecord'}", f"data.features={spec}", "data.inputs=x", "data.target=y"]
+
+
+def _image_folder(tmp_path: Path, rows: np.ndarray) -> list[str]:
+    for i in range(len(rows)):
+        (tmp_path / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        png = tf.io.encode_png(tf.fill([4, 4, 3], tf.constant(i, tf.uint8)))
+        tf.io.write_file(str(tmp_path / "images" / f"c{i % 2}" / f"{i}.png"), png)
+    return [f"data.path={tmp_path / 'images'}"]
+
+
+def _numpy(tmp_path: Path, rows: np.ndarray) -> list[str]:
+    np.savez(tmp_path / "t.npz", x=rows[:, :2], y=rows[:, 2])
+    return [f"data.path={tmp_path / 't.npz'}"]
+
+
+FILE_SOURCES = {"parquet": _parquet, "tfrecord": _tfrecord, "image_folder": _image_folder, "numpy": _numpy}
 
 
 def _leaves(tree, prefix: str = ""):
@@ -136,12 +172,17 @@ def test_composed_overrides_and_test_defaults(compose_cfg, tracking_uri):
 
 
 # --- build each group ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("group", "name"), _params("model"))
+IMAGE_MODELS = {"cnn", "sequential", "keras_app"}  # tests/test_models.py builds them on images and sequences
+
+
+@pytest.mark.parametrize(("group", "name"), [p for p in _params("model") if p.values[1] not in IMAGE_MODELS])
 def test_model_builds_and_runs(group, name, compose_cfg, tmp_path):
     cfg = compose_cfg(_overrides(group, name, tmp_path))
-    model = build(cfg.model)
+    known = cfg.data.n_classes if "n_classes" in cfg.data else cfg.data.n_targets  # what the trainer fills in
+    units_from_data = {"units": known} if cfg.model.get("units", 0) is None else {}
+    model = build(cfg.model, **units_from_data)
     assert isinstance(model, keras.Model)
-    n_features, units = cfg.data.n_features, cfg.model.units
+    n_features, units = cfg.data.n_features, cfg.model.units or units_from_data["units"]
     x = np.random.default_rng(0).standard_normal((5, n_features)).astype(np.float32)
     out = model(x)
     assert tuple(out.shape) == (5, units)
@@ -179,6 +220,7 @@ REFERENCE_LOSSES = {  # numpy, float64, independent of the TF code
     ),
     "binary_crossentropy": lambda t, z, c: np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))),
     "categorical_crossentropy": lambda t, z, c: np.mean(-np.sum(t * _log_softmax(z), axis=-1)),
+    "sparse_categorical_crossentropy": lambda t, z, c: np.mean(-_log_softmax(z)[np.arange(len(t)), t.astype(int)]),
 }
 
 
@@ -190,6 +232,8 @@ def test_loss_builds_and_gives_finite_scalar(group, name, compose_cfg, tmp_path)
     if "from_logits" in cfg.loss:  # classification: one-hot targets and logits
         y_true = np.array([[1, 0, 0], [0, 0, 1]], np.float64)
         y_pred = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, -0.3]], np.float64)
+        if name.startswith("sparse_"):  # integer class ids: the one-hot rows' argmax
+            y_true = y_true.argmax(axis=-1).astype(np.float64)
     else:  # errors 1, 1, 2, 0.5: both branches of huber
         y_true = np.array([[1.0, -2.0], [0.5, 3.0]], np.float64)
         y_pred = np.array([[0.0, -1.0], [2.5, 3.5]], np.float64)
@@ -205,10 +249,10 @@ def test_loss_builds_and_gives_finite_scalar(group, name, compose_cfg, tmp_path)
 @pytest.mark.parametrize(("group", "name"), _params("data"))
 def test_data_builds_arrays_of_the_right_shape(group, name, compose_cfg, tmp_path):
     cfg = compose_cfg(_overrides(group, name, tmp_path))
-    data = build(cfg.data)
-    assert isinstance(data, Dataset)
-    arrays = [a for a in (data.x_train, data.y_train, data.x_val, data.y_val) if a is not None]
-    assert all(a.dtype == np.float32 and a.ndim == 2 for a in arrays)
+    data = load_data(cfg.data)
+    assert isinstance(data, Dataset) and not data.streamed
+    arrays = [a for a in (data.x_train, data.x_val) if a is not None]
+    assert all(a.dtype == (np.uint8 if name == "image_folder" else np.float32) for a in arrays)
 
     d = cfg.data
     if name == "tape_example":
@@ -216,39 +260,24 @@ def test_data_builds_arrays_of_the_right_shape(group, name, compose_cfg, tmp_pat
         np.testing.assert_array_equal(data.y_train, [[d.y]])
         assert data.x_val is None and data.y_val is None
         return
-    if name == "csv":
-        n, n_features, n_targets = 10, 2, 1
-    else:
-        n, n_features = d.n_samples, d.n_features
-        n_targets = d.n_classes if "n_classes" in d else d.n_targets
+    if name in ("csv", *FILE_SOURCES):  # the 10-row table written by _write_csv, in each format
+        n = 10
+        assert data.n_train + len(data.x_val) == n
+        return
+    n, n_features = d.n_samples, d.n_features
+    n_targets = d.n_classes if "n_classes" in d else d.n_targets
     n_val = round(n * d.val_fraction)  # 4096 * 0.2 = 819.2 -> 819 held out, 3277 for training
     assert data.x_train.shape == (n - n_val, n_features)
     assert data.y_train.shape == (n - n_val, n_targets)
     assert data.x_val.shape == (n_val, n_features)
     assert data.y_val.shape == (n_val, n_targets)
-    assert (data.n_features, data.n_targets) == (n_features, n_targets)
-
-    if name == "regression":
-        assert data.x_train.shape == (3277, 8) and data.x_val.shape == (819, 8)
-        assert data.task == "regression"
-    if "n_classes" in d:  # one-hot targets, every class present
-        y = np.concatenate([data.y_train, data.y_val])
-        assert set(np.unique(y)) == {0.0, 1.0}
-        np.testing.assert_array_equal(y.sum(axis=1), 1.0)
-        assert np.all(y.sum(axis=0) > 0)
-        assert data.task == "multiclass"
-    if name == "csv":  # the split is a shuffle of exactly the file's rows (x then y)
-        rows = np.concatenate([np.hstack([data.x_train, data.y_train]), np.hstack([data.x_val, data.y_val])]).astype(
-            np.float64
-        )
-        expected = _write_csv(tmp_path / "again.csv").astype(np.float32).astype(np.float64)
-        np.testing.assert_array_equal(rows[np.argsort(rows[:, 0])], expected)
+    assert all(a.dtype == np.float32 and a.ndim == 2 for a in (data.y_train, data.y_val))
 
 
 def test_data_split_is_seeded(compose_cfg):
-    a = build(compose_cfg(["data.n_samples=64"]).data)
-    b = build(compose_cfg(["data.n_samples=64"]).data)
-    c = build(compose_cfg(["data.n_samples=64", "data.seed=1"]).data)
+    a = load_data(compose_cfg(["data.n_samples=64"]).data)
+    b = load_data(compose_cfg(["data.n_samples=64"]).data)
+    c = load_data(compose_cfg(["data.n_samples=64", "data.seed=1"]).data)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     assert not np.array_equal(a.x_train, c.x_train)
 
@@ -350,7 +379,7 @@ def test_experiment_tape_example(compose_cfg):
     assert (cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.trainer.print_gradients) == (10, 1, True)
     assert cfg.schedule.name == "constant"
 
-    data, model, loss_fn = build(cfg.data), build(cfg.model), build(cfg.loss)
+    data, model, loss_fn = load_data(cfg.data), build(cfg.model), build(cfg.loss)
     x, y = tf.constant(data.x_train), tf.constant(data.y_train)
     with tf.GradientTape() as tape:
         y_pred = model(x)
@@ -421,7 +450,14 @@ def test_range_errors_name_the_key(overrides, key, value, compose_cfg):
     assert "\n" not in message
 
 
-def test_classifier_without_class_data_is_a_trainer_error(compose_cfg):
-    cfg = compose_cfg(["model=classifier"])  # data stays regression, which has no n_classes
-    with pytest.raises(TrainerError, match=r"model\.units|data\.n_classes"):
-        check(cfg)
+def test_classifier_takes_its_units_from_the_data(compose_cfg):
+    """model=classifier states `units: null`: the trainer fills in the data's outputs (a class count, 1 for a
+    binary or single-target table) instead of failing on `${data.n_classes}` with data that has none."""
+    from trainer.train import _from_data
+
+    cfg = compose_cfg(["model=classifier"])
+    check(cfg)
+    assert cfg.model.units is None
+    assert _from_data(cfg.model, load_data(cfg.data)) == {"units": 1}
+    classes = compose_cfg(["model=classifier", "data=classification", "data.n_classes=5"])
+    assert _from_data(classes.model, load_data(classes.data)) == {"units": 5}

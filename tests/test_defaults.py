@@ -41,8 +41,11 @@ KERAS_DROP_INS = {"trainer.optim.Adam", "trainer.optim.AdamW"}
 
 def _yaml_options() -> Iterator[tuple[Path, dict, type]]:
     """(file, values, schema) for every option that starts from a schema; conf/config.yaml with `Config`."""
+    shared = yaml.safe_load((CONF_DIR / "data_defaults.yaml").read_text())  # what `/data_defaults@_here_` adds
     for path in sorted(CONF_DIR.rglob("*.yaml")):
         doc = yaml.safe_load(path.read_text()) or {}
+        if "/data_defaults@_here_" in doc.get("defaults", []):
+            doc = {**shared, **doc}
         for entry in doc.get("defaults", []):
             m = re.fullmatch(r"/schema/(\w+)/(\w+)@_here_", str(entry))
             schema = SCHEMAS[m.group(1)][m.group(2)] if m else Config if entry == "config_schema" else None
@@ -92,7 +95,7 @@ def test_schemas_state_no_values():
 def test_no_yaml_option_restates_a_schema_default():
     options = list(_yaml_options())
     typed = [p for group in SCHEMAS for p in (CONF_DIR / group).glob("*.yaml")]
-    assert len(options) == len(typed) + 1 == 24  # every option of a typed group, and conf/config.yaml
+    assert len(options) == len(typed) + 1 == 33  # every option of a typed group, and conf/config.yaml
     twice = [f"{p.relative_to(CONF_DIR)}: {k}" for p, values, schema in options for k in _stated_twice(values, schema)]
     assert twice == []
 

@@ -254,12 +254,12 @@ def test_an_error_raised_by_a_built_target_has_an_acyclic_chain(tmp_path):
     __cause__ is the error, and the CLI's error handling (which walks the chain) spun forever on it."""
     from omegaconf import OmegaConf
 
-    from trainer.config import build
-
     csv = option_kwargs("data", "csv", path=str(tmp_path), target=["y"])
     node = OmegaConf.create({"data": {"_target_": "trainer.data.csv", **csv}})
+    from trainer.data.prepare import load
+
     with pytest.raises(TrainerError, match="is a directory") as info:
-        build(node.data)
+        load(node.data)
     seen, error = [], info.value
     while error is not None:
         assert not any(error is s for s in seen)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, new_store
 from trainer import evaluate as ev
-from trainer.config import TrainerError, build
+from trainer.config import TrainerError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["data.n_samples=256", "trainer.max_steps=30", "trainer.progress=false", "model.hidden=[8]"]
@@ -118,7 +118,9 @@ def logged(store) -> tuple[str, str, keras.Model, np.ndarray]:
         for path in ("model/model.keras", "config.yaml")
     )
     model = keras.saving.load_model(model_path, compile=False)
-    x = build(OmegaConf.load(config_path).data).x_val  # the run's own validation inputs
+    from trainer.data.prepare import load
+
+    x = load(OmegaConf.load(config_path).data).x_val  # the run's own validation inputs
     mlflow.set_tracking_uri(store.uri)
     with mlflow.start_run(experiment_id=store.client.get_experiment_by_name("tape-trainer").experiment_id) as run:
         mlflow.log_artifact(config_path)

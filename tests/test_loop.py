@@ -60,7 +60,7 @@ def test_chunks_of_any_size_give_the_same_run_and_trace_once():
 
     def make() -> StepLoop:
         keras.utils.set_random_seed(1)
-        model = MLP(**option_kwargs("model", "mlp", hidden=[8]))
+        model = MLP(**option_kwargs("model", "mlp", hidden=[8], units=1))
         return StepLoop(model, losses.mse, keras.optimizers.Adam(1e-2), data.x_train, data.y_train, 32, seed=3)
 
     one, many = make(), make()
@@ -84,7 +84,7 @@ def test_chunks_cut_at_epochs_equal_the_per_step_epoch_check_and_trace_once():
     def make(cut: bool) -> StepLoop:
         keras.utils.set_random_seed(2)
         loop = StepLoop(
-            MLP(**option_kwargs("model", "mlp", hidden=[8])),
+            MLP(**option_kwargs("model", "mlp", hidden=[8], units=1)),
             losses.mse,
             Adam(learning_rate=1e-2),
             data.x_train,
@@ -160,7 +160,7 @@ def test_clip_norm_bounds_the_update_but_logs_the_unclipped_norm():
 
 def test_each_epoch_sees_every_example_once_in_a_seeded_order():
     loop = StepLoop(
-        Linear(**option_kwargs("model", "linear")),
+        Linear(**option_kwargs("model", "linear", units=1)),
         losses.mse,
         keras.optimizers.SGD(0.0),
         np.arange(10.0)[:, None],
@@ -170,12 +170,12 @@ def test_each_epoch_sees_every_example_once_in_a_seeded_order():
     assert loop.steps_per_epoch == 3  # the ragged last batch is dropped
     seen = []
     for _ in range(3):
-        x, _ = loop._batch(loop.step)
+        x, _ = loop.input.batch(loop.step)
         seen.extend(x.numpy().ravel().tolist())
         loop.step.assign_add(1)
     assert len(set(seen)) == 9 and set(seen) <= set(range(10))
     first_epoch = loop.order.numpy().copy()
-    loop._batch(loop.step)  # step 3 starts epoch 1: a new order
+    loop.input.batch(loop.step)  # step 3 starts epoch 1: a new order
     assert not np.array_equal(first_epoch, loop.order.numpy())
     assert sorted(loop.order.numpy()) == list(range(10))
 
@@ -230,7 +230,7 @@ def test_jit_compiles_the_gradients_and_follows_the_same_trajectory():
 
     def losses_with(jit: bool) -> np.ndarray:
         keras.utils.set_random_seed(1)
-        model = MLP(**option_kwargs("model", "mlp", hidden=[8]))
+        model = MLP(**option_kwargs("model", "mlp", hidden=[8], units=1))
         loop = StepLoop(model, losses.mse, keras.optimizers.Adam(1e-2), data.x_train, data.y_train, 32, jit=jit)
         values = np.concatenate([loop.run(k)["train/loss"].numpy() for k in (5, 7)])
         assert loop._chunk.experimental_get_tracing_count() == 1
@@ -251,7 +251,7 @@ def test_a_sweeps_trials_in_one_process_never_warn_of_retracing():
     try:
         for trial in range(7):
             keras.utils.set_random_seed(trial)
-            model = MLP(**option_kwargs("model", "mlp", hidden=[8]))
+            model = MLP(**option_kwargs("model", "mlp", hidden=[8], units=1))
             loop = StepLoop(model, losses.mse, keras.optimizers.SGD(1e-2), data.x_train, data.y_train, 16)
             loop.run(3)
             loop.evaluate(tf.constant(data.x_val), tf.constant(data.y_val))

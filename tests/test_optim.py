@@ -19,7 +19,7 @@ def trained(
 ) -> tuple[list[np.ndarray], keras.Optimizer]:
     """`steps` compiled updates of a small MLP on fixed data; its weights afterwards."""
     keras.utils.set_random_seed(1)
-    model = MLP(**option_kwargs("model", "mlp", hidden=[16, 8]))
+    model = MLP(**option_kwargs("model", "mlp", hidden=[16, 8], units=1))
     x, y = tf.random.stateless_normal([64, 5], seed=[1, 2]), tf.random.stateless_normal([64, 1], seed=[3, 4])
     model(x)
     variables = list(model.trainable_variables)

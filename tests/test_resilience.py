@@ -156,8 +156,8 @@ def test_early_stopper_restores_the_best_weights():
     ("overrides", "message"),
     [
         (["resume=/nonexistent/run"], "resume='/nonexistent/run': neither a run directory nor an MLflow run id"),
-        (["model.units=3"], "outputs of shape (3,) per example but the data's targets have shape (1,)"),
-        (["loss=categorical_crossentropy"], "needs 0/1 (one-hot) targets"),
+        (["model.units=3"], "outputs of shape (3,) per example but the data's targets need (1,) (regression)"),
+        (["loss=categorical_crossentropy"], "needs class targets but data trainer.data.regression has continuous ones"),
         (["trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than the training set (3277 examples)"),
         (["data=csv"], "data.path must be set"),
         (["trainer.device=gpu"], "TensorFlow sees no GPU"),

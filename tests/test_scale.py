@@ -41,7 +41,7 @@ DATA = regression(**option_kwargs("data", "regression", n_samples=256, n_feature
 
 def linear_loop(batch_size: int, accumulate: int) -> StepLoop:
     keras.utils.set_random_seed(0)
-    model = Linear(**option_kwargs("model", "linear"))
+    model = Linear(**option_kwargs("model", "linear", units=1))
     return StepLoop(model, losses.mse, keras.optimizers.SGD(0.1), DATA.x_train, DATA.y_train, batch_size,
                     seed=5, accumulate_steps=accumulate)  # fmt: skip
 
@@ -66,7 +66,12 @@ def test_mixed_precision_trains_and_reports_unscaled_gradient_norms(policy):
         if p == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         return StepLoop(
-            MLP(**option_kwargs("model", "mlp", hidden=[16])), losses.mse, optimizer, DATA.x_train, DATA.y_train, 32
+            MLP(**option_kwargs("model", "mlp", hidden=[16], units=1)),
+            losses.mse,
+            optimizer,
+            DATA.x_train,
+            DATA.y_train,
+            32,
         )
 
     try:
@@ -392,3 +397,16 @@ def test_a_long_runs_charts_answer_quickly_through_a_real_mlflow_server(tmp_path
             assert statistics.median(timings) < CHART_SECONDS, (key, timings)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_mirrored_streams_give_each_replica_its_share_of_the_same_global_batch(tmp_path):
+    """Streamed data under MirroredStrategy: distribute_datasets_from_function hands each of the 2 replicas 16 of
+    the 32 examples one device takes (shuffle off), so the per-step losses agree with a single device's."""
+    streamed = ["data.in_memory=false", "data.shuffle=false"]
+    single = _cli_losses(tmp_path, "single_stream", *streamed)
+    mirrored = _cli_losses(
+        tmp_path, "mirrored_stream", *streamed, "trainer.strategy=mirrored", "trainer.logical_cpus=2"
+    )
+    assert len(single) == len(mirrored) == 40
+    np.testing.assert_allclose(mirrored, single, rtol=1e-4, atol=1e-6)

@@ -130,7 +130,7 @@ def test_one_hot_targets_are_checked_before_reading_class_ids(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a,c\n1,0\n2,nan\n3,1\n")
     with pytest.raises(TrainerError, match=r"row 2 \(line 3\), column 'c' is not finite \(nan\)"):
-        data.csv(**option_kwargs("data", "csv", path=str(path), target=["c"], one_hot=True, val_fraction=0.0))
+        data.csv(**option_kwargs("data", "csv", path=str(path), target=["c"], one_hot=True))
 
 
 # --- (b) schedules ---------------------------------------------------------------------------------
@@ -332,4 +332,4 @@ def test_an_mlp_built_without_the_schema_refuses_no_hidden_layers():
     from trainer.models import MLP
 
     with pytest.raises(TrainerError, match=re.escape("model.hidden=[] is invalid: expected at least one hidden")):
-        MLP(**option_kwargs("model", "mlp", hidden=[]))
+        MLP(**option_kwargs("model", "mlp", hidden=[], units=1))

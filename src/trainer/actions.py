@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -33,6 +32,7 @@ from trainer.callbacks import HOOKS, Callback, Context, StepArrays
 from trainer.cli import notice_console
 from trainer.config import TrainerError, build
 from trainer.loop import MAX_ROWS, StepLoop
+from trainer.metrics import Metrics
 
 if TYPE_CHECKING:
     from trainer.checkpoint import Checkpoints
@@ -105,7 +105,7 @@ class EarlyStopper:
 
     @property
     def sign(self) -> float:
-        return -1.0 if "acc" in self.monitor else 1.0  # accuracy-like metrics are maximised
+        return -1.0 if any(word in self.monitor for word in MAXIMISED) else 1.0
 
     def should_stop(self, step: int, metrics: dict[str, float], model) -> bool:
         value = self.sign * metrics[self.monitor.removeprefix("val/")]
@@ -122,6 +122,9 @@ class EarlyStopper:
             v.assign(w)
 
 
+MAXIMISED = ("acc", "auc", "precision", "recall")  # in a monitored metric's name: higher is better
+
+
 class Validation(Callback):
     """The validation split's loss (and accuracy) every `every` steps as val/*, with early stopping.
 
@@ -130,13 +133,14 @@ class Validation(Callback):
     final one is, of the weights the run ends with (the best, with restore_best).
     """
 
-    def __init__(self, loop: StepLoop, x: np.ndarray, y: np.ndarray, accuracy: bool, every: int | None,
+    def __init__(self, loop: StepLoop, x, y, metrics: Metrics, every: int | None,
                  stopper: EarlyStopper | None = None):  # fmt: skip
-        self.loop, self.x, self.y, self.accuracy = loop, tf.constant(x), tf.constant(y), accuracy
+        """`x`, `y`: the split's raw arrays (held in memory), or `x` its Stream and `y` None (streamed data)."""
+        self.loop, self.x, self.y, self.metrics = loop, x, y, metrics
         self.every, self.stopper = every, stopper
 
     def evaluate(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.loop.evaluate(self.x, self.y, self.accuracy).items()}  # host sync
+        return {k: float(v) for k, v in self.loop.evaluate(self.x, self.y, self.metrics).items()}  # host sync
 
     def on_chunk_end(self, ctx: Context, step: int, arrays: StepArrays) -> bool:
         if not self.every or step % self.every or ctx.finishing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,15 @@ def causes(error: BaseException | None) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
+def close_names(name: str, names: Iterable[str]) -> str:
+    """`did you mean A, B?` for a mistyped name (case-insensitive difflib matches), else every name there is."""
+    import difflib
+
+    lower = {n.lower(): n for n in names}
+    close = [lower[n] for n in difflib.get_close_matches(name.lower(), list(lower), n=5, cutoff=0.6)]
+    return f"did you mean {', '.join(close)}?" if close else f"one of {', '.join(sorted(lower.values()))}"
+
+
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
         raise TrainerError(f"{key}={value!r} is invalid: expected {valid}")
@@ -49,15 +58,19 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 # Every value lives in the YAML option (conf/<group>/<name>.yaml) a user reads and overrides; the schemas
 # below hold only types and ranges, each field MISSING, so a value stated twice cannot drift apart
 # (tests/test_defaults.py). `_partial_` is no setting: it is how the trainer calls the object.
+def _check_units(units: int | None) -> None:
+    _require(units is None or units >= 1, "model.units", units, "null (from the data) or an integer >= 1")
+
+
 @dataclass
 class LinearModel:
     _target_: str = MISSING
-    units: int = MISSING
+    units: int | None = MISSING  # None: from the data (classes, 1 for binary, targets)
     w_init: float | None = MISSING  # None: Glorot uniform; a number: every weight starts there
     b_init: float = MISSING
 
     def __post_init__(self) -> None:
-        _require(self.units >= 1, "model.units", self.units, "an integer >= 1")
+        _check_units(self.units)
 
 
 NO_HIDDEN_LAYER = "at least one hidden layer; for none use model=linear"  # MLP([]) would be a linear model
@@ -67,15 +80,68 @@ NO_HIDDEN_LAYER = "at least one hidden layer; for none use model=linear"  # MLP(
 class MLPModel:
     _target_: str = MISSING
     hidden: list[int] = MISSING
-    units: int = MISSING
+    units: int | None = MISSING  # None: from the data
     activation: str = MISSING
     dropout: float = MISSING
 
     def __post_init__(self) -> None:
         _require(len(self.hidden) >= 1, "model.hidden", list(self.hidden), NO_HIDDEN_LAYER)
         _require(all(h >= 1 for h in self.hidden), "model.hidden", list(self.hidden), "widths >= 1")
-        _require(self.units >= 1, "model.units", self.units, "an integer >= 1")
+        _check_units(self.units)
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a value in [0, 1)")
+
+
+@dataclass
+class CNNModel:
+    _target_: str = MISSING
+    filters: list[int] = MISSING  # one conv block per entry: its number of filters
+    kernel_size: int = MISSING
+    pool: int | None = MISSING  # max-pool size after each block; None: no pooling
+    batch_norm: bool = MISSING
+    dropout: float = MISSING  # after each block and each hidden dense layer; 0: none
+    hidden: list[int] = MISSING  # dense layers between the blocks and the head; []: none
+    activation: str = MISSING
+    units: int | None = MISSING  # outputs; None: from the data (classes, 1 for binary, targets)
+
+    def __post_init__(self) -> None:
+        ok = len(self.filters) >= 1 and all(f >= 1 for f in self.filters)
+        _require(ok, "model.filters", list(self.filters), "at least one block, each with >= 1 filters")
+        _require(self.kernel_size >= 1, "model.kernel_size", self.kernel_size, "an integer >= 1")
+        _require(self.pool is None or self.pool >= 1, "model.pool", self.pool, "null (no pooling) or an integer >= 1")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a value in [0, 1)")
+        _require(all(h >= 1 for h in self.hidden), "model.hidden", list(self.hidden), "widths >= 1")
+        _check_units(self.units)
+
+
+@dataclass
+class SequentialModel:
+    _target_: str = MISSING
+    _recursive_: bool = MISSING  # false: the model builds its layers itself, so an error names model.layers[i]
+    layers: list[Any] = MISSING  # Keras layers in order, each {_target_: keras.layers.Conv2D, filters: 32, ...}
+    units: int | None = MISSING  # outputs of the dense head after them; None: from the data
+
+    def __post_init__(self) -> None:
+        for i, layer in enumerate(self.layers):
+            ok = isinstance(layer, dict) and isinstance(layer.get("_target_"), str)
+            _require(ok, f"model.layers[{i}]", layer, "a layer such as {_target_: keras.layers.Dense, units: 64}")
+        _check_units(self.units)
+
+
+@dataclass
+class KerasAppModel:
+    _target_: str = MISSING
+    name: str = MISSING  # a keras.applications model: MobileNetV3Small, ResNet50, EfficientNetB0, ...
+    weights: str | None = MISSING  # None: random (no download); imagenet: pretrained (needs the network)
+    pooling: str = MISSING  # avg | max: the backbone's feature map to one vector per example
+    units: int | None = MISSING  # outputs of the dense head; None: from the data
+    input_shape: list[int] | None = MISSING  # [H, W, C] of one example; None: from the data
+
+    def __post_init__(self) -> None:
+        _require(self.pooling in ("avg", "max"), "model.pooling", self.pooling, "avg | max")
+        shape = self.input_shape
+        ok = shape is None or (len(shape) in (2, 3) and all(d >= 1 for d in shape))
+        _require(ok, "model.input_shape", None if shape is None else list(shape), "null (from the data) or [H, W, C]")
+        _check_units(self.units)
 
 
 # --- loss --------------------------------------------------------------------------------------
@@ -98,15 +164,46 @@ class CrossEntropyLoss(Loss):
     from_logits: bool = MISSING
 
 
+@dataclass
+class KerasLoss(Loss):
+    _partial_: bool = False  # keras_loss returns the keras.losses object, itself the (y_true, y_pred) callable
+    name: str = MISSING  # a keras.losses class or function name: Huber, huber, MeanSquaredError, mse, ...
+    settings: dict[str, Any] = MISSING  # its keyword arguments, e.g. {delta: 2.0}
+
+
 # --- data --------------------------------------------------------------------------------------
 @dataclass
 class Data:
+    """Settings every data option shares (values: conf/data_defaults.yaml); trainer/data/prepare.py reads them."""
+
     _target_: str = MISSING
     val_fraction: float = MISSING
     seed: int = MISSING
+    task: str = MISSING  # auto | regression | binary | multiclass: auto infers it (data/prepare.infer_task)
+    normalize: str = MISSING  # standard | minmax | none: numeric features, training-split statistics
+    in_memory: str = MISSING  # auto | true | false: held on the device, or streamed with tf.data
+    memory_limit_mb: float = MISSING  # auto: data up to this size is held in memory
+    shuffle: bool = MISSING  # false: the file's order, every epoch
+    shuffle_buffer: int = MISSING  # streamed data: tf.data's shuffle buffer, in examples
+    cache: str | None = MISSING  # streamed data: None | memory | a file path prefix (tf.data.Dataset.cache)
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a value in [0, 1)")
+        check_data_settings(self)
+
+
+def check_data_settings(d: Any) -> None:
+    """The shared data settings' ranges: for the built-in options (schemas) and your own (prepare.py)."""
+    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a value in [0, 1)")
+    _require(d.normalize in NORMALIZE, "data.normalize", d.normalize, " | ".join(NORMALIZE))
+    _require(d.task in DATA_TASKS, "data.task", d.task, " | ".join(DATA_TASKS))
+    _require(str(d.in_memory).lower() in IN_MEMORY, "data.in_memory", d.in_memory, " | ".join(IN_MEMORY))
+    _require(d.memory_limit_mb > 0, "data.memory_limit_mb", d.memory_limit_mb, "a positive number")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
+
+
+NORMALIZE = ("standard", "minmax", "none")
+DATA_TASKS = ("auto", "regression", "binary", "multiclass")
+IN_MEMORY = ("auto", "true", "false")
 
 
 @dataclass
@@ -146,12 +243,95 @@ class ClassificationData(Data):
         _require(self.n_classes >= 2, "data.n_classes", self.n_classes, "an integer >= 2")
 
 
+MISSING_CELLS = ("drop", "mean", "error")  # tables: what an empty or non-finite cell does
+
+
 @dataclass
 class CsvData(Data):
     path: str = MISSING
-    target: list[str] = MISSING
+    target: Any = MISSING  # a column name, or a list of them
     features: list[str] | None = MISSING  # None: every column that is not a target
-    one_hot: bool = MISSING  # one integer class column -> one-hot targets for categorical_crossentropy
+    missing: str = MISSING  # drop | mean | error: rows with an empty or non-finite cell
+    one_hot: bool = MISSING  # one class column (ids or names) -> one-hot targets for categorical_crossentropy
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = [self.target] if isinstance(self.target, str) else self.target
+        ok = isinstance(names, list | tuple) and len(names) >= 1 and all(isinstance(t, str) for t in names)
+        _require(ok, "data.target", self.target, "a column name or a list of them")
+        _require(self.missing in MISSING_CELLS, "data.missing", self.missing, " | ".join(MISSING_CELLS))
+
+
+@dataclass
+class ParquetData(CsvData):
+    """One file, a directory of *.parquet files or a glob; columns chosen as for CSV."""
+
+
+@dataclass
+class TFRecordData(Data):
+    path: Any = MISSING  # a file, a glob, or a list of them
+    features: Any = MISSING  # a mapping, name: {shape: [...], dtype: uint8 | int64 | float32, encoding: raw | image}
+    inputs: Any = MISSING  # a feature name, or a list of them (concatenated)
+    target: str = MISSING
+    compression: str = MISSING  # auto | none | GZIP | ZLIB
+    rescale: float | None = MISSING  # a constant factor for x (1/255 for uint8 pixels), inside the logged model
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.compression in TFRECORD_COMPRESSION, "data.compression", self.compression,
+                 " | ".join(TFRECORD_COMPRESSION))  # fmt: skip
+
+
+TFRECORD_COMPRESSION = ("auto", "none", "GZIP", "ZLIB")
+COLOR_MODES = {"grayscale": 1, "rgb": 3, "rgba": 4}  # image_folder: channels per color mode
+FLIPS = ("horizontal", "vertical", "horizontal_and_vertical")  # keras.layers.RandomFlip's modes
+AUGMENTATIONS = ("flip", "rotation", "zoom", "crop")
+
+
+@dataclass
+class ImageFolderData(Data):
+    path: str = MISSING
+    image_size: list[int] | None = MISSING  # [height, width]; None: every image must have the same size
+    color_mode: str = MISSING  # grayscale | rgb | rgba
+    rescale: float | None = MISSING
+    augment: Any = MISSING  # None, or a mapping (training split only): flip, rotation, zoom, crop
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = self.image_size
+        ok = size is None or (len(size) == 2 and all(s >= 1 for s in size))
+        _require(ok, "data.image_size", size, "null or [height, width] of positive integers")
+        _require(self.color_mode in COLOR_MODES, "data.color_mode", self.color_mode, " | ".join(COLOR_MODES))
+        check_augment(self.augment)
+
+
+def check_augment(augment: dict[str, Any] | None) -> None:
+    """data.augment's keys and values, before TensorFlow starts (files.augmentation_layers builds them)."""
+    _require(augment is None or isinstance(augment, Mapping), "data.augment", augment, "null or a mapping")
+    for key, value in (augment or {}).items():
+        _require(key in AUGMENTATIONS, f"data.augment.{key}", value, f"a key of {' | '.join(AUGMENTATIONS)}")
+        if key == "flip":
+            _require(value in FLIPS, "data.augment.flip", value, " | ".join(FLIPS))
+        elif key == "crop":
+            ok = isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value)
+            _require(ok, "data.augment.crop", value, "[height, width] of positive integers")
+        else:
+            ok = isinstance(value, int | float) and 0 < value < 1
+            _require(ok, f"data.augment.{key}", value, "a fraction in (0, 1)")
+
+
+@dataclass
+class NumpyData(Data):
+    path: str = MISSING  # an .npz file holding x and y, or the .npy file of x (memory-mapped)
+    y: str | None = MISSING  # the .npy file of y, when path is an .npy file
+    x_key: str = MISSING  # the .npz keys
+    y_key: str = MISSING
+    rescale: float | None = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        npz = self.path.lower().endswith(".npz")
+        _require(npz == (self.y is None), "data.y", self.y, "null with an .npz data.path, else the .npy file of y")
 
 
 # --- optimizer and schedule --------------------------------------------------------------------
@@ -280,6 +460,7 @@ class TrainerSettings:
     on_nonfinite: str = MISSING  # stop: fail at the first NaN/Inf; skip_step: leave the weights, count it
     max_skipped_fraction: float = MISSING  # skip_step: fail once more than this fraction of the run's steps is skipped
     early_stopping: EarlyStopping = MISSING
+    val_metrics: list[str] | None = MISSING  # None: accuracy for classification data (metrics.default_metrics)
     accumulate_steps: int = MISSING  # micro-batches of batch_size whose mean gradient makes one update
     precision: str = MISSING  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
     strategy: str = MISSING  # auto | default | mirrored | multi_worker (tf.distribute)
@@ -365,13 +546,23 @@ class Config:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"linear": LinearModel, "mlp": MLPModel},
-    "loss": {"loss": Loss, "huber": HuberLoss, "cross_entropy": CrossEntropyLoss},
+    "model": {
+        "linear": LinearModel,
+        "mlp": MLPModel,
+        "cnn": CNNModel,
+        "sequential": SequentialModel,
+        "keras_app": KerasAppModel,
+    },
+    "loss": {"loss": Loss, "huber": HuberLoss, "cross_entropy": CrossEntropyLoss, "keras": KerasLoss},
     "data": {
         "tape_example": TapeExampleData,
         "regression": RegressionData,
         "classification": ClassificationData,
         "csv": CsvData,
+        "parquet": ParquetData,
+        "tfrecord": TFRecordData,
+        "image_folder": ImageFolderData,
+        "numpy": NumpyData,
     },
     "optimizer": {
         "sgd": SGDOptimizer,
@@ -633,7 +824,7 @@ def trusted_config(
         raise TrainerError(f"{source}: {str(e).splitlines()[0]}") from None
     patterns = list(trusted)
     for key, target in targets(plain):
-        if not is_trusted(target, patterns):
+        if not (is_trusted(target, patterns) or is_layer_of(plain, key, target)):
             raise TrainerError(
                 f"{source}: {key}={target!r} is not built in and not named by your own config or command line; "
                 f"if you trust where it comes from, allow it with {TRUST_KEY}=[{target}]"
@@ -642,6 +833,31 @@ def trusted_config(
     if live is not None:
         raise TrainerError(f"{source}: {live} is still an interpolation once resolved (an escaped one); refusing it")
     return OmegaConf.create(plain)
+
+
+# model=sequential's layers: any keras.layers class is as safe in a run's model.layers as a built-in (it computes on
+# its input and makes variables), except the layers whose arguments name code or a graph to run. Their own nested
+# nodes (Bidirectional's `layer`) count as layers too; any other target inside them is checked as usual.
+LAYER_LISTS = frozenset({"trainer.models.Sequential"})
+LAYER_KEY = r"model\.layers\.\d+(\.\w+)*\._target_"
+LAYER_TARGET = r"keras\.layers\.[A-Z]\w*"
+RUNS_CODE = frozenset(
+    f"keras.layers.{n}" for n in ("Lambda", "TFSMLayer", "JaxLayer", "FlaxLayer", "TorchModuleWrapper")
+)
+
+
+def is_layer_of(plain: dict, key: str, target: str) -> bool:
+    """`target` at `key` is a Keras layer in the layer list of a built-in model (model.layers.2._target_)."""
+    import re
+
+    model = plain.get("model")
+    return (
+        isinstance(model, dict)
+        and model.get("_target_") in LAYER_LISTS
+        and re.fullmatch(LAYER_KEY, key) is not None
+        and re.fullmatch(LAYER_TARGET, target) is not None
+        and target not in RUNS_CODE
+    )
 
 
 def _plain(cfg: DictConfig, key: str) -> Any:

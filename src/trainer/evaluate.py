@@ -198,6 +198,20 @@ def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_ta
     return _load_keras(path, f"run {run.info.run_id}'s {source}"), source
 
 
+def logged_labels(client: MlflowClient, run: Run, uri: str, dst: Path) -> list[str] | None:
+    """The class names by id that the run's data had (`labels.json`, train.py), None when it had none."""
+    if not any(a.path == "labels.json" for a in client.list_artifacts(run.info.run_id)):
+        return None
+    path = download_artifacts(run_id=run.info.run_id, artifact_path="labels.json", dst_path=str(dst), tracking_uri=uri)
+    try:
+        labels = json.loads(Path(path).read_text())["labels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TrainerError(f'run {run.info.run_id}\'s labels.json is not a {{"labels": [...]}} file') from None
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise TrainerError(f"run {run.info.run_id}'s labels.json does not list class names")
+    return labels
+
+
 def _keras_file(location: str, uri: str, dst: Path) -> Path | None:
     """The `.keras` file MLflow's tensorflow and keras flavours both keep under the model's `data/`."""
     from mlflow.artifacts import list_artifacts
@@ -257,17 +271,30 @@ def evaluate(
         model_target = OmegaConf.select(logged, "model._target_", default=None, throw_on_resolution_failure=False)
         trusted_model = isinstance(model_target, str) and is_trusted(model_target, trusted)
         model, source = load_run_model(client, run, uri, Path(tmp), model_target if trusted_model else None)
+        labels = logged_labels(client, run, uri, Path(tmp))
     for group in BUILT:  # the run's config with your overrides, checked as training checks its own
         check_option(group, cfg[group])
-    data = build(cfg.data)
+    from trainer.data.prepare import load as load_data  # TensorFlow: only once the run and its model are found
+    from trainer.data.prepare import relabel
+    from trainer.metrics import Metrics, default_metrics, evaluate_model
+
+    data = relabel(load_data(cfg.data), labels)  # class ids as the model learnt them, whatever this file holds
     loss_fn = build(cfg.loss)
-    split = "validation" if data.x_val is not None else "train"
-    x, y = (data.x_val, data.y_val) if split == "validation" else (data.x_train, data.y_train)
+    split = "validation" if data.has_val else "train"
     batch_size = OmegaConf.select(logged, "trainer.batch_size", default=None, throw_on_resolution_failure=False)
     batch_size = batch_size if isinstance(batch_size, int) else 0  # the same cut as the run's own evaluation
-    from trainer.metrics import evaluate_model  # TensorFlow: only once the run and its model are found
+    names = OmegaConf.select(logged, "trainer.val_metrics", default=None, throw_on_resolution_failure=False)
+    names = default_metrics(data.task) if names is None else list(names)
+    metrics = Metrics(names, data.task, sparse=data.task == "multiclass" and not data.one_hot)
+    if data.streamed:  # the logged model carries the preprocessing: it takes the raw inputs
+        from trainer.metrics import eval_batch
 
-    metrics = evaluate_model(model, loss_fn, x, y, batch_size, accuracy=data.task != "regression")  # trainer.metrics
+        stream = data.val if split == "validation" else data.train
+        x, y, examples = stream.read().batch(eval_batch(batch_size)), None, stream.count
+    else:
+        x, y = (data.x_val, data.y_val) if split == "validation" else (data.x_train, data.y_train)
+        examples = len(x)
+    results = evaluate_model(model, loss_fn, x, y, batch_size, metrics)  # trainer.metrics
     logged_key = PRIMARY if split == "validation" else FALLBACK  # trainer.objective: what the run logged
     return {
         "run_id": run.info.run_id,
@@ -275,8 +302,8 @@ def evaluate(
         "model": source,
         "overrides": list(overrides),
         "split": split,
-        "examples": len(x),
-        **metrics,
+        "examples": examples,
+        **results,
         "logged_loss": run.data.metrics.get(logged_key),  # the run's own final value, for comparison
     }
 

@@ -30,6 +30,7 @@ from trainer.checkpoint import Checkpoints
 from trainer.config import TrainerError
 from trainer.data import Dataset
 from trainer.loop import StepLoop
+from trainer.metrics import Metrics, default_metrics
 from trainer.process import StopFlag
 from trainer.tracking import Run
 
@@ -73,7 +74,7 @@ def fit(
     lockstep = t.strategy == "multi_worker"  # workers must cut chunks alike: no timing-based choice
     k = t.steps_per_loop or (MULTI_WORKER_STEPS_PER_LOOP if lockstep else FIRST_CHUNKS)
     ctx = Context(loop.model, run, total_steps, start, k)
-    validation = _validation(loop, data, t)
+    validation = _validation(loop, data, t, val_metrics(t, data))
     actions = _actions(t, checkpoints, validation, callbacks, auto=t.steps_per_loop is None and not lockstep)
     stop = stop or StopFlag()
     result = None
@@ -96,12 +97,20 @@ def fit(
             action.on_train_end(ctx, result)
 
 
-def _validation(loop: StepLoop, data: Dataset, t: DictConfig) -> Validation | None:
-    if data.x_val is None:
+def _validation(loop: StepLoop, data: Dataset, t: DictConfig, metrics: Metrics) -> Validation | None:
+    if not data.has_val:
         return None
     es = t.early_stopping
     stopper = EarlyStopper(es.monitor, es.patience, es.min_delta, es.restore_best) if es.patience else None
-    return Validation(loop, data.x_val, data.y_val, data.task != "regression", t.eval_every, stopper)
+    split = (data.val, None) if data.streamed else (data.x_val, data.y_val)
+    return Validation(loop, *split, metrics, t.eval_every, stopper)
+
+
+def val_metrics(t: DictConfig, data: Dataset) -> Metrics:
+    """trainer.val_metrics, or by the data's task when null (metrics.default_metrics)."""
+    names = t.get("val_metrics")
+    names = default_metrics(data.task) if names is None else list(names)
+    return Metrics(names, data.task, sparse=data.task == "multiclass" and not data.one_hot)
 
 
 def _actions(t: DictConfig, checkpoints: Checkpoints, validation: Validation | None, callbacks: Sequence[Callback],
@@ -176,7 +185,7 @@ def _finish(loop: StepLoop, run: Run, validation: Validation | None, ctx: Contex
         val = ctx.val if ctx.val_step == step and not restored else validation.evaluate()
         summary.update({f"val/{k}": v for k, v in val.items()})
     else:  # no held-out split: the objective is the loss over the whole training set
-        val, summary[FALLBACK] = {}, float(loop.evaluate(loop.x, loop.y)["loss"])
+        val, summary[FALLBACK] = {}, float(loop.evaluate()["loss"])
     objective = summary[objective_key(summary)]
     run.log(step, summary)
     return Result(step, train_loss, val, steps_per_sec, objective, best_step)

@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.metrics import eval_batch, split_metrics
+from trainer.inputs import MAX_ROWS, MIN_EPOCH_FOR_CUTS, ArrayInput, StreamInput, epoch_order, reading
+from trainer.metrics import Metrics, eval_batch, metrics_over_arrays, metrics_over_dataset
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # The per-step outputs are named as their MLflow metrics. This one is [k, n_variables]: one column per
@@ -33,8 +34,7 @@ LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # that name cannot both exist (the per-variable points were lost: "Not a directory"). No metric name may be another's
 # followed by "/". It stays under `train/`, the prefix of the per-step metrics (resume's clean-up, fit.py).
 PER_VARIABLE = "train/grad_norm_by_var/"
-MAX_ROWS = 1024  # steps per compiled call at most: the rows buffer's length (run() splits longer runs)
-MIN_EPOCH_FOR_CUTS = 32  # epochs of fewer batches: the new-epoch test runs in the step (cheaper than calls)
+__all__ = ["MAX_ROWS", "MIN_EPOCH_FOR_CUTS", "PER_VARIABLE", "StepLoop", "epoch_order"]
 
 
 def variable_path(v: tf.Variable, model_name: str = "") -> str:
@@ -72,8 +72,8 @@ class StepLoop:
         model,
         loss_fn: LossFn,
         optimizer,
-        x: np.ndarray,
-        y: np.ndarray,
+        x: np.ndarray | ArrayInput | StreamInput,
+        y: np.ndarray | None,
         batch_size: int,
         *,
         seed: int = 0,
@@ -97,17 +97,18 @@ class StepLoop:
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
         self.on_nonfinite, self.accumulate_steps = on_nonfinite, accumulate_steps
         self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.x, self.y = tf.constant(x), tf.constant(y)
-        self.n = int(x.shape[0])
-        self.steps_per_epoch = self.n // batch_size  # the ragged last batch is dropped: shapes stay fixed
-        # Chunks end at epoch boundaries, so the new epoch's order is drawn once, before a chunk's loop;
-        # tiny epochs (and micro-batches, which straddle them) test for a new epoch in every step instead.
-        self.cut_at_epochs = accumulate_steps == 1 and self.steps_per_epoch >= MIN_EPOCH_FOR_CUTS
+        # the input side (inputs.py): arrays held on the device, or a tf.data stream; x, y arrays are the former
+        inputs = x if isinstance(x, ArrayInput | StreamInput) else None
+        self.input = inputs or ArrayInput(x, y, batch_size, seed, accumulate_steps=accumulate_steps)
+        if self.input.streamed and accumulate_steps > 1:
+            raise ValueError("accumulate_steps > 1 needs data held in memory (data.in_memory=true)")
+        self.n, self.steps_per_epoch = self.input.n, self.input.steps_per_epoch
+        self.cut_at_epochs = self.input.cut_at_epochs
         with self.strategy.scope():
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-            self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
-            model(self.x[:batch_size])  # build the variables before the first trace
+            self.input.build()
+            model(self.input.example(batch_size))  # build the variables before the first trace
             self.variables = list(model.trainable_variables)
             optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
         self.variable_names = distinct_names([variable_path(v, getattr(model, "name", "")) for v in self.variables])
@@ -116,8 +117,22 @@ class StepLoop:
         # jit: XLA compiles the forward and backward pass only; batch gathering, the optimizer's update and
         # the metric arrays stay in the ordinary graph (XLA around the whole chunk was far slower on CPUs)
         self._gradients = _compiled(self._loss_and_gradients, jit_compile=True) if jit else self._loss_and_gradients
-        self._chunk = _compiled(self._run_chunk)
+        self._chunk = _compiled(self._run_stream_chunk if self.input.streamed else self._run_chunk)
         self._eval = _compiled(self._evaluate)
+        self._eval_stream = _compiled(self._evaluate_stream)
+
+    @property
+    def x(self) -> tf.Tensor:
+        """The training inputs held on the device, preprocessed (in-memory data only)."""
+        return self.input.eval_arrays()[0]
+
+    @property
+    def y(self) -> tf.Tensor:
+        return self.input.y
+
+    @property
+    def order(self) -> tf.Variable | None:
+        return getattr(self.input, "order", None)
 
     # --- the step ------------------------------------------------------------------------------
     def train_step(self, batch: tf.Tensor) -> tf.Tensor:
@@ -179,7 +194,8 @@ class StepLoop:
 
     def _loss_and_gradients(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         with tf.GradientTape() as tape:
-            pred = tf.cast(self.model(x, training=True), y.dtype)  # mixed precision: the loss in float32
+            pred = self.model(x, training=True)  # mixed precision: the loss in float32 (class ids stay integers)
+            pred = tf.cast(pred, y.dtype if y.dtype.is_floating else tf.float32)
             loss = self.loss_fn(y, pred)
             scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
         return loss, tape.gradient(scaled, self.variables)
@@ -187,11 +203,11 @@ class StepLoop:
     def _accumulated_gradients(self, batch: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Mean loss and mean gradients over accumulate_steps consecutive micro-batches: one big batch."""
         n = self.accumulate_steps
-        loss, grads = self._gradients(*self._batch(batch * n))
+        loss, grads = self._gradients(*self.input.batch(batch * n))
         if n == 1:
             return loss, grads
         for j in tf.range(1, n):
-            micro_loss, micro_grads = self._gradients(*self._batch(batch * n + tf.cast(j, batch.dtype)))
+            micro_loss, micro_grads = self._gradients(*self.input.batch(batch * n + tf.cast(j, batch.dtype)))
             loss += micro_loss
             grads = [g + m for g, m in zip(grads, micro_grads, strict=True)]
         return loss / n, [g / n for g in grads]
@@ -213,7 +229,11 @@ class StepLoop:
 
     def gradients(self) -> list[tf.Tensor]:
         """The gradients the next step will see, without applying them (the tape example prints these)."""
-        _, grads = self._accumulated_gradients(self.step.read_value())
+        if self.input.streamed:
+            x, y = next(iter(self.input.dataset(0, self.batch_size)))
+            _, grads = self._gradients(self.input.features(x, training=True), y)
+        else:
+            _, grads = self._accumulated_gradients(self.step.read_value())
         if self.loss_scaling:
             grads = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
         return grads
@@ -226,6 +246,8 @@ class StepLoop:
         whose index in the chunk is then `steps` and whose first bad variable is `bad_variable`. A run
         longer than `call_limit` is several calls, joined.
         """
+        if self.input.streamed:
+            return self._run_stream(num_steps)
         parts, step = [], int(self.step.numpy()) if self.cut_at_epochs else 0
         while True:
             n = min(num_steps, self.call_limit(step))
@@ -235,20 +257,75 @@ class StepLoop:
                 break
         return parts[0] if len(parts) == 1 else _joined(parts)
 
+    def _run_stream(self, num_steps: int) -> dict[str, tf.Tensor]:
+        """Streamed data: calls take their batches from the epoch's iterator; one that runs dry ends the epoch.
+
+        `steps` is what ran: fewer than asked when a non-finite step stopped it (on_nonfinite=stop; `stopped`
+        is then true). A call that ran dry (an epoch shorter than counted) is followed by one on the next
+        epoch. One scalar read per call, to place the iterator."""
+        parts, step = [], int(self.step.numpy())
+        while num_steps > 0:
+            n = min(num_steps, self.call_limit(step))
+            with reading():  # a source's error deep in a file: its one line
+                out = self._chunk(tf.constant(n, tf.int32), self.input.iterator(step))
+                ran = int(out["steps"])
+            parts.append(out)
+            step, num_steps = step + ran, num_steps - ran
+            self.input.advanced(step, bool(out["exhausted"]))
+            if bool(out["stopped"]):
+                break
+        return parts[0] if len(parts) == 1 else _joined(parts)
+
     def call_limit(self, step: int) -> int:
         """How many steps one compiled call may run from `step`: the rows buffer's length, and the epoch's end
         where epochs are cut. run() splits at it; the controller cuts its chunks there so that it need not."""
-        epoch_end = self.steps_per_epoch - step % self.steps_per_epoch if self.cut_at_epochs else MAX_ROWS
-        return min(MAX_ROWS, epoch_end)
+        return self.input.call_limit(step)
 
     def _run_chunk(self, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        if self.cut_at_epochs and self.step % self.steps_per_epoch == 0:
-            self.order.assign(self._epoch_order(self.step // self.steps_per_epoch))  # once per call
+        self.input.begin_chunk(self.step)  # a new epoch's order, once per call where chunks end at epochs
         for i in tf.range(num_steps):
             row = self._distributed_step() if self.distributed else self.train_step(self.step)
             self.step.assign_add(1)
             self._rows[i].assign(row)
         return self._chunk_outputs(self._rows[:num_steps], num_steps)
+
+    def _run_stream_chunk(self, num_steps: tf.Tensor, iterator) -> dict[str, tf.Tensor]:
+        """Up to num_steps steps from `iterator`; stops early, cleanly, when it runs dry (the epoch's end)."""
+        i = tf.constant(0)
+        exhausted = tf.constant(False)
+        while i < num_steps:
+            batch = iterator.get_next_as_optional()
+            if not batch.has_value():
+                exhausted = tf.constant(True)
+                break
+            x, y = batch.get_value()
+            row = self._distributed_stream_step(x, y) if self.distributed else self._stream_step(x, y)
+            self.step.assign_add(1)
+            self._rows[i].assign(row)
+            i += 1
+        # A call on an iterator already dry runs no step: the outputs are taken over one (stale) row, then cut
+        at_least_one = tf.maximum(i, 1)
+        out = self._chunk_outputs(self._rows[:at_least_one], at_least_one)
+        done = tf.minimum(out["steps"], i)
+        stopped = done < i  # a non-finite step (on_nonfinite=stop)
+        out = {k: v[:done] if k.startswith("train/") else v for k, v in out.items()}
+        return {**out, "steps": done, "exhausted": exhausted & ~stopped, "stopped": stopped}
+
+    def _stream_step(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        return self._update(*self._gradients(self.input.features(x, training=True), y))
+
+    def _distributed_stream_step(self, x, y) -> tf.Tensor:
+        """Each replica's own share, read by its own pipeline (distribute_datasets_from_function)."""
+        row = self.strategy.run(self._replica_share_step, args=(x, y))
+        return self.strategy.experimental_local_results(row)[0]
+
+    def _replica_share_step(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        ctx = tf.distribute.get_replica_context()
+        loss, grads = self._gradients(self.input.features(x, training=True), y)
+        loss, grads = ctx.all_reduce(
+            tf.distribute.ReduceOp.SUM, [loss / self.replicas, [g / self.replicas for g in grads]]
+        )
+        return self._update(loss, grads)
 
     @_plain_graph
     def _row_width(self) -> int:
@@ -278,39 +355,30 @@ class StepLoop:
         return {**{k: v[:done] for k, v in result.items()}, "steps": done, "bad_variable": bad_variable}
 
     def _distributed_step(self) -> tf.Tensor:
-        x, y = self._batch(self.step)  # the global batch, gathered once in cross-replica context
+        x, y = self.input.batch(self.step)  # the global batch, gathered once in cross-replica context
         row = self.strategy.run(self._replica_step, args=(x, y))
         return self.strategy.experimental_local_results(row)[0]  # every replica holds the same reduced row
 
-    def _batch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Batch number `index` of the run: a slice of its epoch's seeded order (resumable from the step)."""
-        position = index % self.steps_per_epoch
-        if not self.cut_at_epochs and position == 0:  # the Python flag short-circuits at trace time
-            self.order.assign(self._epoch_order(index // self.steps_per_epoch))
-        start = tf.cast(position, tf.int32) * self.batch_size
-        idx = self.order[start : start + self.batch_size]
-        return tf.gather(self.x, idx), tf.gather(self.y, idx)
-
-    @_plain_graph
-    def _epoch_order(self, epoch: tf.Tensor) -> tf.Tensor:
-        return epoch_order(self.n, self.seed, epoch)
-
     # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, x: tf.Tensor, y: tf.Tensor, accuracy: bool = False) -> dict[str, tf.Tensor]:
-        """Mean loss (and accuracy) over a whole split, batched so large splits fit; on the device."""
-        return self._eval(x, y, tf.constant(eval_batch(self.batch_size), tf.int32), accuracy)
+    def evaluate(self, x=None, y=None, metrics: Metrics | None = None) -> dict[str, tf.Tensor]:
+        """Mean loss and `metrics` over a whole split, batched so large splits fit; on the device.
 
-    def _evaluate(self, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor, accuracy: bool) -> dict[str, tf.Tensor]:
-        return split_metrics(self.model, self.loss_fn, x, y, batch, accuracy)
+        `x`, `y`: raw arrays of a split held in memory; a `Stream` as `x`: a streamed split; nothing: the
+        training set (the objective of a run without a validation split)."""
+        metrics = metrics or Metrics(())
+        metrics.reset()
+        batch = eval_batch(self.batch_size)
+        if self.input.streamed:
+            with reading():
+                return self._eval_stream(self.input.eval_dataset(x, batch), metrics)
+        xs, ys = self.input.eval_arrays(x, y)
+        return self._eval(xs, ys, tf.constant(batch, tf.int32), metrics)
 
+    def _evaluate(self, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor, metrics: Metrics) -> dict[str, tf.Tensor]:
+        return metrics_over_arrays(self.model, self.loss_fn, x, y, batch, metrics)
 
-@_plain_graph
-def epoch_order(n: int, seed: int, epoch: tf.Tensor | int) -> tf.Tensor:
-    """The row order of epoch `epoch`: a stateless shuffle of range(n) seeded by (seed, epoch), so the data
-    position is a pure function of the step. Public: the bench's competitors draw their batches from it."""
-    pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-    # a seeded Fisher-Yates shuffle: ~1 ms for 65,536 rows here, where argsort of uniforms took ~8 ms
-    return tf.random.experimental.stateless_shuffle(tf.range(n), seed=pair)
+    def _evaluate_stream(self, dataset: tf.data.Dataset, metrics: Metrics) -> dict[str, tf.Tensor]:
+        return metrics_over_dataset(self.model, self.loss_fn, dataset, metrics, self.input.features)
 
 
 def _compiled(method: Callable, **options) -> Callable:
@@ -323,5 +391,10 @@ def _compiled(method: Callable, **options) -> Callable:
 
 def _joined(parts: list[dict[str, tf.Tensor]]) -> dict[str, tf.Tensor]:
     """Several calls' outputs as one chunk's: per-step arrays end to end; `steps` summed."""
-    out = {k: tf.concat([p[k] for p in parts], 0) for k in parts[0] if k not in ("steps", "bad_variable")}
-    return {**out, "steps": sum(int(p["steps"]) for p in parts), "bad_variable": parts[-1]["bad_variable"]}
+    last = ("steps", "bad_variable", "exhausted", "stopped")
+    out = {k: tf.concat([p[k] for p in parts], 0) for k in parts[0] if k not in last}
+    return {
+        **out,
+        **{k: parts[-1][k] for k in last[1:] if k in parts[-1]},
+        "steps": sum(int(p["steps"]) for p in parts),
+    }

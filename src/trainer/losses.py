@@ -2,12 +2,18 @@
 
 A config names one with `_target_` and `_partial_: true`, so keyword settings (`delta`, `from_logits`)
 are bound at build time (from conf/loss/*.yaml, their one home: no defaults here) and the loop only ever
-calls `loss(y_true, y_pred)`.
+calls `loss(y_true, y_pred)`. `loss=keras` is built whole instead (`keras_loss` returns a keras.losses
+object, itself that callable), so a wrong name fails before training.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import keras
 import tensorflow as tf
+
+from trainer.config import TrainerError, close_names
 
 
 def squared(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
@@ -43,4 +49,52 @@ def categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: 
     return -tf.reduce_mean(tf.reduce_sum(y_true * tf.math.log(p), axis=-1))
 
 
+def sparse_categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool) -> tf.Tensor:
+    """Integer class ids (shape [b] or [b, 1], any dtype: the data's arrays are floats) against one output per
+    class: categorical cross-entropy without a one-hot copy of the labels (what image folders give)."""
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    if from_logits:
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=y_pred))
+    p = tf.clip_by_value(tf.gather(y_pred, labels, batch_dims=1), 1e-7, 1.0)
+    return -tf.reduce_mean(tf.math.log(p))
+
+
+def keras_loss(name: str, settings: dict[str, Any]) -> keras.losses.Loss:
+    """Any keras.losses loss by class or function name (Huber, huber, MeanSquaredError, mse), built with
+    `settings`. Keras' Loss objects reduce to the batch mean (`sum_over_batch_size`), so the object itself is
+    the `(y_true, y_pred) -> scalar` the loop calls; it is built whole (`_partial_: false`), so a wrong name or
+    setting fails before training."""
+    cls = _loss_class(name)
+    try:
+        return cls(**settings)
+    except TypeError as e:
+        raise TrainerError(f"loss.settings={dict(settings)!r} do not fit keras.losses.{cls.__name__}: {e}") from None
+
+
+def _squash(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _loss_class(name: str) -> type:
+    """The keras.losses.Loss subclass `name` names; a function name (huber) or alias (mse) maps to its class by the
+    function's own name (mean_squared_error -> MeanSquaredError)."""
+    classes = {n: c for n, c in vars(keras.losses).items() if isinstance(c, type) and issubclass(c, keras.losses.Loss)}
+    by_squashed = {_squash(n): c for n, c in classes.items() if n != "Loss"}
+    found = by_squashed.get(_squash(name))
+    if found is None:
+        try:
+            fn = keras.losses.get(name)  # Keras' aliases: mse, mae, kld, ...
+        except (ValueError, TypeError):
+            fn = None
+        found = by_squashed.get(_squash(getattr(fn, "__name__", "")))
+    if found is None:
+        names = [n for n in classes if n != "Loss"]
+        raise TrainerError(f"loss.name={name!r} is no keras.losses loss: {close_names(name, names)}")
+    return found
+
+
 CLASSIFICATION = (binary_crossentropy, categorical_crossentropy)
+# Integer class ids as targets (0..n_classes-1), not 0/1 columns: outside CLASSIFICATION, whose targets are checked
+# to be 0/1 (train.py), which class ids 2..9 would fail
+CLASS_IDS = (sparse_categorical_crossentropy,)
+REGRESSION = (squared, mse, mae, huber)  # losses of continuous targets (train.py checks them against the data)

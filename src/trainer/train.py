@@ -22,8 +22,12 @@ from trainer.checkpoint import Checkpoints, NoCheckpoint
 from trainer.cli import notice_console
 from trainer.config import TRUST_KEY, TrainerError, build, check, named_targets, trusted_config, with_current_defaults
 from trainer.data import Dataset
+from trainer.data.prepare import load as load_data
+from trainer.data.prepare import preprocessing_layers
 from trainer.fit import Result, fit
+from trainer.inputs import ArrayInput, StreamInput
 from trainer.loop import StepLoop
+from trainer.models import check_fits
 from trainer.optim import build_optimizer
 from trainer.process import process_settings
 from trainer.tracking import QuietRun, Run, stored_through
@@ -52,7 +56,7 @@ def train(
         tf.config.experimental.enable_op_determinism()
     keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
     keras.utils.set_random_seed(t.seed)
-    data: Dataset = build(cfg.data)
+    data: Dataset = load_data(cfg.data)
     total_steps = _total_steps(t, data)
     output_dir = Path(output_dir or ".")
     with process_settings(t.precision) as stop, _device(t.device):  # process-wide state, restored on exit
@@ -76,8 +80,10 @@ def train(
                 if t.print_gradients and start == 0:
                     _report_gradients(loop, run)
                 result = fit(loop, data, run, t, total_steps, checkpoints, start, callbacks, stop)
+                if chief:
+                    _log_data_facts(data, run)
                 if cfg.tracking.log_model and chief:  # retried whole while the store is locked
-                    lifecycle.retry_busy(_log_model, model, run, output_dir, data.x_train[:2])
+                    lifecycle.retry_busy(_log_model, model, run, output_dir, data)
                 _summarize(result, run)
         finally:
             checkpoints.release()
@@ -94,7 +100,8 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
             "multiple of that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
         )
     with strategy.scope():
-        model = build(cfg.model)
+        model = build(cfg.model, **_from_data(cfg.model, data))
+        check_fits(model, data.x_shape)  # a layer list that does not fit the data: the layer named, before training
         loss_fn = build(cfg.loss)
         _check_loss_fits_data(cfg, loss_fn, data)
         optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
@@ -112,7 +119,7 @@ def _checkpoints(t: DictConfig, model, optimizer, loop: StepLoop, resume: checkp
         directory = directory.with_name(f"checkpoints-worker{strategy.cluster_resolver.task_id}")
     non_trainable = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]  # dropout seeds
     return Checkpoints(directory, t.max_to_keep, durable, model=model, optimizer=optimizer, step=loop.step,
-                       order=loop.order, skipped=loop.skipped, non_trainable=non_trainable)  # fmt: skip
+                       skipped=loop.skipped, non_trainable=non_trainable, **loop.input.state())  # fmt: skip
 
 
 def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume, cfg: DictConfig, chief: bool, total: int) -> int:
@@ -154,7 +161,7 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
 
 
 def _total_steps(t: DictConfig, data: Dataset) -> int:
-    n = len(data.x_train)
+    n = data.n_train
     if t.batch_size > n:
         raise TrainerError(f"trainer.batch_size={t.batch_size} is larger than the training set ({n} examples)")
     if t.epochs:
@@ -220,32 +227,72 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
 def _build_loop(
     cfg: DictConfig, model, loss_fn, optimizer, data: Dataset, strategy: tf.distribute.Strategy | None = None
 ) -> StepLoop:
-    t = cfg.trainer
+    t, d = cfg.trainer, cfg.data
+    if data.streamed:
+        if t.accumulate_steps > 1:
+            raise TrainerError(f"trainer.accumulate_steps={t.accumulate_steps} needs data held in memory: "
+                               "set data.in_memory=true (or trainer.batch_size larger instead)")  # fmt: skip
+        inputs = StreamInput(data.train, t.batch_size, t.seed, d.get("shuffle", True), d.get("shuffle_buffer", 10000),
+                             d.get("cache"), data.preprocess, strategy)  # fmt: skip
+    else:
+        inputs = ArrayInput(data.x_train, data.y_train, t.batch_size, t.seed, d.get("shuffle", True), data.preprocess,
+                            t.accumulate_steps)  # fmt: skip
     try:
         loop = StepLoop(
-            model, loss_fn, optimizer, data.x_train, data.y_train, t.batch_size,
+            model, loss_fn, optimizer, inputs, None, t.batch_size,
             seed=t.seed, clip_norm=t.clip_norm, grad_norms=cfg.tracking.log_grad_norms,
             on_nonfinite=t.on_nonfinite, accumulate_steps=t.accumulate_steps, jit=t.jit, strategy=strategy,
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
-        raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_train.shape[1:]}: "
+        raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_shape}: "
                            f"{str(e).splitlines()[0]}") from e  # fmt: skip
-    out_shape = tuple(model(data.x_train[:1]).shape[1:])
-    if out_shape != data.y_train.shape[1:]:
+    out_shape = tuple(model(inputs.example(1)).shape[1:])
+    wanted = (data.n_outputs,) if data.task == "multiclass" else data.y_shape
+    if out_shape != tuple(wanted):
         raise TrainerError(
-            f"the model gives outputs of shape {out_shape} per example but the data's targets have shape "
-            f"{data.y_train.shape[1:]}: set model.units={data.n_targets}"
+            f"the model gives outputs of shape {out_shape} per example but the data's targets need {tuple(wanted)}"
+            f" ({data.task}): set model.units={data.n_outputs}, or model.units=null to take it from the data"
         )
     return loop
 
 
+def _from_data(node: DictConfig, data: Dataset) -> dict:
+    """The model keys left null that the data knows: `units` (outputs: classes, 1 for binary, targets) and
+    `input_shape` (one example's shape)."""
+    known = {"units": data.n_outputs, "input_shape": list(data.x_shape)}
+    return {key: value for key, value in known.items() if key in node and node[key] is None}
+
+
 def _check_loss_fits_data(cfg: DictConfig, loss_fn, data: Dataset) -> None:
+    """The loss against the task the data makes (data/prepare.infer_task), one line naming the fix."""
     fn = getattr(loss_fn, "func", loss_fn)
-    if fn in losses.CLASSIFICATION and not np.all(np.isin(data.y_train, (0.0, 1.0))):
+    name = getattr(fn, "__name__", "")
+    sparse = data.task == "multiclass" and not data.one_hot
+    if data.task == "regression" and fn in losses.CLASSIFICATION:
         raise TrainerError(
-            f"loss {fn.__name__} needs 0/1 (one-hot) targets but data {cfg.data._target_} has continuous ones: "
+            f"loss {name} needs class targets but data {cfg.data._target_} has continuous ones: "
             "use loss=mse (or squared, mae, huber) for regression"
         )
+    fix = {"binary": "loss=binary_crossentropy", "multiclass": "loss=sparse_categorical_crossentropy" if sparse
+           else "loss=categorical_crossentropy"}.get(data.task)  # fmt: skip
+    if fix and fn in losses.REGRESSION:
+        classes = f"{data.n_classes} classes" if data.task == "multiclass" else "0/1 targets"
+        raise TrainerError(f"data {cfg.data._target_} is a {data.task} task ({classes}) but loss={name} is a "
+                           f"regression loss: use {fix}")  # fmt: skip
+    if fn in losses.CLASS_IDS and not sparse:
+        raise TrainerError(f"loss={name} needs class ids but data {cfg.data._target_} is a {data.task} task with "
+                           f"targets of shape {data.y_shape}: use {fix or 'loss=mse'}")  # fmt: skip
+    if sparse and name == "categorical_crossentropy":
+        raise TrainerError(f"data {cfg.data._target_} gives class ids, not one-hot rows: use "
+                           "loss=sparse_categorical_crossentropy")  # fmt: skip
+
+
+def _log_data_facts(data: Dataset, run: Run) -> None:
+    """What a reader of the run needs to use its model: class names by id, and how the data was held."""
+    run.set_tag("data.task", data.task)
+    run.set_tag("data.held", "streamed" if data.streamed else "in_memory")
+    if data.labels:
+        run.log_text(json.dumps({"labels": data.labels}, indent=1), "labels.json")
 
 
 def _report_gradients(loop: StepLoop, run: Run) -> None:
@@ -257,10 +304,17 @@ def _report_gradients(loop: StepLoop, run: Run) -> None:
     run.log_text(json.dumps({n: g.tolist() for n, g in grads.items()}, indent=1), "first_step_gradients.json")
 
 
-def _log_model(model, run: Run, output_dir: Path, example: np.ndarray) -> None:
+def _log_model(model, run: Run, output_dir: Path, data: Dataset) -> None:
     """The trained model twice over: a plain `.keras` file any Keras loads, and an MLflow model that
-    `mlflow.tensorflow.load_model` / `mlflow.pyfunc.load_model` load and serve (trainer.evaluate uses it)."""
+    `mlflow.tensorflow.load_model` / `mlflow.pyfunc.load_model` load and serve (trainer.evaluate uses it).
+    With preprocessing (rescale, normalization) the logged model carries it in front, so it takes raw inputs."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    example = _raw_example(data)
+    layers = preprocessing_layers(data.preprocess)
+    if isinstance(model, keras.Model) and layers:
+        model = keras.Sequential(
+            [keras.Input(data.x_shape, dtype=example.dtype), *layers, model], name="with_preprocessing"
+        )
     if isinstance(model, keras.Model):
         path = output_dir / "model.keras"
         model.save(path)
@@ -272,6 +326,14 @@ def _log_model(model, run: Run, output_dir: Path, example: np.ndarray) -> None:
         from trainer.tracking.models import log_model
 
         log_model(model, "model", input_example=example)
+
+
+def _raw_example(data: Dataset) -> np.ndarray:
+    """Two raw training inputs: the logged model's input example (its signature)."""
+    if not data.streamed:
+        return data.x_train[:2]
+    x, _ = next(iter(data.train.read().batch(2)))
+    return x.numpy()
 
 
 def _summarize(r: Result, run: Run) -> None:

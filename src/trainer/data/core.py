@@ -1,0 +1,203 @@
+"""What every source hands the trainer: examples, then a split into training and validation.
+
+A source returns `Examples` (rows in a fixed order, as arrays or as a `tf.data` reader), and `prepare.py`
+splits them, decides whether they are held on the device or streamed, and fits the preprocessing on the
+training split. The split is one rule for both paths: example i is a validation example when it is among the
+first round(n * val_fraction) entries of a seeded permutation of range(n); both sides keep the file order,
+so with shuffling off the first batch is the file's first training rows whatever the format or the path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trainer.config import TrainerError
+
+# The largest magnitude a value may have: sqrt(float32 max) = 1.84e19. A larger one squares to inf in
+# float32, so a squared loss, or the gradient norms (sums of squares, see loop.py) of any weight it
+# multiplies, are inf at the first step, and the run would stop blaming the learning rate. float32's own
+# limit (3.4e38; 1e308 casts to inf) is above it, so this one bound also catches values the cast breaks.
+MAX_ABS_VALUE = float(np.sqrt(np.finfo(np.float32).max))
+
+TASKS = ("regression", "binary", "multiclass")
+
+
+@dataclass
+class Stream:
+    """One split, streamed: `read()` gives its examples (x, y), unbatched, always in the same order."""
+
+    read: Callable[[], Any]  # () -> tf.data.Dataset
+    count: int
+
+
+@dataclass
+class Examples:
+    """One source's examples before the split, row i being example i in the source's own order.
+
+    Give `arrays` (in memory, or memory-mapped: only the rows used are read) or `read` (a `tf.data.Dataset` of
+    unbatched (x, y) pairs); `count` is the number of examples (a reader that cannot know it cheaply counts).
+    `labels` names the classes of integer class ids in y; `val` is an explicit validation set.
+    """
+
+    count: int
+    x_shape: tuple[int, ...]  # per example
+    y_shape: tuple[int, ...]
+    x_dtype: str = "float32"
+    y_dtype: str = "float32"
+    arrays: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # or () -> them
+    read: Callable[[], Any] | None = None
+    source: str = "data"  # how errors name it: "data.path='houses.csv'"
+    columns: Sequence[str] | None = None  # feature names then target names, for errors
+    labels: Sequence[str] | None = None
+    task: str | None = None  # None: inferred from the targets (prepare.infer_task)
+    numeric: bool = True  # features that `data.normalize` may scale (tables); images rescale instead
+    rescale: float | None = None  # a constant factor (1/255 for images), inside the logged model
+    augment: dict[str, Any] | None = None  # image augmentation for the training split (files.augmentation_layers)
+    val: Examples | None = None
+
+    @property
+    def nbytes(self) -> int:
+        per_example = np.prod(self.x_shape, dtype=np.int64) * np.dtype(self.x_dtype).itemsize
+        return int(self.count * (per_example + np.prod(self.y_shape, dtype=np.int64) * np.dtype(self.y_dtype).itemsize))
+
+
+@dataclass
+class Dataset:
+    """Training and validation data, ready for the loop: arrays held on the device, or streams.
+
+    Arrays are the raw values (images as read, tables unscaled); `preprocess` is what the input side applies
+    before the model and what the logged model carries in front of it (prepare.preprocessing).
+    """
+
+    x_train: np.ndarray | None
+    y_train: np.ndarray | None
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    task: str = "regression"  # regression | binary | multiclass: which validation metrics make sense
+    train: Stream | None = None  # streamed data: the training split
+    val: Stream | None = None
+    n_classes: int | None = None  # multiclass: the number of classes
+    labels: list[str] | None = None  # class names, by class id (string labels in a table)
+    preprocess: dict[str, Any] = field(default_factory=dict)  # mean/variance (or min/max), rescale
+    x_shape: tuple[int, ...] = ()
+    y_shape: tuple[int, ...] = ()
+    y_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.x_train is not None:
+            self.x_shape = self.x_shape or tuple(self.x_train.shape[1:])
+            self.y_shape = self.y_shape or tuple(self.y_train.shape[1:])
+            self.y_dtype = str(self.y_train.dtype)
+        if self.task == "multiclass" and self.n_classes is None and self.y_train is not None:
+            self.n_classes = int(self.y_train.shape[1]) if self.one_hot else int(self.y_train.max()) + 1
+
+    @property
+    def streamed(self) -> bool:
+        return self.x_train is None
+
+    @property
+    def one_hot(self) -> bool:
+        """Multiclass targets given as one-hot rows (categorical_crossentropy) rather than class ids."""
+        return self.task == "multiclass" and len(self.y_shape) == 1 and self.y_shape[0] > 1
+
+    @property
+    def n_train(self) -> int:
+        return self.train.count if self.streamed else len(self.x_train)
+
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None if self.streamed else self.x_val is not None
+
+    @property
+    def n_features(self) -> int:
+        return int(np.prod(self.x_shape))
+
+    @property
+    def n_targets(self) -> int:
+        return int(np.prod(self.y_shape)) if self.y_shape else 1
+
+    @property
+    def n_outputs(self) -> int:
+        """What a model's head must give: a logit per class, one logit for binary, a value per target."""
+        if self.task == "multiclass":
+            return self.n_classes
+        return self.n_targets
+
+
+def check_values(
+    a: np.ndarray, source: str, columns: Sequence[str], lines: Sequence[int] | None = None, first_row: int = 0
+) -> None:
+    """Raise naming the first cell of `a` ([rows, columns]) that is NaN, infinite, or beyond MAX_ABS_VALUE.
+
+    `a` may be one batch of a stream: `first_row` is its first row's index in the source, `lines[i]` the file
+    line of its row i.
+
+    A NaN in a validation row otherwise gives a finite val/loss (the compiled evaluation predicted 0.0 for
+    it), and one in a training row stops the run as if the learning rate were too high. One vectorised
+    pass (|a| <= bound is false for NaN too); the Python search runs only when something is wrong.
+    """
+    a = np.asarray(a)
+    if a.dtype.kind in "iub":
+        return
+    flat = a.reshape(len(a), -1) if a.ndim != 2 else a
+    bad = ~(np.abs(flat) <= MAX_ABS_VALUE)
+    if not bad.any():
+        return
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    value = float(flat[row, col])
+    name = columns[col] if a.ndim == 2 and col < len(columns) else f"value {col}"
+    where = f"{source}: row {first_row + row + 1}{f' (line {lines[row]})' if lines else ''}, column {name!r}"
+    if not np.isfinite(value):
+        raise TrainerError(
+            f"{where} is not finite ({value}); set data.missing=drop or mean, or fill such cells before training"
+        )
+    raise TrainerError(
+        f"{where} is {value:.3g}, beyond {MAX_ABS_VALUE:.3g} (its square overflows float32, so the loss or "
+        "gradient norms would be inf); rescale the column"
+    )
+
+
+def _names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{j}" for j in range(n)]
+
+
+def val_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """True for the validation examples: the first round(n * val_fraction) of a seeded permutation."""
+    n_val = round(n * val_fraction)
+    if n_val and n_val >= n:
+        raise TrainerError(f"data.val_fraction={val_fraction} leaves no training examples out of {n}")
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return mask
+
+
+def split(
+    x: np.ndarray,
+    y: np.ndarray,
+    val_fraction: float,
+    seed: int,
+    task: str = "regression",
+    source: str = "data",
+    columns: Sequence[str] | None = None,
+    lines: Sequence[int] | None = None,
+) -> Dataset:
+    """Check every value, then hold out the `val_fraction` of rows `val_mask` picks; both sides keep file order.
+
+    `columns` names x's columns then y's (default x0.., y0..); `lines` the file line of each row, for errors.
+    Float targets become float32; integer class ids stay integers.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    n_x = int(np.prod(x.shape[1:]))
+    columns = list(columns) if columns else [*_names("x", n_x), *_names("y", int(np.prod(y.shape[1:])))]
+    check_values(x, source, columns[:n_x], lines)
+    check_values(y, source, columns[n_x:], lines)
+    x = x.astype(np.float32) if x.dtype.kind == "f" or (x.dtype.kind in "iub" and x.ndim == 2) else x
+    y = y if y.dtype.kind in "iu" and task == "multiclass" else y.astype(np.float32)
+    mask = val_mask(len(x), val_fraction, seed)
+    if not mask.any():
+        return Dataset(x, y, None, None, task)
+    return Dataset(x[~mask], y[~mask], x[mask], y[mask], task)

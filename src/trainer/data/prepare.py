@@ -1,0 +1,436 @@
+"""From a data option to what the loop trains on: build the source, split it, hold it or stream it, fit the
+preprocessing on the training split.
+
+Every source, built-in or yours, goes through `load`: its function is called with the keys it names (the
+shared settings of conf/data_defaults.yaml go only to functions that take them), and what it returns is
+turned into a `Dataset` by `prepare`. What a function may return is the plug-in contract (README: Your own
+data): `Examples`, a `Dataset`, a `tf.data.Dataset` of unbatched (x, y), a pair (train, val) of those,
+arrays `(x, y)`, or `((x, y), (x_val, y_val))`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import TrainerError, build, check_data_settings, conf_dir, first_line
+from trainer.data.core import Dataset, Examples, Stream, check_values, val_mask
+
+CONTRACT = (
+    "expected trainer.data.Examples, a tf.data.Dataset of unbatched (x, y) pairs, a pair (train, val) of "
+    "datasets, arrays (x, y), or ((x, y), (x_val, y_val)) (README: Your own data)"
+)
+STATS_BATCH = 4096  # examples per batch of the statistics pass over a stream
+
+
+@functools.cache
+def shared_defaults() -> dict[str, Any]:
+    """conf/data_defaults.yaml, the one home of the shared settings' values."""
+    return OmegaConf.to_container(OmegaConf.load(conf_dir() / "data_defaults.yaml"))
+
+
+def settings(node: DictConfig) -> DictConfig:
+    """The shared settings of a data option; those it leaves out (your own option) take the defaults."""
+    values = {k: node.get(k, v) for k, v in shared_defaults().items()}
+    out = OmegaConf.create(values)
+    check_data_settings(out)
+    return out
+
+
+def load(node: DictConfig) -> Dataset:
+    """Build the option's source and prepare it (split, memory or stream, preprocessing)."""
+    partial = build(node, _partial_=True)
+    fn = partial.func
+    accepted = _accepted(fn)
+    kwargs = {k: v for k, v in partial.keywords.items() if accepted is None or k in accepted}
+    name = f"data._target_={node.get('_target_')}"
+    try:
+        result = fn(*partial.args, **kwargs)
+    except TrainerError:
+        raise
+    except Exception as e:  # a user's reader: one line naming it, as `build` does for the other groups
+        raise TrainerError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
+    return prepare(result, settings(node), name)
+
+
+def _accepted(fn: Any) -> set[str] | None:
+    """The keyword names `fn` takes; None when it takes any (**kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+# --- what a source returned ----------------------------------------------------------------------
+def prepare(result: Any, s: DictConfig, name: str = "data") -> Dataset:
+    """A source's result as a Dataset ready for the loop (see the module docstring for what it may be)."""
+    if isinstance(result, Dataset):  # split already (the synthetic sources)
+        if str(s.in_memory).lower() == "false" and not result.streamed:
+            result = _as_streams(result)
+        return _fit_preprocessing(result, s, numeric=True)
+    examples = as_examples(result, name)
+    if examples.val is not None and s.val_fraction:
+        pass  # an explicit validation set wins; the fraction is not applied twice
+    return _prepare_examples(examples, s, name)
+
+
+def as_examples(result: Any, name: str) -> Examples:
+    """The accepted shapes of a source's result, as Examples; anything else is one line naming the function."""
+    import tensorflow as tf
+
+    if isinstance(result, Examples):
+        return result
+    if isinstance(result, tf.data.Dataset):
+        return _from_tf(result, name)
+    if isinstance(result, dict) and set(result) <= {"train", "val"} and "train" in result:
+        return _with_val(as_examples(result["train"], name), result.get("val"), name)
+    if isinstance(result, tuple | list) and len(result) == 2:
+        first, second = result
+        if _is_array(first) and _is_array(second):
+            return _from_arrays(np.asarray(first), np.asarray(second), name)
+        if isinstance(first, tf.data.Dataset | tuple | list | Examples):
+            return _with_val(as_examples(first, name), second, name)
+    kind = f"a {type(result).__name__}" + (f" of {len(result)} items" if isinstance(result, tuple | list) else "")
+    raise TrainerError(f"{name} returned {kind}; {CONTRACT}")
+
+
+def _is_array(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "__array__"))
+
+
+def _with_val(train: Examples, val: Any, name: str) -> Examples:
+    if val is not None:
+        train.val = as_examples(val, name)
+    return train
+
+
+def _from_arrays(x: np.ndarray, y: np.ndarray, name: str) -> Examples:
+    if len(x) != len(y):
+        raise TrainerError(f"{name} returned x with {len(x)} rows and y with {len(y)}; they must match")
+    return Examples(len(x), x.shape[1:], y.shape[1:], str(x.dtype), str(y.dtype), arrays=(x, y), source=name)
+
+
+def _from_tf(ds: Any, name: str) -> Examples:
+    import tensorflow as tf
+
+    spec = ds.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise TrainerError(f"{name} returned a tf.data.Dataset of {spec}; expected (x, y) pairs")
+    if spec[0].shape.rank and spec[0].shape[0] is None and spec[1].shape.rank and spec[1].shape[0] is None:
+        ds, spec = ds.unbatch(), ds.unbatch().element_spec  # batched: the trainer batches itself
+    count = int(ds.cardinality())
+    if count < 0:  # unknown or infinite: one counting pass (no values are kept)
+        if count == tf.data.INFINITE_CARDINALITY:
+            raise TrainerError(f"{name} returned an infinite tf.data.Dataset; drop its .repeat() (epochs do that)")
+        count = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+    x_shape, y_shape = tuple(spec[0].shape), tuple(spec[1].shape)
+    if None in x_shape or None in y_shape:
+        raise TrainerError(f"{name}: examples of shape {x_shape} -> {y_shape}; every example must have a fixed shape")
+    return Examples(count, x_shape, y_shape, spec[0].dtype.name, spec[1].dtype.name, read=lambda: ds, source=name)
+
+
+# --- split, memory or stream ---------------------------------------------------------------------
+def _prepare_examples(ex: Examples, s: DictConfig, name: str) -> Dataset:
+    if ex.count < 1:
+        raise TrainerError(f"{ex.source}: no examples")
+    in_memory = str(s.in_memory).lower()
+    hold = in_memory == "true" or (in_memory == "auto" and _total_bytes(ex) <= s.memory_limit_mb * 2**20)
+    data = _in_memory(ex, s) if hold else _streamed(ex, s)
+    return _fit_preprocessing(data, s, numeric=ex.numeric, rescale=ex.rescale, augment=getattr(ex, "augment", None))
+
+
+def _task(s: DictConfig) -> str | None:
+    """data.task, None for auto (inferred)."""
+    return None if s.get("task", "auto") == "auto" else s.task
+
+
+def _total_bytes(ex: Examples) -> int:
+    return ex.nbytes + (ex.val.nbytes if ex.val is not None else 0)
+
+
+def _arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray]:
+    if ex.arrays is not None:
+        x, y = ex.arrays() if callable(ex.arrays) else ex.arrays
+        return np.asarray(x), np.asarray(y)
+    xs, ys = [], []
+    for xb, yb in ex.read().batch(STATS_BATCH).as_numpy_iterator():
+        xs.append(xb)
+        ys.append(yb)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _in_memory(ex: Examples, s: DictConfig) -> Dataset:
+    x, y = _arrays(ex)
+    task, y, n_classes = targets(y, ex, _task(s))
+    columns = ex.columns
+    if ex.val is None:
+        data = _split_arrays(x, y, s, task, ex.source, columns)
+    else:
+        xv, yv = _arrays(ex.val)
+        _, yv, _ = targets(yv, ex.val, task)
+        for a, b, what in ((x, y, ex.source), (xv, yv, ex.val.source)):
+            check_values(a.reshape(len(a), -1), what, columns or [])
+            check_values(b.reshape(len(b), -1) if b.dtype.kind == "f" else b[:, None], what, [])
+        data = Dataset(_features(x), y, _features(xv), yv, task)
+    data.n_classes, data.labels = n_classes or data.n_classes, list(ex.labels) if ex.labels else None
+    return data
+
+
+def _features(x: np.ndarray) -> np.ndarray:
+    """Floats as float32 (the step's dtype); integer images stay as they are (4x smaller on the device)."""
+    return x.astype(np.float32) if x.dtype.kind == "f" or x.ndim == 2 else x
+
+
+def _split_arrays(x, y, s, task, source, columns) -> Dataset:
+    from trainer.data.core import split
+
+    n_x = int(np.prod(x.shape[1:]))
+    names = list(columns) if columns and len(columns) >= n_x else None
+    data = split(x, y, s.val_fraction, s.seed, task, source, names)
+    data.x_train = _features(data.x_train)
+    data.x_val = None if data.x_val is None else _features(data.x_val)
+    return data
+
+
+def targets(y: np.ndarray, ex: Examples, task: str | None = None) -> tuple[str, np.ndarray, int | None]:
+    """The task the targets make, and the targets as the loop takes them.
+
+    binary: one 0/1 column (or two labels), float32 [n, 1]; multiclass: class ids int32 [n] (several labels,
+    or an integer column of more than two values), or one-hot rows as given; regression: float32 [n, k].
+    """
+    task = task or ex.task or infer_task(y, ex.labels)
+    if (
+        task in ("binary", "multiclass")
+        and y.dtype.kind == "f"
+        and len(y.shape) <= 2
+        and y.reshape(len(y), -1).shape[1] == 1
+    ):
+        values = np.unique(y)
+        if not np.array_equal(values, np.round(values)) or values.min() < 0:
+            raise TrainerError(f"{ex.source}: data.task={task} needs class ids 0..k-1 (or 0/1) in the target; "
+                               f"found {values[:5].tolist()}...: set data.task=regression")  # fmt: skip
+    n_classes = None
+    if task == "binary":
+        y = y.reshape(len(y), -1).astype(np.float32)
+    elif task == "multiclass" and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+        y = y.reshape(len(y)).astype(np.int32)
+        n_classes = len(ex.labels) if ex.labels else int(y.max()) + 1
+    elif task == "multiclass":
+        y = y.astype(np.float32)
+        n_classes = y.shape[1]
+    else:
+        y = y.reshape(len(y), -1).astype(np.float32) if y.ndim == 1 else y.astype(np.float32)
+    return task, y, n_classes
+
+
+MAX_INFERRED_CLASSES = 100  # a target of whole numbers 0..k-1 is read as k classes up to this k
+
+
+def infer_task(y: np.ndarray, labels) -> str:
+    """binary, multiclass or regression, from the targets' values (the rule README: Data states).
+
+    Labels (strings): two are binary, more multiclass. One column of 0/1: binary. One column of every whole
+    number 0..k-1 (k <= MAX_INFERRED_CLASSES), integer or float: k classes. One-hot rows: multiclass.
+    Anything else is regression: a count or a price of whole numbers that do not start at 0 is not taken for
+    classes; `data.task` says otherwise where the rule guesses wrong."""
+    if labels:
+        return "binary" if len(labels) == 2 else "multiclass"
+    flat = y.reshape(len(y), -1)
+    if flat.shape[1] == 1:
+        values = np.unique(flat)
+        if np.isin(values, (0, 1)).all():
+            return "binary"
+        k = len(values)
+        whole = np.array_equal(values, np.arange(k))
+        return "multiclass" if whole and k <= MAX_INFERRED_CLASSES else "regression"
+    if flat.shape[1] > 1 and np.isin(flat, (0.0, 1.0)).all() and (flat.sum(axis=1) == 1).all():
+        return "multiclass"
+    return "regression"
+
+
+def _streamed(ex: Examples, s: DictConfig) -> Dataset:
+    """Train and validation as streams: the split is a filter by example index against `val_mask`."""
+    import tensorflow as tf
+
+    read = ex.read or _reader_of_arrays(ex)
+    task, n_classes = _task(s) or ex.task, len(ex.labels) if ex.labels else None
+    if task is None or (task == "multiclass" and n_classes is None):  # the targets only, once
+        if ex.arrays is not None:  # memory-mapped: y alone is read
+            ys = np.asarray((ex.arrays() if callable(ex.arrays) else ex.arrays)[1])
+        else:
+            ys = np.concatenate([yb for yb in read().map(lambda x, y: y).batch(STATS_BATCH).as_numpy_iterator()])
+        task, _, n_classes = targets(ys, ex, task)
+    target_fn = _target_map(task)
+    if ex.val is not None:
+        val_read = ex.val.read or _reader_of_arrays(ex.val)
+        train = Stream(lambda: read().map(target_fn), ex.count)
+        val = Stream(lambda: val_read().map(target_fn), ex.val.count)
+    else:
+        mask = val_mask(ex.count, s.val_fraction, s.seed)
+        n_val = int(mask.sum())
+        table = tf.constant(mask)
+
+        def part(want_val: bool):
+            def read_part():
+                pick = read().enumerate().filter(lambda i, xy: tf.gather(table, i) == want_val)
+                return pick.map(lambda i, xy: target_fn(*xy))
+
+            return read_part
+
+        train = Stream(part(False), ex.count - n_val)
+        val = Stream(part(True), n_val) if n_val else None
+    y_shape = {"binary": (1,), "multiclass": () if len(ex.y_shape) <= 1 and _ids(ex) else ex.y_shape}.get(
+        task, ex.y_shape if ex.y_shape else (1,)
+    )
+    labels = list(ex.labels) if ex.labels else None
+    data = Dataset(None, None, None, None, task, train=train, val=val, n_classes=n_classes, labels=labels,
+                   x_shape=tuple(ex.x_shape), y_shape=tuple(y_shape))  # fmt: skip
+    data.y_dtype = "int32" if task == "multiclass" and y_shape == () else "float32"
+    return data
+
+
+def _as_streams(data: Dataset) -> Dataset:
+    """Arrays as streams (data.in_memory=false on an in-memory source): the same examples, the same order."""
+    import tensorflow as tf
+
+    def stream(x, y):
+        return Stream(lambda: tf.data.Dataset.from_tensor_slices((x, y)), len(x)) if x is not None else None
+
+    out = Dataset(None, None, None, None, data.task, stream(data.x_train, data.y_train), stream(data.x_val, data.y_val),
+                  data.n_classes, data.labels, x_shape=data.x_shape, y_shape=data.y_shape)  # fmt: skip
+    out.y_dtype = data.y_dtype
+    return out
+
+
+def _ids(ex: Examples) -> bool:
+    return np.dtype(ex.y_dtype).kind in "iu" or bool(ex.labels)
+
+
+def _target_map(task: str):
+    """The per-example form of `targets`: what a streamed (x, y) becomes before batching."""
+    import tensorflow as tf
+
+    def fn(x, y):
+        if task == "multiclass" and y.dtype.is_integer:
+            return x, tf.reshape(tf.cast(y, tf.int32), [])
+        y = tf.cast(y, tf.float32)
+        return x, tf.reshape(y, [-1]) if y.shape.rank == 0 or task == "binary" else y
+
+    return fn
+
+
+def _reader_of_arrays(ex: Examples):
+    """Stream arrays (memory-mapped ones are read a block at a time, never whole)."""
+    import tensorflow as tf
+
+    block = STATS_BATCH
+
+    def read():
+        x, y = ex.arrays() if callable(ex.arrays) else ex.arrays
+
+        def rows(start):
+            stop = min(int(start) + block, ex.count)
+            return np.asarray(x[int(start) : stop]), np.asarray(y[int(start) : stop])
+
+        spec = (tf.TensorSpec([None, *ex.x_shape], ex.x_dtype), tf.TensorSpec([None, *ex.y_shape], ex.y_dtype))
+        starts = tf.data.Dataset.range(0, ex.count, block)
+        blocks = starts.map(
+            lambda s: tf.numpy_function(rows, [s], [spec[0].dtype, spec[1].dtype], stateful=False),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        blocks = blocks.map(lambda a, b: (tf.ensure_shape(a, spec[0].shape), tf.ensure_shape(b, spec[1].shape)))
+        return blocks.unbatch()
+
+    return read
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+def _fit_preprocessing(data: Dataset, s: DictConfig, numeric: bool, rescale: float | None = None,
+                       augment: dict | None = None) -> Dataset:  # fmt: skip
+    """Statistics of the training split only (mean/variance or min/max per feature), kept on the Dataset:
+    the input side applies them before the model, and the logged model carries them in front of it."""
+    pre: dict[str, Any] = {}
+    if rescale:
+        pre["rescale"] = float(rescale)
+    if augment:
+        pre["augment"] = dict(augment)
+    if s.normalize != "none" and numeric:
+        lo, hi, mean, var = _statistics(data)
+        if s.normalize == "standard":
+            pre["mean"], pre["variance"] = mean, var
+        else:  # minmax: (x - min) / (max - min), as a Normalization layer
+            pre["mean"], pre["variance"] = lo, np.square(hi - lo)
+    data.preprocess = pre
+    return data
+
+
+def _statistics(data: Dataset) -> tuple[np.ndarray, ...]:
+    """Per-feature min, max, mean and variance of the training split, in float64 (one pass for a stream)."""
+    if not data.streamed:
+        x = data.x_train.reshape(len(data.x_train), -1).astype(np.float64)
+        lo, hi, mean, var = x.min(0), x.max(0), x.mean(0), x.var(0)
+    else:
+        n, total, squares, lo, hi = 0, 0.0, 0.0, np.inf, -np.inf
+        for xb in data.train.read().map(lambda x, y: x).batch(STATS_BATCH).as_numpy_iterator():
+            xb = xb.reshape(len(xb), -1).astype(np.float64)
+            n, total, squares = n + len(xb), total + xb.sum(0), squares + np.square(xb).sum(0)
+            lo, hi = np.minimum(lo, xb.min(0)), np.maximum(hi, xb.max(0))
+        mean = total / n
+        var = np.maximum(squares / n - np.square(mean), 0.0)
+    shape = data.x_shape
+    return tuple(np.asarray(a, dtype=np.float32).reshape(shape) for a in (lo, hi, mean, var))
+
+
+def preprocessing_layers(pre: dict[str, Any]) -> list:
+    """The fitted preprocessing as Keras layers: what the logged model puts in front of the trained one."""
+    import keras
+
+    layers = []
+    if "rescale" in pre:
+        layers.append(keras.layers.Rescaling(pre["rescale"], name="rescale"))
+    if "mean" in pre:
+        axis = tuple(range(1, np.ndim(pre["mean"]) + 1)) or -1
+        layers.append(keras.layers.Normalization(axis=axis if len(axis) > 1 else -1, mean=pre["mean"],
+                                                 variance=pre["variance"], name="normalize"))  # fmt: skip
+    return layers
+
+
+def relabel(data: Dataset, labels: list[str] | None) -> Dataset:
+    """Class ids of `data` renumbered to `labels` (the names by id a model was trained with): a file whose
+    classes are a subset, or sort differently, is still scored against the ids the model learnt."""
+    if not labels or not data.labels or list(data.labels) == list(labels):
+        return data
+    unknown = [name for name in data.labels if name not in labels]
+    if unknown:
+        raise TrainerError(f"the data has classes the model never saw: {unknown[:5]} (it knows {labels[:10]})")
+    mapping = np.array([labels.index(name) for name in data.labels])
+    binary = data.task == "binary"
+    if binary and len(labels) != 2:
+        raise TrainerError(f"the data has 2 classes {data.labels} but the model was trained on {len(labels)}")
+
+    def renumber(y: np.ndarray) -> np.ndarray:
+        return mapping[y.astype(np.int64)].astype(y.dtype)
+
+    if data.streamed:
+        import tensorflow as tf
+
+        table = tf.constant(mapping)
+        for stream in (data.train, data.val):
+            if stream is not None:
+                read = stream.read
+                stream.read = lambda read=read: read().map(
+                    lambda x, y: (x, tf.cast(tf.gather(table, tf.cast(y, tf.int64)), y.dtype))
+                )
+    else:
+        data.y_train = renumber(data.y_train)
+        data.y_val = None if data.y_val is None else renumber(data.y_val)
+    data.labels, data.n_classes = list(labels), len(labels) if not binary else data.n_classes
+    return data

@@ -1,0 +1,429 @@
+"""Tables: CSV and Parquet files of numeric feature columns and one or more target columns, read with pyarrow.
+
+Both readers hand over the same `Examples`: x float32 [n, features], y float32 [n, targets], or int64 class ids
+[n] when one target column holds text labels (class names sorted, as `labels`), or one-hot float32 [n, classes]
+with `one_hot`. `arrays()` reads the whole table (pyarrow's multi-threaded reader); `read()` streams it in
+record batches (pyarrow.csv.open_csv, a Parquet file's row groups), so a file larger than memory trains too.
+
+Before anything trains, one streamed pass over a CSV file counts its rows (a CSV says nowhere how many it has)
+and, on the way, checks every cell, finds the class names and the column means `missing=mean` fills in. A
+Parquet file's count is in its metadata: it is read ahead only for class names (the target column alone) or
+for `missing=drop|mean` (the feature columns too); with `missing=error`, a bad cell there is named when
+`arrays()` reads it, or when the stream reaches it.
+"""
+
+from __future__ import annotations
+
+import csv as _csv
+import glob
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import tensorflow as tf
+
+from trainer.config import MISSING_CELLS, TrainerError
+from trainer.data.core import Examples, check_values
+
+PARQUET_BATCH_ROWS = 65_536  # rows per streamed Parquet batch (a row group may hold millions)
+INDEX_NAMES = ("", "Unnamed: 0")  # a leading column with no name: the index pandas' to_csv() writes
+
+
+def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool) -> Examples:
+    """A CSV file with a header row; `target` one column name or a list; `features` null: every other column.
+
+    An unnamed leading column (pandas' index) is never a feature. Errors name the file, the row, its line and
+    the column.
+    """
+    file = _csv_file(path)
+    source = f"data.path={path!r}"
+    header = _csv_header(file, source)  # as pyarrow names the columns: cells unstripped
+    names = [h.strip() for h in header]
+    usable = names[1:] if names[0] in INDEX_NAMES else names
+    if "" in usable:
+        raise TrainerError(f"{path}: column {names.index('', 1) + 1} has no name in the header; name it")
+    feats, targets = _choose(usable, target, features, str(path))
+    raw = dict(zip(names, header, strict=True))
+
+    def options(columns: Sequence[str]) -> pa_csv.ConvertOptions:
+        """Features as float64, targets as text (tried as numbers later): a bad cell is named by column."""
+        types = {raw[c]: pa.string() if c in targets else pa.float64() for c in columns}
+        return pa_csv.ConvertOptions(
+            include_columns=[raw[c] for c in columns], column_types=types, strings_can_be_null=True
+        )
+
+    def batches(columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from pa_csv.open_csv(file, convert_options=options(columns))
+        except pa.ArrowInvalid as e:
+            raise _csv_error(e, file, names) from None
+
+    def arrays() -> tuple[np.ndarray, np.ndarray]:
+        """The whole file at once (pyarrow's threaded reader), converted as one batch."""
+        try:
+            data = pa_csv.read_csv(file, convert_options=options([*feats, *targets]))
+        except pa.ArrowInvalid as e:
+            raise _csv_error(e, file, names) from None
+        return table.convert(data.combine_chunks(), 0)
+
+    table = _Table(source, feats, targets, missing, one_hot, batches, _CsvLines(file))
+    table.scan(count=None)
+    return table.examples(arrays)
+
+
+def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool) -> Examples:
+    """One Parquet file, a directory of them (every *.parquet below it) or a glob; files in sorted path order.
+
+    The row count comes from the files' metadata; a column of strings cannot be a feature (named before
+    anything is read).
+    """
+    source = f"data.path={path!r}"
+    files = _parquet_files(path, source)
+    schema = _parquet_schema(files, source)
+    feats, targets = _choose(list(schema.names), target, features, str(path))
+    for name in feats:
+        kind = schema.field(name).type
+        if not _numeric(kind):
+            raise TrainerError(
+                f"{source}: column {name!r} holds {kind} values; a feature must be numeric: encode it as numbers "
+                f"or leave it out with data.features=[...]"
+            )
+    text = any(_text(schema.field(t).type) for t in targets)
+
+    def batches(columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        for f in files:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns))
+
+    def arrays() -> tuple[np.ndarray, np.ndarray]:
+        parts = [pq.read_table(f, columns=[*feats, *targets]) for f in files]
+        return table.convert(pa.concat_tables(parts).combine_chunks(), 0)
+
+    table = _Table(source, feats, targets, missing, one_hot, batches, None, text=text)
+    table.scan(count=sum(pq.ParquetFile(f).metadata.num_rows for f in files))
+    return table.examples(arrays)
+
+
+# --- what both formats share ---------------------------------------------------------------------------------
+@dataclass
+class _Table:
+    """A table's chosen columns, what one pass over them learned, and the conversion of a batch to (x, y)."""
+
+    source: str
+    features: list[str]
+    targets: list[str]
+    missing: str
+    one_hot: bool
+    batches: Callable[[Sequence[str]], Iterator[pa.RecordBatch]]  # these columns, in order, streamed
+    lines: _CsvLines | None  # file lines of rows, for errors (CSV only)
+    text: bool | None = None  # targets hold class names; None: found out by the scan (CSV)
+    count: int = 0
+    labels: list[str] | None = None
+    means: np.ndarray | None = None
+    n_classes: int = 0  # one_hot: the number of classes
+
+    def scan(self, count: int | None) -> None:
+        """One pass over what must be known before training: count (CSV), class names, means, each cell.
+
+        A CSV's target is read as text and tried as numbers batch by batch; if a later batch holds text,
+        the scan starts again (it rarely does: text labels show in the first batch).
+        """
+        if self.missing not in MISSING_CELLS:
+            raise TrainerError(f"data.missing={self.missing!r} is invalid: expected {' | '.join(MISSING_CELLS)}")
+        needed = count is None or self.text or self.one_hot or self.missing != "error"
+        if needed:
+            try:
+                self._scan(count)
+            except _TextTarget:
+                self.text = True
+                self._scan(count)
+        self.text = bool(self.text)
+        if count is not None and self.missing != "drop":
+            self.count = count
+        if self.text and len(self.targets) > 1:
+            raise TrainerError(f"{self.source}: class names need one target column, not {self.targets}")
+        if self.count == 0:
+            dropped = " once the rows with missing cells are dropped" if self.missing == "drop" else ""
+            raise TrainerError(f"{self.source}: no rows to train on{dropped}")
+
+    def _scan(self, count: int | None) -> None:
+        columns = [*(self.features if count is None or self.missing != "error" else []), *self.targets]
+        n_features = len(columns) - len(self.targets)
+        kept, rows, found = 0, 0, set()
+        sums, finite_counts, largest = np.zeros(n_features), np.zeros(n_features), -1.0
+        for batch in self.batches(columns):
+            x, y, bad = self._values(batch, rows, n_features)
+            if self.text:
+                found.update(v for v in pc.unique(self._target(batch)).to_pylist() if v is not None)
+            elif self.one_hot and (~bad).any():
+                largest = max(largest, self._class_ids(y[~bad], rows))
+            finite = np.isfinite(x)
+            sums += np.where(finite, x, 0.0).sum(axis=0)
+            finite_counts += finite.sum(axis=0)
+            kept += int((finite.all(axis=1) & ~bad).sum())
+            rows += len(x)
+        self.count = kept if self.missing == "drop" else rows
+        self.labels = sorted(found) if self.text else None
+        self.n_classes = (len(self.labels) if self.text else int(largest) + 1) if self.one_hot else 0
+        if self.missing == "mean" and n_features:
+            empty = np.flatnonzero(finite_counts == 0)
+            if rows and len(empty):
+                raise TrainerError(f"{self.source}: column {self.features[empty[0]]!r} has no value to take a mean of")
+            self.means = sums / np.maximum(finite_counts, 1)
+
+    def _target(self, batch: pa.RecordBatch | pa.Table) -> pa.Array:
+        """The one target column as text (a Parquet column may be dictionary-encoded)."""
+        return pc.cast(batch.column(len(batch.schema) - 1), pa.string())
+
+    def _values(self, batch: pa.RecordBatch, first_row: int, n_features: int) -> tuple[np.ndarray, Any, np.ndarray]:
+        """Features as float64 (missing cells NaN), targets (floats, or class names), rows whose target is missing.
+
+        Raises naming the row and column for a missing cell (missing=error) or a value float32 cannot train on.
+        """
+        x = _matrix([batch.column(i) for i in range(n_features)], batch.num_rows)
+        if self.text:
+            y = self._target(batch)
+            y_missing = np.asarray(y.is_null())
+            y_values = np.where(y_missing, np.nan, 0.0)[:, None]
+        else:
+            try:
+                y = y_values = _matrix([batch.column(n_features + j) for j in range(len(self.targets))], batch.num_rows)
+            except pa.ArrowInvalid:
+                raise _TextTarget() from None
+            y_missing = ~np.isfinite(y).all(axis=1)
+        lines = self.lines.at(first_row) if self.lines else None
+        columns = [*self.features[:n_features], *self.targets]
+        values = np.concatenate([x, y_values], axis=1)
+        if self.missing == "error":
+            check_values(values, self.source, columns, lines, first_row)
+        else:
+            check_values(np.where(np.isfinite(values), values, 0.0), self.source, columns, lines, first_row)
+        if self.missing == "mean" and y_missing.any():
+            row = int(np.flatnonzero(y_missing)[0])
+            where = f"row {first_row + row + 1}{f' (line {lines[row]})' if lines else ''}"
+            raise TrainerError(
+                f"{self.source}: {where}, target column {self.targets[0]!r} is missing; data.missing=mean fills "
+                "features only: set data.missing=drop, or fill the cell"
+            )
+        return x, y, y_missing
+
+    def _class_ids(self, y: np.ndarray, first_row: int) -> float:
+        if len(self.targets) != 1 or not np.all(y == np.round(y)) or y.min() < 0:
+            raise TrainerError(
+                f"{self.source}: data.one_hot=true needs one target column of class ids 0..k-1 or class names"
+            )
+        return float(y.max())
+
+    def convert(self, batch: pa.RecordBatch | pa.Table, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch as (x, y) for the model: missing cells dropped or filled, class names as ids."""
+        n_features = len(self.features)
+        x, y, y_missing = self._values(batch, first_row, n_features)
+        finite = np.isfinite(x)
+        if self.missing == "mean":
+            x = np.where(finite, x, self.means)
+        keep = finite.all(axis=1) & ~y_missing if self.missing == "drop" else slice(None)
+        if self.text:
+            y = pc.index_in(y, value_set=pa.array(self.labels, pa.string())).to_numpy(zero_copy_only=False)
+            y = np.nan_to_num(y, nan=-1).astype(np.int64)
+        if self.one_hot:
+            y = np.eye(self.n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64).reshape(-1)]
+        elif not self.text:
+            y = y.astype(np.float32)
+        return x[keep].astype(np.float32), y[keep]
+
+    def stream(self) -> Iterator[pa.RecordBatch]:
+        return self.batches([*self.features, *self.targets])
+
+    def converted(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rows = 0
+        for batch in self.stream():
+            yield self.convert(batch, rows)
+            rows += batch.num_rows
+
+    def examples(self, arrays: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Examples:
+        y_shape = (self.n_classes,) if self.one_hot else () if self.text else (len(self.targets),)
+        y_dtype = "int64" if self.text and not self.one_hot else "float32"
+        signature = (
+            tf.TensorSpec((None, len(self.features)), tf.float32),
+            tf.TensorSpec((None, *y_shape), y_dtype),
+        )
+
+        def read() -> tf.data.Dataset:
+            return tf.data.Dataset.from_generator(self.converted, output_signature=signature).unbatch()
+
+        targets = [f"{self.targets[0]}={k}" for k in self.labels or range(self.n_classes)] if self.one_hot else None
+        return Examples(
+            count=self.count,
+            x_shape=(len(self.features),),
+            y_shape=y_shape,
+            x_dtype="float32",
+            y_dtype=y_dtype,
+            arrays=arrays,
+            read=read,
+            source=self.source,
+            columns=[*self.features, *(targets or self.targets)],
+            labels=self.labels,
+            task="multiclass" if self.one_hot else None,
+            numeric=True,
+        )
+
+
+class _TextTarget(Exception):
+    """A CSV target cell is not a number: the target holds class names."""
+
+
+def _matrix(columns: Sequence[pa.Array], rows: int) -> np.ndarray:
+    """Columns as one float64 [rows, columns] array; null cells NaN. Raises ArrowInvalid for text."""
+    if not columns:
+        return np.zeros((rows, 0))
+    out = [pc.cast(c, pa.float64()).to_numpy(zero_copy_only=False) for c in columns]
+    return np.stack(out, axis=1)
+
+
+def _choose(names: Sequence[str], target: Any, features: Sequence[str] | None, where: str) -> tuple[list, list]:
+    """(features, targets): `target` a name or a list of names; `features` null: every column not a target."""
+    targets = [target] if isinstance(target, str) else list(target) if target is not None else []
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise TrainerError(f"data.target={target!r} is invalid: expected a column name or a list of them")
+    unknown = [c for c in [*targets, *(features or [])] if c not in names]
+    if unknown:
+        raise TrainerError(f"{where}: no column {unknown[0]!r}; columns are {', '.join(names)}")
+    feats = list(features) if features else [c for c in names if c not in targets]
+    both = [c for c in feats if c in targets]
+    if both:
+        raise TrainerError(f"{where}: column {both[0]!r} is both a feature and a target; drop it from data.features")
+    if not feats:
+        raise TrainerError(f"{where}: no feature columns left once the target {targets} is taken out")
+    return feats, targets
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def _text(kind: pa.DataType) -> bool:
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+# --- CSV -----------------------------------------------------------------------------------------------------
+def _csv_file(path: str) -> Path:
+    file = Path(path)
+    if file.is_dir():
+        found = ", ".join(sorted(p.name for p in file.glob("*.csv"))[:5]) or "none"
+        raise TrainerError(f"data.path={path!r} is a directory; expected a CSV file (CSV files in it: {found})")
+    if not file.is_file():
+        raise TrainerError(f"data.path={path!r}: no such file (working directory: {Path.cwd()})")
+    return file
+
+
+def _csv_header(file: Path, source: str) -> list[str]:
+    """The header's cells as pyarrow reads them (it infers types from the first block: no conversion error)."""
+    try:
+        return pa_csv.open_csv(file).schema.names
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            raise TrainerError(f"{source}: the file is empty; expected a header row and data rows") from None
+        raise _csv_error(e, file, None) from None
+
+
+def _csv_error(error: pa.ArrowInvalid, file: Path, names: Sequence[str] | None) -> TrainerError:
+    """pyarrow's parse errors as the one line the user needs: the line at fault, or the column and its cell."""
+    text = str(error)
+    if "Expected" in text and "columns" in text:
+        return _ragged(file) or TrainerError(f"{file}: {text.splitlines()[0]}")
+    if "conversion error" in text and names:
+        column = int(text.split("#", 1)[1].split(":", 1)[0])
+        cell = text.rsplit("invalid value ", 1)[-1]
+        return TrainerError(
+            f"{file}: column {names[column]!r} is not numeric (found {cell}); a feature must be numeric: encode it "
+            "as numbers or leave it out with data.features=[...]"
+        )
+    return TrainerError(f"{file}: not a CSV file pyarrow can read: {text.splitlines()[0]}")
+
+
+def _ragged(file: Path) -> TrainerError | None:
+    """The first line whose field count differs from the header's (blank lines skipped, as pyarrow does)."""
+    with file.open(newline="") as f:
+        reader = _csv.reader(f)
+        width = None
+        for row in reader:
+            if row and width is None:
+                width = len(row)
+            elif row and len(row) != width:
+                return TrainerError(f"{file}: line {reader.line_num} has {len(row)} fields, the header has {width}")
+    return None
+
+
+class _CsvLines:
+    """The file line of each data row, found only when an error names one (a pass with Python's csv reader)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+
+    def at(self, first_row: int) -> _RowLines:
+        return _RowLines(self, first_row)
+
+    def line(self, row: int) -> int:
+        with self.file.open(newline="") as f:
+            reader = _csv.reader(f)
+            rows = (reader.line_num for r in reader if r)
+            next(rows, None)  # the header
+            for i, line in enumerate(rows):
+                if i == row:
+                    return line
+        return -1
+
+
+@dataclass
+class _RowLines:
+    """lines[i]: the file line of row first_row + i, all core.check_values asks of its `lines`."""
+
+    lines: _CsvLines
+    first_row: int
+
+    def __getitem__(self, i: int) -> int:
+        return self.lines.line(self.first_row + i)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+# --- Parquet -------------------------------------------------------------------------------------------------
+def _parquet_files(path: str, source: str) -> list[str]:
+    if any(c in path for c in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise TrainerError(f"{source}: no file matches the pattern (working directory: {Path.cwd()})")
+        return files
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*.parquet"))
+        if not files:
+            raise TrainerError(f"{source} is a directory without .parquet files; name a file, a folder or a glob")
+        return files
+    if not p.is_file():
+        raise TrainerError(f"{source}: no such file (working directory: {Path.cwd()})")
+    return [path]
+
+
+def _parquet_schema(files: Sequence[str], source: str) -> pa.Schema:
+    """The first file's schema; every other file must hold the same columns."""
+    schema = None
+    for f in files:
+        try:
+            this = pq.ParquetFile(f).schema_arrow
+        except (pa.ArrowInvalid, OSError) as e:
+            raise TrainerError(f"{source}: {f} is not a Parquet file ({str(e).splitlines()[0]})") from None
+        if schema is None:
+            schema = this
+        elif this.names != schema.names:
+            raise TrainerError(
+                f"{source}: {f} has columns {', '.join(this.names)}, unlike {files[0]} ({', '.join(schema.names)})"
+            )
+    return schema

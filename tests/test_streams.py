@@ -1,0 +1,165 @@
+"""Streamed data (tf.data) in the compiled K-step loop: the same numbers as the device-resident path, clean
+epoch ends inside a call, exact resume, evaluation on streams, and one trace for the whole run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.config import register
+from trainer.data import Stream, regression
+from trainer.data.prepare import _as_streams
+from trainer.inputs import ArrayInput, StreamInput
+from trainer.loop import PER_VARIABLE, StepLoop
+from trainer.metrics import Metrics
+from trainer.models import MLP
+from trainer.train import train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        return compose("config", [f"tracking.uri={uri}", "trainer.progress=false", *overrides])
+
+
+def only_run(tmp_path: Path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    return client, run
+
+
+def steps_of(client, run, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
+def _loop(inputs, seed: int = 0) -> StepLoop:
+    keras.utils.set_random_seed(seed)
+    model = MLP([16], 1, "relu", 0.0)
+    return StepLoop(model, keras.losses.MeanSquaredError(), keras.optimizers.SGD(0.05), inputs, None, 32)
+
+
+def test_stream_without_shuffle_trains_exactly_as_the_in_memory_path():
+    """shuffle off: both paths see the file's rows in order, so the per-step losses agree over two epochs."""
+    data = regression(1024, 8, 1, 0.1, "linear", 0.25, 3)
+    streams = _as_streams(data)
+    in_memory = _loop(ArrayInput(data.x_train, data.y_train, 32, 0, shuffle=False))
+    streamed = _loop(StreamInput(streams.train, 32, 0, shuffle=False))
+    assert in_memory.steps_per_epoch == streamed.steps_per_epoch == 24
+    a, b = in_memory.run(60), streamed.run(60)
+    assert int(a["steps"]) == int(b["steps"]) == 60
+    np.testing.assert_allclose(b["train/loss"].numpy(), a["train/loss"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(b[PER_VARIABLE].numpy(), a[PER_VARIABLE].numpy(), rtol=1e-5)
+    ev_a = in_memory.evaluate(data.x_val, data.y_val, Metrics(["mean_absolute_error"]))
+    ev_b = streamed.evaluate(streams.val, None, Metrics(["mean_absolute_error"]))
+    assert abs(float(ev_a["loss"]) - float(ev_b["loss"])) < 1e-6 * float(ev_a["loss"])
+    assert abs(float(ev_a["mean_absolute_error"]) - float(ev_b["mean_absolute_error"])) < 1e-5
+
+
+def test_a_stream_that_runs_dry_inside_a_call_ends_its_epoch_there_without_retracing():
+    """A source whose real length is below its count (a generator that stops early): the call stops at the last
+    batch, its steps are all returned, the next call starts the next epoch, and nothing traces again."""
+    data = regression(640, 8, 1, 0.1, "linear", 0.0, 0)
+    x, y = data.x_train, data.y_train
+    short = Stream(lambda: tf.data.Dataset.from_tensor_slices((x[:480], y[:480])), count=640)  # 15 real batches
+    loop = _loop(StreamInput(short, 32, 0, shuffle=False))
+    assert loop.steps_per_epoch == 20
+    first = loop.run(20)  # the first call stops dry after 15 steps; the next takes 5 of the new epoch
+    assert int(first["steps"]) == 20 and len(first["train/loss"]) == 20
+    assert int(loop.input.epoch.numpy()) == 1 and int(loop.input.epoch_start.numpy()) == 15
+    assert loop.call_limit(20) == 15  # the rest of the (counted) epoch
+    second = loop.run(15)
+    assert int(second["steps"]) == 15 and int(loop.step.numpy()) == 35
+    assert int(loop.input.epoch.numpy()) == 2 and int(loop.input.epoch_start.numpy()) == 30
+    assert loop._chunk.experimental_get_tracing_count() == 1
+
+
+def test_streamed_run_logs_every_step_and_counts_real_epochs(tmp_path):
+    """trainer.epochs on a stream: epochs * (train examples // batch) steps, each logged once, val on the stream."""
+    objective = train(
+        cfg_for(tmp_path, "model=mlp", "data.n_samples=800", "data.in_memory=false", "trainer.epochs=3",
+                "trainer.batch_size=32", "trainer.eval_every=20", "tracking.log_model=false"),
+        output_dir=tmp_path,
+    )  # fmt: skip
+    client, run = only_run(tmp_path)
+    assert steps_of(client, run) == list(range(3 * (640 // 32)))
+    assert steps_of(client, run, "val/loss") == [20, 40, 60]
+    assert run.data.tags["data.held"] == "streamed"
+    assert np.isfinite(objective) and objective == run.data.metrics["val/loss"]
+
+
+def test_interrupted_and_resumed_streamed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    """The input position is checkpointed (epoch and its first step); a resume rebuilds the epoch's shuffled
+    pipeline and skips what was taken, so the resumed run sees the very same batches."""
+    common = ["model=mlp", "model.dropout=0.1", "data.n_samples=640", "data.in_memory=false", "data.shuffle_buffer=64",
+              "trainer.batch_size=32", "trainer.deterministic=true", "trainer.steps_per_loop=7",
+              "tracking.log_model=false"]  # fmt: skip
+    train(cfg_for(tmp_path / "a", *common, "trainer.max_steps=90"), output_dir=tmp_path / "a")
+    train(cfg_for(tmp_path / "b", *common, "trainer.max_steps=40"), output_dir=tmp_path / "b")  # mid-epoch 3
+    train(cfg_for(tmp_path / "b", f"resume={tmp_path / 'b'}"), overrides=["trainer.max_steps=90"])
+
+    def final(d: Path) -> dict[str, np.ndarray]:
+        reader = tf.train.load_checkpoint(str(d / "checkpoints"))
+        return {
+            n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if n.startswith(("model/", "input"))
+        }
+
+    a, b = final(tmp_path / "a"), final(tmp_path / "b")
+    assert len(a) == len(b) > 2 and any(n.startswith("input_epoch") for n in a)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name  # bitwise, not approximately
+    losses = {}
+    for d in ("a", "b"):
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / d}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+        history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(90))
+        losses[d] = [m.value for m in history]
+    assert losses["a"] == losses["b"]
+
+
+def test_cached_streams_train_as_the_uncached_one(tmp_path):
+    """data.cache: memory, or a file prefix (tf.data writes it on the first epoch, reads it after): same losses."""
+    data = regression(640, 8, 1, 0.1, "linear", 0.0, 1)
+    streams = _as_streams(data)
+    runs = {}
+    for cache in (None, "memory", str(tmp_path / "cache")):
+        loop = _loop(StreamInput(streams.train, 32, 5, shuffle=True, shuffle_buffer=100, cache=cache))
+        runs[cache] = loop.run(60)["train/loss"].numpy()  # three epochs: the cache is read from the second on
+    np.testing.assert_array_equal(runs["memory"], runs[None])
+    np.testing.assert_array_equal(runs[str(tmp_path / "cache")], runs[None])
+    assert any(p.name.startswith("cache") for p in tmp_path.iterdir())
+
+
+def test_trainer_evaluate_reproduces_a_streamed_runs_validation(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["model=classifier", "data=classification", "loss=categorical_crossentropy", "data.in_memory=false",
+            "data.n_samples=1000", "trainer.max_steps=100", "trainer.val_metrics=[accuracy,top_2_accuracy,auc]",
+            f"tracking.uri={uri}", "hydra.run.dir=run"]  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, run = only_run(tmp_path)
+    logged = run.data.metrics
+    assert logged["val/top_2_accuracy"] >= logged["val/accuracy"] > 0.5
+    assert 0.5 < logged["val/auc"] <= 1.0
+    report = run_cli(["evaluate", f"run_id={run.info.run_id}", f"uri={uri}", "format=json"], tmp_path)
+    assert report.returncode == 0, report.stderr
+    evaluated = json.loads(report.stdout)
+    assert evaluated["split"] == "validation" and evaluated["examples"] == 200
+    for key in ("loss", "accuracy", "top_2_accuracy", "auc"):
+        assert evaluated[key] == pytest.approx(logged[f"val/{key}"], rel=1e-5), key
