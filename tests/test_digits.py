@@ -115,6 +115,7 @@ def _breast_cancer_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return d.data, d.target
 
 
+@pytest.mark.slow
 def test_a_raw_pandas_table_with_string_labels_trains_with_the_defaults(tmp_path):
     """Binary from two string labels; standardized inside the model, so the logged model takes raw columns."""
     from sklearn.linear_model import LogisticRegression

@@ -473,7 +473,7 @@ def test_other_targets_of_a_sequential_run_are_refused(target, where, key):
 def test_the_readme_model_example_composes_builds_and_fits(tmp_path, repo_root):
     """README's Models section: its YAML, as a user's own option file, composes, checks and takes the digits."""
     text = (repo_root / "README.md").read_text()
-    section = text[text.index("### Models") :]
+    section = text[text.index("## Models") :]
     block = section[section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", section.index("```yaml"))]
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "small_convnet.yaml").write_text(block)

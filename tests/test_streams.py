@@ -142,6 +142,7 @@ def test_cached_streams_train_as_the_uncached_one(tmp_path):
     assert any(p.name.startswith("cache") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_trainer_evaluate_reproduces_a_streamed_runs_validation(tmp_path):
     import json
 

@@ -23,6 +23,7 @@ def _node(target: str, **keys):
     return OmegaConf.create({"_target_": target, **keys})
 
 
+@pytest.mark.slow
 def test_the_worked_example_trains_on_wine_and_beats_the_majority_class(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["hydra.searchpath=[file://my_conf]", "data=wine", "model=mlp", "loss=sparse_categorical_crossentropy",
