@@ -81,3 +81,22 @@ def test_a_class_task_on_targets_that_are_no_class_ids_names_the_fix():
     ex = Examples(3, (1,), (1,), arrays=(np.zeros((3, 1), np.float32), np.array([[0.5], [1.0], [2.0]], np.float32)))
     with pytest.raises(TrainerError, match=r"data\.task=multiclass needs class ids .* set data\.task=regression"):
         prepare(ex, _settings(task="multiclass", val_fraction=0.0))
+
+
+def test_augmentation_acts_on_training_batches_only(digits):
+    """data.augment on held images: each training batch is flipped at random inside the step; evaluation and
+    the logged model's layers see the images as they are."""
+    import tensorflow as tf
+
+    x = digits["x"][:64]
+    pre = {"rescale": 1 / 255, "augment": {"flip": "horizontal"}}
+    inputs = ArrayInput(x, digits["y"][:64], 64, shuffle=False, preprocess=pre)
+    inputs.build()
+    batch = inputs.batch(tf.constant(0, tf.int64))[0].numpy()
+    plain = x.astype(np.float32) / 255
+    mirrored = plain[:, :, ::-1, :]
+    same = np.isclose(batch, plain, atol=1e-6).all(axis=(1, 2, 3))
+    flipped = np.isclose(batch, mirrored, atol=1e-6).all(axis=(1, 2, 3))
+    assert (same | flipped).all() and flipped[~same].any() and same.any()
+    np.testing.assert_allclose(inputs.eval_arrays()[0].numpy(), plain, atol=1e-6)
+    assert [type(layer).__name__ for layer in preprocessing_layers(pre)] == ["Rescaling"]
