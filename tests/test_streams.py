@@ -164,3 +164,21 @@ def test_trainer_evaluate_reproduces_a_streamed_runs_validation(tmp_path):
     assert evaluated["split"] == "validation" and evaluated["examples"] == 200
     for key in ("loss", "accuracy", "top_2_accuracy", "auc"):
         assert evaluated[key] == pytest.approx(logged[f"val/{key}"], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_augmentation_draws_on_as_the_uninterrupted_one(tmp_path, digits):
+    """The augmentation layers' random states are checkpointed with the input position: streamed digits PNGs
+    with random flips and rotations, stopped mid-epoch and resumed, end bitwise equal."""
+    common = ["model=cnn", "model.filters=[4]", "loss=sparse_categorical_crossentropy", "data=image_folder",
+              f"data.path={digits['root'] / 'png'}", "data.color_mode=grayscale", "data.in_memory=false",
+              "data.augment={flip: horizontal, rotation: 0.1}", "trainer.batch_size=64",
+              "trainer.deterministic=true", "trainer.steps_per_loop=7", "tracking.log_model=false"]  # fmt: skip
+    train(cfg_for(tmp_path / "a", *common, "trainer.max_steps=50"), output_dir=tmp_path / "a")
+    train(cfg_for(tmp_path / "b", *common, "trainer.max_steps=30"), output_dir=tmp_path / "b")  # epoch 2 of 22 steps
+    train(cfg_for(tmp_path / "b", f"resume={tmp_path / 'b'}"), overrides=["trainer.max_steps=50"])
+    readers = {d: tf.train.load_checkpoint(str(tmp_path / d / "checkpoints")) for d in ("a", "b")}
+    names = [n for n in readers["a"].get_variable_to_shape_map() if n.startswith(("model/", "augment_seeds"))]
+    assert any(n.startswith("augment_seeds") for n in names)
+    for name in names:
+        assert np.array_equal(readers["a"].get_tensor(name), readers["b"].get_tensor(name)), name

@@ -39,6 +39,15 @@ class Transform:
         self.layers = preprocessing_layers(preprocess)
         self.augment = _augmentation(preprocess.get("augment"), example_shape, seed)
 
+    def seed_states(self) -> list[tf.Variable]:
+        """The augmentation layers' random-generator states: checkpointed, so a resumed run draws on as the
+        uninterrupted one would have."""
+        states = []
+        for layer in self.augment:
+            for v in getattr(layer, "non_trainable_variables", []):
+                states.append(getattr(v, "value", v))
+        return states
+
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         x = tf.cast(x, tf.float32)
         for layer in self.layers:
@@ -47,6 +56,11 @@ class Transform:
             for layer in self.augment:
                 x = layer(x, training=True)
         return x
+
+
+def _seeds(transform: Transform) -> dict[str, list[tf.Variable]]:
+    states = transform.seed_states()
+    return {"augment_seeds": states} if states else {}
 
 
 def _augmentation(settings: dict | None, shape: tuple[int, ...], seed: int) -> list:
@@ -81,9 +95,9 @@ class ArrayInput:
         """Variables, created under the strategy's scope by the loop."""
         self.order = tf.Variable(self._epoch_order(tf.constant(0, tf.int64)), trainable=False, name="order")
 
-    def state(self) -> dict[str, tf.Variable]:
+    def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the input side."""
-        return {"order": self.order}
+        return {"order": self.order, **_seeds(self.transform)}
 
     def example(self, n: int) -> tf.Tensor:
         """The first n inputs as the model sees them (builds the model's variables)."""
@@ -147,8 +161,8 @@ class StreamInput:
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_epoch")
         self.epoch_start = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_epoch_start")
 
-    def state(self) -> dict[str, tf.Variable]:
-        return {"input_epoch": self.epoch, "input_epoch_start": self.epoch_start}
+    def state(self) -> dict[str, Any]:
+        return {"input_epoch": self.epoch, "input_epoch_start": self.epoch_start, **_seeds(self.transform)}
 
     def example(self, n: int) -> tf.Tensor:
         x, _ = next(iter(self.stream.read().batch(n)))
