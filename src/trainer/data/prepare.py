@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import TrainerError, build, check_data_settings, conf_dir, first_line
-from trainer.data.core import Dataset, Examples, Stream, check_values, val_mask
+from trainer.data.core import Dataset, Examples, Stream, check_values, split, val_mask
 
 CONTRACT = (
     "expected trainer.data.Examples, a tf.data.Dataset of unbatched (x, y) pairs, a pair (train, val) of "
@@ -75,9 +75,7 @@ def prepare(result: Any, s: DictConfig, name: str = "data") -> Dataset:
         if str(s.in_memory).lower() == "false" and not result.streamed:
             result = _as_streams(result)
         return _fit_preprocessing(result, s, numeric=True)
-    examples = as_examples(result, name)
-    if examples.val is not None and s.val_fraction:
-        pass  # an explicit validation set wins; the fraction is not applied twice
+    examples = as_examples(result, name)  # an explicit validation set wins over data.val_fraction
     return _prepare_examples(examples, s, name)
 
 
@@ -188,9 +186,7 @@ def _features(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) if x.dtype.kind == "f" or x.ndim == 2 else x
 
 
-def _split_arrays(x, y, s, task, source, columns) -> Dataset:
-    from trainer.data.core import split
-
+def _split_arrays(x: np.ndarray, y: np.ndarray, s: DictConfig, task: str, source: str, columns) -> Dataset:
     n_x = int(np.prod(x.shape[1:]))
     names = list(columns) if columns and len(columns) >= n_x else None
     data = split(x, y, s.val_fraction, s.seed, task, source, names)
