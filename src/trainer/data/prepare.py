@@ -331,9 +331,11 @@ def _reader_of_arrays(ex: Examples):
     def read():
         x, y = ex.arrays() if callable(ex.arrays) else ex.arrays
 
+        from trainer.data.files import _rows  # memory-mapped .npy: plain reads, so RSS stays one block
+
         def rows(start):
-            stop = min(int(start) + block, ex.count)
-            return np.asarray(x[int(start) : stop]), np.asarray(y[int(start) : stop])
+            start = int(start)
+            return _rows(x, start, block), np.asarray(y[start : start + block])
 
         spec = (tf.TensorSpec([None, *ex.x_shape], ex.x_dtype), tf.TensorSpec([None, *ex.y_shape], ex.y_dtype))
         starts = tf.data.Dataset.range(0, ex.count, block)
