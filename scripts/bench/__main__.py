@@ -31,12 +31,21 @@ from bench.harness import (
 from bench.race import FINAL_RATIOS, SWEEP_RATIOS, measure_job
 from bench.report import Check, Floor
 from bench.sink import SINK_STEPS, measure_sink
+from bench.stream import (
+    KERAS_EPOCHS,
+    QUICK_STREAM_SPES,
+    QUICK_STREAM_STEPS,
+    STREAM_GB,
+    STREAM_SPES,
+    STREAM_STEPS,
+    measure_stream,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/bench", description=bench.__doc__.splitlines()[0])
     p.add_argument("--jobs", default="mlp,tape,wide", help=f"comma-separated, of {', '.join(JOBS)}")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="default 3; 1 for --stream (it is long)")
     p.add_argument("--steps", type=int, help="N for keras-fit, bare and ours (default: per job)")
     p.add_argument("--naive-steps", type=int, help="N for naive (default: per job)")
     p.add_argument("--quick", action="store_true", help="tiny N, one repeat: a smoke run, not a measurement")
@@ -46,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"instead: what writing every step's points adds to a run (first job; --steps, default {SINK_STEPS})",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help=f"instead: ours on a file-backed dataset streamed from disk vs Keras fit on the same tf.data pipeline, "
+        f"steps/s and peak RSS (--steps, default {STREAM_STEPS})",
+    )
+    p.add_argument("--stream-gb", default=",".join(f"{gb:g}" for gb in STREAM_GB), help="--stream: file sizes, GiB")
+    p.add_argument("--stream-dir", type=Path, help="--stream: where the files are written (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="--stream: keep the files written")
     p.add_argument(
         "--threads",
         metavar="INTRA,INTER",
@@ -64,8 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [j for j in args.jobs if j not in JOBS]
     if unknown:
         p.error(f"unknown job {unknown[0]!r}: choose from {', '.join(JOBS)}")
-    if args.quick:
+    if args.quick or (args.stream and args.repeats is None):
         args.repeats = 1
+    args.repeats = args.repeats or 3
+    if args.stream:
+        parse_stream(p, args)
     if args.threads:
         try:
             args.threads = tuple(int(n) for n in args.threads.split(","))
@@ -74,6 +95,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--threads {args.threads!r}: give two integers >= 1, INTRA,INTER, e.g. 1,2")
     args.floor = [parse_floor(p, text) for text in args.floor]
     return args
+
+
+def parse_stream(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--stream-gb as sizes; N whole epochs of Keras (KERAS_EPOCHS of them), each a whole number of executions."""
+    try:
+        args.stream_gb = tuple(float(gb) for gb in args.stream_gb.split(","))
+        assert args.stream_gb and min(args.stream_gb) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--stream-gb {args.stream_gb!r}: give sizes in GiB, e.g. 1,3")
+    if args.threads:  # the Keras children would not get them
+        p.error("--threads: not with --stream (each run is its own process, with TensorFlow's default pools)")
+    args.spes = QUICK_STREAM_SPES if args.quick else STREAM_SPES
+    args.steps = args.steps or (QUICK_STREAM_STEPS if args.quick else STREAM_STEPS)
+    unit = KERAS_EPOCHS * math.lcm(*args.spes)
+    if args.steps % unit:
+        p.error(f"--steps {args.steps}: --stream needs a multiple of {unit} ({KERAS_EPOCHS} epochs of spe {args.spes})")
 
 
 def parse_floor(p: argparse.ArgumentParser, text: str) -> Floor:
@@ -104,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.config.register()
     if args.threads:
         use_threads(*args.threads)
-    checks = run_sink(args) if args.sink else run_race(args)
+    checks = run_sink(args) if args.sink else run_stream(args) if args.stream else run_race(args)
     return report.exit_status(checks, enforce=args.targets)
 
 
@@ -132,6 +169,19 @@ def run_sink(args: argparse.Namespace) -> list[Check]:
     if args.json:
         targets = [asdict(c) for c in checks]
         args.json.write_text(json.dumps({"argv": sys.argv, "sink": asdict(result), "targets": targets}, indent=1))
+    return checks
+
+
+def run_stream(args: argparse.Namespace) -> list[Check]:
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        template_store(Path(tmp))
+        root = args.stream_dir or (Path(tempfile.mkdtemp(prefix="bench-stream-")) if args.keep else Path(tmp) / "data")
+        results = measure_stream(args.stream_gb, args.steps, args.spes, args.repeats, Path(tmp), root, args.keep)
+    checks = report.stream_report(results, args.quick)
+    if args.json:
+        targets = [asdict(c) for c in checks]
+        payload = {"argv": sys.argv, **machine(), "stream": [asdict(r) for r in results], "targets": targets}
+        args.json.write_text(json.dumps(payload, indent=1))
     return checks
 
 

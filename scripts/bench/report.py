@@ -20,6 +20,7 @@ from bench.harness import fmt_rate, fmt_ratio, peak_rss_mb
 from bench.race import JobResult
 from bench.sink import SinkResult
 from bench.startup import CLI_STEPS
+from bench.stream import StreamResult
 
 OTHERS_CPU_WARN = 0.1  # above this share of the CPUs taken by other programs the rates are not comparable
 
@@ -49,6 +50,8 @@ FLOORS = (
 CLI_MARGIN_S = 2.0  # issue 12: launch to step 0 done at most `import tensorflow` + this, per job
 SINK_CEILING = 0.25  # every --sink arm's median overhead (measured +2.8% and +10.8%; an arm's runs vary 25%)
 SINK_POINTS, SINK_GOAL = 100_000, 0.05  # issue 3: this many points add < 5% (~5-6% measured): a goal
+STREAM_FLOOR = 1.0  # issue 13: ours at least Keras fit's best on the same tf.data pipeline, at every file size
+STREAM_RSS_MB = 1.5e9 / 2**20  # issue 13: ours' peak RSS under 1.5 GB (1,431 MiB) whatever the file size
 
 
 @dataclass(frozen=True)
@@ -199,3 +202,59 @@ def sink_checks(result: SinkResult) -> Iterator[Check]:
         if arm["points"] >= SINK_POINTS:
             line = f"{result.job}: {arm['points']:,} points ({norms}) add < {SINK_GOAL:.0%}: {got:+.1%}"
             yield Check(got < SINK_GOAL, False, line)
+
+
+# --- streamed from disk (--stream) -------------------------------------------------------------------
+def stream_report(results: list[StreamResult], quick: bool) -> list[Check]:
+    out = console()
+    t = Table(title="streamed from disk: steps/s past warm-up (median), peak RSS of each process (MB)",
+              title_justify="left")  # fmt: skip
+    for col in ("file (GiB)", "rows", "steps", "ours", "keras-fit best", "ours/keras", "ours RSS", "keras RSS"):
+        t.add_column(col, justify="right")
+    for r in results:
+        best = r.best_spe
+        t.add_row(
+            f"{r.gb:g}",
+            f"{r.rows:,}",
+            f"{r.ours[0]['steps']:,} / {r.keras[best][0]['steps']:,}",
+            fmt_rate(r.median("ours")),
+            f"{fmt_rate(r.median(best))} (spe={best})",
+            fmt_ratio(r.ratio),
+            _rss(r, "ours"),
+            _rss(r, best),
+        )
+    out.print(t)
+    for line in stream_notes(results):
+        out.print(line, highlight=False, soft_wrap=True)
+    checks = list(stream_checks(results))
+    caveat = " (--quick: not meaningful)" if quick else ""
+    for check in checks:
+        out.print(f"{check}{caveat}", highlight=False, soft_wrap=True)
+    return checks
+
+
+def _rss(r: StreamResult, who: str | int) -> str:
+    anon, file = r.peak(who, "peak_anon_mb"), r.peak(who, "peak_file_mb")
+    return f"{r.peak(who):,.0f} (anon {anon:,.0f}, file {file:,.0f})"
+
+
+def stream_notes(results: list[StreamResult]) -> Iterator[str]:
+    yield (
+        "steps: ours (train/loss points in its store) / keras-fit (its optimizer's iterations). RSS: the kernel's "
+        "peak; anon and file: the largest RssAnon (heap) and RssFile (mapped file pages, page cache) polled"
+    )
+    for r in results:
+        sweep = ", ".join(f"{spe}: {fmt_rate(r.median(spe))}" for spe in r.keras)
+        walls = ", ".join(f"{x['wall_s']:.0f}" for x in r.ours)
+        yield f"{r.gb:g} GiB: written in {r.write_s:.0f} s; keras-fit by spe: {sweep}; ours' whole run (s): {walls}"
+
+
+def stream_checks(results: list[StreamResult]) -> Iterator[Check]:
+    for r in results:
+        yield Check(
+            r.ratio >= STREAM_FLOOR,
+            True,
+            f"stream {r.gb:g} GiB: ours >= {STREAM_FLOOR:g}x keras-fit best, same pipeline: {fmt_ratio(r.ratio)}",
+        )
+        rss = r.peak("ours")
+        yield Check(rss < STREAM_RSS_MB, True, f"stream {r.gb:g} GiB: ours' peak RSS < 1.5 GB: {rss:,.0f} MB")
