@@ -278,7 +278,7 @@ def evaluate(
     from trainer.data.prepare import relabel
     from trainer.metrics import Metrics, default_metrics, evaluate_model
 
-    data = relabel(load_data(cfg.data), labels)  # class ids as the model learnt them, whatever this file holds
+    data = relabel(load_data(_run_task(cfg.data, run)), labels)  # class ids as the model learnt them
     loss_fn = build(cfg.loss)
     split = "validation" if data.has_val else "train"
     batch_size = OmegaConf.select(logged, "trainer.batch_size", default=None, throw_on_resolution_failure=False)
@@ -306,6 +306,18 @@ def evaluate(
         **results,
         "logged_loss": run.data.metrics.get(logged_key),  # the run's own final value, for comparison
     }
+
+
+def _run_task(node: DictConfig, run: Run) -> DictConfig:
+    """The data option with `task: auto` set to the run's task (its `data.task` tag): a file holding some of
+    the classes is read as the model's task. Inferred from such a file instead, one malignant-only label of a
+    binary run was taken for one class of a multiclass task and the loss failed with a traceback on the shape."""
+    task = run.data.tags.get("data.task")
+    if task is None or node.get("task") != "auto":  # an option without the key: a function with **kwargs would get it
+        return node
+    node = node.copy()
+    node.task = task
+    return node
 
 
 @contextlib.contextmanager

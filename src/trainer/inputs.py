@@ -15,7 +15,6 @@ the device; integer images are cast and scaled per batch so they stay 4x smaller
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data.core import Stream
+from trainer.data.files import read_error
 from trainer.data.prepare import preprocessing_layers
 
 MAX_ROWS = 1024  # steps per compiled call at most: the loop's rows buffer length (loop.py)
@@ -246,12 +246,10 @@ def reading() -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as e:
-        found = re.search(r"TrainerError: ([^\n]+)", e.message or "")
-        if found is None:
+        error = read_error(e)
+        if error is None:
             raise
-        from trainer.config import TrainerError
-
-        raise TrainerError(found.group(1).strip()) from None
+        raise error from None
 
 
 @_plain_graph

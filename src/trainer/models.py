@@ -86,6 +86,16 @@ def _channel_shape(input_shape) -> tuple:
     return (*shape, 1) if len(shape) == 2 else shape
 
 
+def _require_images(option: str, shape: Sequence[int]) -> None:
+    """model=cnn and keras_app convolve images: a table's rows reached Conv2D (a hint to move a Flatten) or
+    keras.applications ("tuple index out of range")."""
+    if len(shape) != 3:
+        raise TrainerError(
+            f"model={option} takes images [height, width, channels] (or [height, width]), but the examples have "
+            f"shape {tuple(shape)}: use model=mlp for a table, or model=sequential"
+        )
+
+
 class _Stack(keras.Model):
     """A model that is an ordered list of layers (`self.stack`), the last one its head: the one order that `call`
     runs and `check_fits` walks, so the layer a shape error names is the layer that would have failed."""
@@ -244,7 +254,19 @@ class KerasApp(keras.Model):
         self.application, self.weights_source, self.pooling = name, weights, pooling
         self.units, self.app_input_shape = _known_units(units), list(input_shape)
         shape = _channel_shape(input_shape)
-        self.backbone = apps[name](include_top=False, weights=weights, input_shape=shape, pooling=pooling)
+        _require_images("keras_app", shape)
+        try:
+            self.backbone = apps[name](include_top=False, weights=weights, input_shape=shape, pooling=pooling)
+        except ValueError as e:  # "Input size must be at least 32x32; Received: input_shape=(8, 8, 1)"
+            smallest = re.search(r"at least (\d+)x(\d+)", str(e))
+            fix = (
+                f"; resize the images (data=image_folder: data.image_size=[{smallest[1]}, {smallest[2]}])"
+                if smallest
+                else ""
+            )
+            raise TrainerError(
+                f"model.name={name!r} cannot take images of shape {shape}: {first_line(e)}{fix}"
+            ) from None
         self.head = keras.layers.Dense(self.units, name="head")
 
     def call(self, x, training: bool = False):
@@ -270,6 +292,8 @@ def check_fits(model: Any, input_shape: Sequence[int]) -> None:
     would build them); any other model is called whole."""
     images = isinstance(model, KerasApp) or getattr(model, "images", False)
     shape = (None, *(_channel_shape(input_shape) if images else input_shape))
+    if isinstance(model, CNN):
+        _require_images("cnn", shape[1:])
     if not isinstance(model, _Stack):
         if isinstance(model, keras.Model):  # any other callable: its first batch will tell
             _check_whole(model, shape)
@@ -283,7 +307,8 @@ def check_fits(model: Any, input_shape: Sequence[int]) -> None:
         try:
             x = layer(x)
         except Exception as e:  # Keras raises ValueError or TypeError, whatever the layer
-            raise TrainerError(f"{where} cannot take input of shape {x.shape}: {_reason(e)}{_hint(layer, x)}") from None
+            hint = _hint(layer, x, first=i == 0)
+            raise TrainerError(f"{where} cannot take input of shape {x.shape}: {_reason(e)}{hint}") from None
 
 
 def _check_whole(model: keras.Model, shape: tuple) -> None:
@@ -297,7 +322,12 @@ def _check_whole(model: keras.Model, shape: tuple) -> None:
     try:
         model(np.zeros((1, *shape[1:]), dtype=np.float32))
     except Exception as e:  # any failure of the user's model is a shape it cannot take
-        raise TrainerError(f"model {type(model).__name__} cannot take input of shape {shape}: {_reason(e)}") from None
+        raise TrainerError(f"model {type(model).__name__} cannot take input of shape {shape}: {_reason(e)}"
+                           f"{SINGLE_NUMBERS if len(shape) == 1 else ''}") from None  # fmt: skip
+
+
+# x of shape [n] (a 1-D array from np.save or your own function): each example is one number, no feature axis
+SINGLE_NUMBERS = "; the examples are single numbers (x of shape [n]): give x a feature axis, shape [n, 1] (x[:, None])"
 
 
 def _reason(error: BaseException) -> str:
@@ -308,12 +338,18 @@ def _reason(error: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", line)
 
 
-def _hint(layer: keras.layers.Layer, x: keras.KerasTensor) -> str:
-    """The fix for a rank mismatch, read from the layer's input spec (Conv2D: ndim 4; LSTM: ndim 3)."""
+def _hint(layer: keras.layers.Layer, x: keras.KerasTensor, first: bool = False) -> str:
+    """The fix for a rank mismatch, read from the layer's input spec (Conv2D: ndim 4; LSTM: ndim 3). The first
+    layer gets the examples themselves: nothing before it flattened them."""
     spec = layer.input_spec[0] if isinstance(layer.input_spec, list) else layer.input_spec
     need = getattr(spec, "ndim", None) or getattr(spec, "min_ndim", None)
     if need is None or need == len(x.shape):
-        return ""
+        return SINGLE_NUMBERS if len(x.shape) == 1 else ""
+    if need > len(x.shape) and first:
+        return (
+            f"; it takes inputs of rank {need} and the examples have shape {tuple(x.shape[1:])}: start "
+            "model.layers with a keras.layers.Reshape, or use data whose examples have that rank"
+        )
     if need > len(x.shape):
         return (
             f"; it takes inputs of rank {need}: move it before the layer that flattens, or add a keras.layers.Reshape"

@@ -25,7 +25,7 @@ from trainer.data import Dataset
 from trainer.data.prepare import load as load_data
 from trainer.data.prepare import preprocessing_layers
 from trainer.fit import Result, fit
-from trainer.inputs import ArrayInput, StreamInput
+from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
 from trainer.models import check_fits
 from trainer.optim import build_optimizer
@@ -244,10 +244,18 @@ def _build_loop(
             on_nonfinite=t.on_nonfinite, accumulate_steps=t.accumulate_steps, jit=t.jit, strategy=strategy,
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
+        if isinstance(e, tf.errors.OpError) and read_error(e) is not None:  # the first batch could not be read
+            raise read_error(e) from None
         raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_shape}: "
                            f"{str(e).splitlines()[0]}") from e  # fmt: skip
     out_shape = tuple(model(inputs.example(1)).shape[1:])
     wanted = (data.n_outputs,) if data.task == "multiclass" else data.y_shape
+    if len(out_shape) > max(len(wanted), 1) and len(data.x_shape) > 1:  # Dense layers kept the image's axes
+        raise TrainerError(
+            f"model {cfg.model._target_} gives outputs of shape {out_shape} per example: it keeps the axes of examples "
+            f"of shape {tuple(data.x_shape)}; use model=cnn for images, or model=sequential starting with a "
+            "keras.layers.Flatten"
+        )
     if out_shape != tuple(wanted):
         raise TrainerError(
             f"the model gives outputs of shape {out_shape} per example but the data's targets need {tuple(wanted)}"

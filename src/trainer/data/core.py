@@ -161,6 +161,15 @@ def check_values(
     )
 
 
+def check_numbers(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    """x and y of numbers: text reached the value check as a numpy ufunc traceback ("ufunc 'absolute' did not
+    contain a loop with signature matching types StrDType")."""
+    for a, what in ((x, "x"), (y, "y")):
+        if a.dtype.kind not in "biuf":
+            raise TrainerError(f"{where} {what} of dtype {a.dtype}; x and y must be numbers (class names: map them "
+                               "to ids 0..k-1, or write a CSV and use data=csv, which does)")  # fmt: skip
+
+
 def _names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{j}" for j in range(n)]
 

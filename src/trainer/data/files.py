@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +19,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.config import COLOR_MODES, TFRECORD_COMPRESSION, TrainerError, check_augment
-from trainer.data.core import Examples
+from trainer.config import COLOR_MODES, TFRECORD_COMPRESSION, TrainerError, check_augment, first_line
+from trainer.data.core import Examples, check_numbers
 
 NUMPY_CHUNK_ROWS = 4096  # rows per slice of a memory-mapped array handed to the stream
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what image_dataset_from_directory reads
+TF_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # PIL's names of what tf.io.decode_image decodes: a TIFF
+# saved as x.png opens in PIL but failed in the stream ("Unknown image file format")
 TFRECORD_DTYPES = {"uint8": "bytes_list", "int64": "int64_list", "float32": "float_list"}  # how each is stored
 GZIP_MAGIC = b"\x1f\x8b"
 ZLIB_SUFFIXES = (".zz", ".zlib", ".z")
@@ -51,13 +54,18 @@ def numpy(path: str, y: str | None, x_key: str, y_key: str, rescale: float | Non
         for key, name in ((x_key, "x_key"), (y_key, "y_key")):
             if key not in archive.files:
                 raise TrainerError(f"{source} has no array {key!r} (its keys: {keys}); set data.{name}")
-        xs, ys = archive[x_key], archive[y_key]
+        try:
+            xs, ys = archive[x_key], archive[y_key]
+        except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
+            raise TrainerError(f"{source}: {first_line(e)} (a pickle could run code); save arrays of numbers, "
+                               "e.g. x.astype(np.float32)") from None  # fmt: skip
     elif y is None:
         raise TrainerError(f"{source} is no .npz archive: name the .npy file of the targets with data.y=...")
     else:
         xs, ys = _npy(path, "data.path"), _npy(y, "data.y")
     if xs.ndim == 0 or ys.ndim == 0 or len(xs) != len(ys):
         raise TrainerError(f"{source}: x has shape {xs.shape} and y {ys.shape}; they need the same number of rows")
+    check_numbers(xs, ys, f"{source} holds")
     ys = ys.astype(np.int64) if ys.ndim == 1 and ys.dtype.kind in "iu" else ys.reshape(len(ys), -1).astype(np.float32)
 
     def read() -> tf.data.Dataset:
@@ -148,7 +156,7 @@ def tfrecord(
     y_shape, y_dtype = ((), "int64") if classes else ((int(np.prod(spec[target]["shape"])),), "float32")
 
     def example(parsed: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        values = {n: _decoded(parsed[n], spec[n]) for n in spec}
+        values = {n: _decoded(parsed[n], spec[n], n, source) for n in spec}
         x = values[names[0]] if single else tf.concat([tf.reshape(values[n], [-1]) for n in names], axis=0)
         y = values[target] if classes else tf.reshape(values[target], y_shape)
         return tf.cast(x, x_dtype), tf.cast(y, y_dtype)
@@ -165,7 +173,7 @@ def tfrecord(
         y_shape=y_shape,
         x_dtype=x_dtype,
         y_dtype=y_dtype,
-        arrays=lambda: _stack(read()),
+        arrays=lambda: _stack_records(read()),
         read=read,
         source=source,
         columns=[*names, target] if not single or len(x_shape) == 0 else None,
@@ -201,13 +209,61 @@ def _parse_spec(spec: dict[str, Any]) -> tf.io.FixedLenFeature:
     return tf.io.FixedLenFeature(spec["shape"], tf.as_dtype(spec["dtype"]))
 
 
-def _decoded(value: tf.Tensor, spec: dict[str, Any]) -> tf.Tensor:
+def _decoded(value: tf.Tensor, spec: dict[str, Any], name: str = "", source: str = "data") -> tf.Tensor:
     if spec["dtype"] != "uint8":
         return value
     if spec["encoding"] == "image":
         image = tf.io.decode_image(value, channels=spec["shape"][-1], expand_animations=False)
         return tf.ensure_shape(image, spec["shape"])
-    return tf.reshape(tf.io.decode_raw(value, tf.uint8), spec["shape"])
+    pixels = tf.io.decode_raw(value, tf.uint8)
+    size = int(np.prod(spec["shape"]))
+    # Only the first record of a file is checked before training: a later one of another size is named here, in
+    # the words reading() (inputs.py) and _stack_records pass on, instead of a traceback about a reshape
+    check = tf.debugging.assert_equal(tf.size(pixels), size, message=(
+        f"TrainerError: {source}: a record's feature {name!r} has another number of bytes than "
+        f"data.features.{name}.shape={spec['shape']} needs ({size}); every record must match the spec"))  # fmt: skip
+    with tf.control_dependencies([check]):
+        return tf.reshape(pixels, spec["shape"])
+
+
+def _stack_records(stream: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """`_stack`, with a record that does not match the spec as one line (read_error)."""
+    try:
+        return _stack(stream)
+    except tf.errors.InvalidArgumentError as e:
+        error = read_error(e)
+        if error is None:
+            raise
+        raise error from None
+
+
+PARSE_ERROR = r"Key: (\w+), Index: \d+\.\s+([^\n\[]+)"  # tf.io.parse_example: a record unlike the spec
+IMAGE_DECODE_ERROR = r"(Invalid \w+ data[^\n]*|Unknown image file format[^\n]*|jpeg::Uncompress failed[^\n]*)"
+
+
+def read_error(error: tf.errors.OpError) -> TrainerError | None:
+    """The one line for an op error a stream raised while reading, None for any other: a source's TrainerError
+    (raised in a generator, or the message of an assert in a map), a TFRecord record unlike the spec, an image
+    that does not decode (image_folder reads headers only; the stream cannot say which file, held in memory the
+    reader names it)."""
+    text = error.message or ""
+    found = re.search(r"TrainerError: ([^\n]+)", text)
+    if found is not None:
+        return TrainerError(found.group(1).split("] [Condition")[0].replace("\\'", "'").strip())
+    found = re.search(PARSE_ERROR, text)
+    if found is not None:
+        name, reason = found.group(1), " ".join(found.group(2).split()).split(" but output shape")[0]
+        return TrainerError(
+            f"data.path: a record's feature {name!r} does not match data.features.{name} ({reason}); every record "
+            "must match the spec"
+        )
+    found = re.search(IMAGE_DECODE_ERROR, text)
+    if found is not None:
+        return TrainerError(
+            f"an image of data.path cannot be decoded ({found.group(1).strip()}): a damaged file; run once with "
+            "data.in_memory=true to have it named, then remove or replace it"
+        )
+    return None
 
 
 def _record_files(path: Any, source: str) -> list[str]:
@@ -324,9 +380,12 @@ def image_folder(
     for f in files:
         try:
             with Image.open(f) as image:
-                sizes[f] = image.size  # (width, height)
+                sizes[f], kind = image.size, image.format  # (width, height)
         except OSError as e:
             raise TrainerError(f"{source}: {f} is not an image that can be read ({e}); remove or replace it") from None
+        if kind not in TF_IMAGE_FORMATS:
+            raise TrainerError(f"{source}: {f} is a {kind} image, which TensorFlow cannot decode; convert it to "
+                               f"{', '.join(TF_IMAGE_FORMATS)}, or remove it")  # fmt: skip
     if image_size is None:
         first = files[0]
         other = next((f for f in files if sizes[f] != sizes[first]), None)

@@ -101,8 +101,14 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
             yield from pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns))
 
     def arrays() -> tuple[np.ndarray, np.ndarray]:
-        parts = [pq.read_table(f, columns=[*feats, *targets]) for f in files]
-        return table.convert(pa.concat_tables(parts).combine_chunks(), 0)
+        """File by file: files may store a column as different numeric types (int64 in one, double in the next),
+        which pa.concat_tables refuses."""
+        xs, ys, rows = [], [], 0
+        for f in files:
+            part = pq.read_table(f, columns=[*feats, *targets]).combine_chunks()
+            x, y = table.convert(part, rows)
+            xs, ys, rows = [*xs, x], [*ys, y], rows + part.num_rows
+        return np.concatenate(xs), np.concatenate(ys)
 
     table = _Table(source, feats, targets, missing, one_hot, batches, None, text=text)
     table.scan(count=sum(pq.ParquetFile(f).metadata.num_rows for f in files))
@@ -426,4 +432,11 @@ def _parquet_schema(files: Sequence[str], source: str) -> pa.Schema:
             raise TrainerError(
                 f"{source}: {f} has columns {', '.join(this.names)}, unlike {files[0]} ({', '.join(schema.names)})"
             )
+        for name in this.names:  # numeric types may differ (int64, double); numbers and text may not
+            kind, first = this.field(name).type, schema.field(name).type
+            if _numeric(kind) != _numeric(first) or _text(kind) != _text(first):
+                raise TrainerError(
+                    f"{source}: column {name!r} holds {kind} values in {f} but {first} in {files[0]}; "
+                    "write it with one type in every file"
+                )
     return schema
