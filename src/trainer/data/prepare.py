@@ -278,24 +278,26 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
         if ex.arrays is not None and not callable(ex.arrays):  # memory-mapped: y alone is read
             ys = np.asarray(ex.arrays[1])
         else:
-            ys = np.concatenate([yb for yb in read().map(lambda x, y: y).batch(STATS_BATCH).as_numpy_iterator()])
+            ys = np.concatenate([yb for _, yb in read().batch(STATS_BATCH).as_numpy_iterator()])
         task, _, n_classes = targets(ys, ex, task)
-    target_fn = _target_map(task)
+    targets_of = _block_targets(task)
     if ex.val is not None:
         val_read = ex.val.read or _reader_of_arrays(ex.val)
-        train = Stream(lambda: read().map(target_fn), ex.count)
-        val = Stream(lambda: val_read().map(target_fn), ex.val.count)
+        train = Stream(_in_blocks(read, lambda i, x, y: (x, targets_of(y))), ex.count)
+        val = Stream(_in_blocks(val_read, lambda i, x, y: (x, targets_of(y))), ex.val.count)
     else:
         mask = val_mask(ex.count, s.val_fraction, s.seed)
         n_val = int(mask.sum())
         table = tf.constant(mask)
+        del mask
 
         def part(want_val: bool):
-            def read_part():
-                pick = read().enumerate().filter(lambda i, xy: tf.gather(table, i) == want_val)
-                return pick.map(lambda i, xy: target_fn(*xy))
+            def pick(i, x, y):  # block i's rows of this split: the mask's slice for rows i*BLOCK...
+                rows = tf.range(i * BLOCK, i * BLOCK + tf.cast(tf.shape(x)[0], tf.int64))
+                keep = tf.gather(table, rows) == want_val
+                return tf.boolean_mask(x, keep), targets_of(tf.boolean_mask(y, keep))
 
-            return read_part
+            return _in_blocks(read, pick)
 
         train = Stream(part(False), ex.count - n_val)
         val = Stream(part(True), n_val) if n_val else None
@@ -323,17 +325,36 @@ def _as_streams(data: Dataset) -> Dataset:
     return out
 
 
-def _target_map(task: str):
-    """The per-example form of `targets`: what a streamed (x, y) becomes before batching. A multiclass target of
-    one value is a class id whatever its dtype: a float [1] one batched to [b, 1] was scored as a binary logit
-    (a streamed CSV of digits logged val accuracy 0.13 at val loss 0.06; held in memory, 0.98)."""
+BLOCK = 4096  # examples a streamed split is cut in for its split and targets, before the epoch's shuffle
+
+
+def _in_blocks(read, fn):
+    """read()'s examples in blocks of BLOCK, `fn(block index, x, y)` on each, then one example at a time again.
+
+    Per block, not per example: a function per example (enumerate, filter by the validation mask, the targets'
+    map) held the 1 GiB stream benchmark to ~95 batches of 256 a second; per block, ~3,400 (scripts/bench
+    --stream, README: Streamed data)."""
     import tensorflow as tf
 
-    def fn(x, y):
-        if task == "multiclass" and y.shape.num_elements() == 1:
-            return x, tf.reshape(tf.cast(y, tf.int32), [])
+    def split_read():
+        blocks = read().batch(BLOCK).enumerate()
+        return blocks.map(lambda i, xy: fn(i, *xy), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+
+    return split_read
+
+
+def _block_targets(task: str):
+    """`targets` on a block of streamed targets [B, ...]: class ids int32 [B] for a multiclass target of one value
+    whatever its dtype (a float [1] one batched to [b, 1] was scored as a binary logit: a streamed CSV of digits
+    logged val accuracy 0.13 at val loss 0.06; held in memory, 0.98), float32 [B, k] otherwise."""
+    import tensorflow as tf
+
+    def fn(y):
+        per_example = y.shape[1:]
+        if task == "multiclass" and per_example.num_elements() == 1:
+            return tf.reshape(tf.cast(y, tf.int32), [-1])
         y = tf.cast(y, tf.float32)
-        return x, tf.reshape(y, [-1]) if y.shape.rank == 0 or task == "binary" else y
+        return tf.reshape(y, [tf.shape(y)[0], -1]) if per_example.rank == 0 or task == "binary" else y
 
     return fn
 
@@ -393,7 +414,7 @@ def _statistics(data: Dataset) -> tuple[np.ndarray, ...]:
         lo, hi, mean, var = x.min(0), x.max(0), x.mean(0), x.var(0)
     else:
         n, total, squares, lo, hi = 0, 0.0, 0.0, np.inf, -np.inf
-        for xb in data.train.read().map(lambda x, y: x).batch(STATS_BATCH).as_numpy_iterator():
+        for xb, _ in data.train.read().batch(STATS_BATCH).as_numpy_iterator():
             xb = xb.reshape(len(xb), -1).astype(np.float64)
             n, total, squares = n + len(xb), total + xb.sum(0), squares + np.square(xb).sum(0)
             lo, hi = np.minimum(lo, xb.min(0)), np.maximum(hi, xb.max(0))
