@@ -100,3 +100,13 @@ def test_augmentation_acts_on_training_batches_only(digits):
     assert (same | flipped).all() and flipped[~same].any() and same.any()
     np.testing.assert_allclose(inputs.eval_arrays()[0].numpy(), plain, atol=1e-6)
     assert [type(layer).__name__ for layer in preprocessing_layers(pre)] == ["Rescaling"]
+
+
+def test_a_class_task_on_whole_numbers_that_are_no_class_ids_names_the_fix():
+    """Diabetes' targets 25..346 are whole numbers; data.task=multiclass on them is refused, not 347 classes."""
+    y = np.arange(25.0, 346.0, 1.5).round()[:, None]
+    ex = Examples(len(y), (1,), (1,), arrays=(np.zeros((len(y), 1), np.float32), y.astype(np.float32)))
+    with pytest.raises(
+        TrainerError, match=r"found \d+ values in \d+ rows \(25, 26, 28, 30, 31, \.\.\.\): set data\.task=regression"
+    ):
+        prepare(ex, _settings(task="multiclass", val_fraction=0.0))

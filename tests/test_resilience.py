@@ -158,7 +158,10 @@ def test_early_stopper_restores_the_best_weights():
         (["resume=/nonexistent/run"], "resume='/nonexistent/run': neither a run directory nor an MLflow run id"),
         (["model.units=3"], "outputs of shape (3,) per example but the data's targets need (1,) (regression)"),
         (["loss=categorical_crossentropy"], "needs class targets but data trainer.data.regression has continuous ones"),
-        (["trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than the training set (3277 examples)"),
+        (
+            ["trainer.batch_size=5000"],
+            "trainer.batch_size=5000 is larger than the training set (3277 examples): set trainer.batch_size=32",
+        ),
         (["data=csv"], "data.path must be set"),
         (["trainer.device=gpu"], "TensorFlow sees no GPU"),
         (["trainer.inter_op_threads=7"], "trainer.inter_op_threads=7: TensorFlow already started"),

@@ -355,7 +355,8 @@ def test_image_folder_bad_input(tmp_path):
     with pytest.raises(TrainerError) as info:
         read(mixed)
     assert str(info.value) == (
-        f"data.path='{mixed}': images differ in size ({mixed}/cat/a.png is 4x4, {mixed}/dog/a.png is 5x6); "
+        f"data.path='{mixed}': images differ in size ({mixed}/cat/a.png is 4x4, {mixed}/dog/a.png is 6x5, "
+        "height x width); "
         "set data.image_size=[height, width] to resize them all"
     )
     ex = read(mixed, image_size=[5, 5])

@@ -163,7 +163,8 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
 def _total_steps(t: DictConfig, data: Dataset) -> int:
     n = data.n_train
     if t.batch_size > n:
-        raise TrainerError(f"trainer.batch_size={t.batch_size} is larger than the training set ({n} examples)")
+        raise TrainerError(f"trainer.batch_size={t.batch_size} is larger than the training set ({n} examples): "
+                           f"set trainer.batch_size={min(n, 32)} or lower")  # fmt: skip
     if t.epochs:
         return max(t.epochs * (n // t.batch_size) // t.accumulate_steps, 1)
     return t.max_steps

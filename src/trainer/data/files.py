@@ -392,7 +392,7 @@ def image_folder(
         if other is not None:
             (w1, h1), (w2, h2) = sizes[first], sizes[other]
             raise TrainerError(
-                f"{source}: images differ in size ({first} is {w1}x{h1}, {other} is {w2}x{h2}); set "
+                f"{source}: images differ in size ({first} is {h1}x{w1}, {other} is {h2}x{w2}, height x width); set "
                 "data.image_size=[height, width] to resize them all"
             )
         height_width = [sizes[first][1], sizes[first][0]]
