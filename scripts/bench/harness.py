@@ -198,7 +198,9 @@ def fresh_model(ctx: JobContext) -> keras.Model:
     """The trainer's model for the job, with the weights train() starts from: same seed, built alike."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(ctx.seed)
-    model = build(ctx.cfg.model)
+    from trainer.train import _from_data
+
+    model = build(ctx.cfg.model, **_from_data(ctx.cfg.model, ctx.data))  # units from the data, as train() does
     model(ctx.data.x_train[: ctx.batch])
     return model
 

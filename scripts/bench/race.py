@@ -22,7 +22,7 @@ import trainer.config
 from bench import startup
 from bench.competitors import FUSED_FIT, bare_first_loss, entrants, finalists
 from bench.harness import Competitor, Job, JobContext, Plan, compose, cpu_seconds, fmt_rate, log, rotated
-from trainer.config import build
+from trainer.data.prepare import load as load_data
 
 WARM_UP = ("naive", "keras-fit spe=1", "bare", "ours")  # one run of each kind of run before any clock
 SWEEP_RATIOS = ("keras-fit spe=1", FUSED_FIT, "naive")  # ours / these: medians of the sweep
@@ -51,7 +51,7 @@ def measure_job(job: Job, plan: Plan, workdir: Path) -> JobResult:
     """Start-up pairs first, alone; warm each kind of run up once; then the sweep and the final race."""
     cfg = compose(job, plan.steps, "sqlite:///unused.db")  # the others take model, data, loss, optimizer
     trainer.config.check(cfg)
-    ctx = JobContext(job, cfg, build(cfg.data), workdir)
+    ctx = JobContext(job, cfg, load_data(cfg.data), workdir)
     log(f"{job.name}: {job.about}; N={plan.steps} (naive {plan.naive_steps}), {plan.repeats} repeat(s)")
     startup_result = startup.begin(ctx, plan.repeats, alongside=plan.startup_alongside)
     entered = entrants(plan)
