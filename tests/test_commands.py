@@ -90,7 +90,8 @@ VALID_COMPARE = "uri=, experiment=, parent=, latest_sweep=, objective=, format=,
          "error: no MLflow store at sqlite:///absent.db (no such file): set uri=... or MLFLOW_TRACKING_URI"),
         (["evaluate", "--json", "run_id=x"],
          "error: unknown option '--json': trainer evaluate takes key=value; use format=json"),
-        (["evaluate", "data.seed=1"], "error: say which run: run_id=<id> or run_name=<name> (trainer evaluate --help)"),
+        (["evaluate", "data.seed=1"], "error: say which model: run_id=<id>, run_name=<name> or "
+         "model=models:/<name>/<version> (trainer evaluate --help)"),
         (["evaluate", "run_name=a b=c"],
          "error: 'run_name=a b=c' is not key=value in Hydra's override grammar (mismatched input '=' expecting "
          "<EOF>); quote a value holding spaces or '=': 'key=\"a b\"'"),

@@ -144,8 +144,13 @@ def test_a_raw_pandas_table_with_string_labels_trains_with_the_defaults(tmp_path
     assert labels == {"labels": ["benign", "malignant"]}
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    logits = np.asarray(model.predict(x[val].astype(np.float32))).reshape(-1)
-    assert np.mean((logits > 0) == (y[val] == 1)) == pytest.approx(accuracy, abs=1e-6)  # raw columns in
+    out = model.predict(x[val])  # raw float64 columns in; probabilities and the label out
+    assert list(out.columns) == ["benign", "malignant", "label"]
+    np.testing.assert_allclose(out["benign"] + out["malignant"], 1, atol=1e-6)
+    assert np.mean((out["malignant"] > 0.5) == (y[val] == 1)) == pytest.approx(accuracy, abs=1e-6)
+    assert np.mean(out["label"].to_numpy() == np.where(y[val] == 1, "malignant", "benign")) == pytest.approx(
+        accuracy, abs=1e-6
+    )
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 import mlflow
-import mlflow.tensorflow
+import mlflow.pyfunc
 import numpy as np
 import pytest
 from mlflow.artifacts import download_artifacts
@@ -94,7 +94,7 @@ def test_cli_json_table_and_errors(store, capsys):
         (["run_name=clf", "data=csv"], "cannot switch a config group"),
         (["run_id=nope"], "no run 'nope'"),
         (["run_name=absent"], "no run named 'absent'"),
-        (["data.seed=1", "format=json"], "say which run"),
+        (["data.seed=1", "format=json"], "say which model"),
         (["run_name=clf", "run_id=x"], "already picked"),
         (["run_name=clf", "--verbose"], "unknown option"),
     ]
@@ -133,8 +133,9 @@ def logged(store) -> tuple[str, str, keras.Model, np.ndarray]:
 def test_log_model_round_trips_through_mlflows_loaders_and_evaluate_prefers_it(store, logged):
     run_id, uri, model, x = logged
     expected = np.asarray(model(x, training=False))
-    np.testing.assert_allclose(np.asarray(mlflow.tensorflow.load_model(uri)(x)), expected, rtol=1e-6)
-    np.testing.assert_allclose(mlflow.pyfunc.load_model(uri).predict(x), expected, rtol=1e-6)
+    loaded = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(np.asarray(loaded.unwrap_python_model().keras_model(x)), expected, rtol=1e-6)
+    np.testing.assert_allclose(loaded.predict(x), expected, rtol=1e-6)
     report = ev.evaluate(run_id=run_id, uri=store.uri)
     assert report["model"] == uri
     logged_loss = store.client.get_run(store.regression_id).data.metrics["val/loss"]

@@ -356,9 +356,8 @@ def mlflow_model_dir(logged: Logged, run_id: str) -> Path:
 
 
 def test_evaluate_never_unpickles_what_mlflow_logged_beside_the_model(logged, tmp_path, capsys):
-    data_dir = mlflow_model_dir(logged, logged.run_id) / "data"
-    pickled = data_dir / "global_custom_objects.cloudpickle"
-    assert pickled.is_file()  # MLflow's tensorflow flavour logs the registered classes this way
+    pickled = mlflow_model_dir(logged, logged.run_id) / "python_model.pkl"
+    assert pickled.is_file()  # MLflow's pyfunc logs the trainer's python model (KerasPyfunc) this way
     pickled.write_bytes(pickle.dumps(_Payload(tmp_path / "marker")))
     code, out, err = evaluate_cli(logged, logged.run_id, capsys=capsys)
     assert code == 0, err
@@ -374,9 +373,9 @@ def test_evaluate_refuses_a_model_that_only_a_pickle_would_load(logged, tmp_path
     with mlflow.start_run(experiment_id=logged.client.get_experiment_by_name("tape-trainer").experiment_id) as run:
         mlflow.log_text(with_data(logged, logged.config["data"]), "config.yaml")
         ev.log_model(model)
-    data_dir = mlflow_model_dir(logged, run.info.run_id) / "data"
-    (data_dir / "model.keras").unlink()
-    (data_dir / "global_custom_objects.cloudpickle").write_bytes(pickle.dumps(_Payload(tmp_path / "marker")))
+    model_dir = mlflow_model_dir(logged, run.info.run_id)
+    (model_dir / "artifacts" / "model.keras").unlink()
+    (model_dir / "python_model.pkl").write_bytes(pickle.dumps(_Payload(tmp_path / "marker")))
     code, _, err = evaluate_cli(logged, run.info.run_id, capsys=capsys)
     assert not (tmp_path / "marker").exists()
     assert one_line_error(code, err).startswith(f"error: run {run.info.run_id} has no model in Keras' native format")

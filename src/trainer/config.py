@@ -508,6 +508,7 @@ class Tracking:
     log_every: int = MISSING  # log every n-th step's metrics (1: every step)
     log_grad_norms: str = MISSING  # per_variable | global | off
     log_model: bool = MISSING
+    register_model: str | None = MISSING  # a registered model's name: the logged model becomes its new version
     queue_chunks: int = MISSING  # bound on chunks waiting for the writer thread (back-pressure past it)
     # Per-variable gradient norms at steps >= per_variable_after only every per_variable_every-th step (None:
     # every step of any run); loss, lr and the global norm stay at every step. The MLflow UI ranks every point
@@ -515,8 +516,14 @@ class Tracking:
     # at these defaults (190k points) 0.41 s, and the store shrank from 2.76 to 1.28 GB (README: Performance).
     per_variable_every: int = MISSING
     per_variable_after: int | None = MISSING
+    # MLflow's own sampler (a thread of its own, never the training loop's): CPU, memory, disk, network and GPU
+    # under system/, one sample every system_metrics_interval seconds (README: What lands in MLflow).
+    system_metrics: bool = MISSING
+    system_metrics_interval: float = MISSING
 
     def __post_init__(self) -> None:
+        _require(self.system_metrics_interval > 0, "tracking.system_metrics_interval", self.system_metrics_interval,
+                 "a number of seconds > 0")  # fmt: skip
         _require(self.log_every >= 1, "tracking.log_every", self.log_every, "an integer >= 1")
         every, after = self.per_variable_every, self.per_variable_after
         _require(every >= 1, "tracking.per_variable_every", every, "an integer >= 1")
@@ -524,6 +531,9 @@ class Tracking:
         modes = ("per_variable", "global", "off")
         _require(self.log_grad_norms in modes, "tracking.log_grad_norms", self.log_grad_norms, " | ".join(modes))
         _require(self.queue_chunks >= 1, "tracking.queue_chunks", self.queue_chunks, "an integer >= 1")
+        name = self.register_model
+        _require(name is None or bool(name.strip()), "tracking.register_model", name, "a model name, or null")
+        _require(name is None or self.log_model, "tracking.register_model", name, "null unless tracking.log_model=true")
 
 
 @dataclass

@@ -3,6 +3,7 @@
     trainer evaluate run_id=<id>                                 # reproduces the run's final val/loss
     trainer evaluate run_name=<name> data.seed=3 data.n_samples=10000 format=json
     trainer evaluate run_id=<id> uri=sqlite:///other.db '~data.n_samples' data._target_=...
+    trainer evaluate model=models:/<name>/<version>              # a registered version, on its source run's data
 
 The run's `config.yaml` is the starting point, so the data are rebuilt exactly as in training unless a
 `key=value` says otherwise: Hydra's override grammar, as in training (`+key=value` adds a key the config lacks,
@@ -56,6 +57,8 @@ class Options:
 
     run_id: str | None = cli.key(None, "the run to evaluate (or run_name)")
     run_name: str | None = cli.key(None, "the newest run of this name in experiment")
+    model: str | None = cli.key(None, "a registered model version, models:/<name>/<version> (or @<alias>): "
+                                "evaluated on its source run's config and data")  # fmt: skip
     uri: str | None = cli.key(None, "tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     experiment: str | None = cli.key(None, "where run_name is looked up; null: tracking.experiment's")
     trusted_targets: tuple[str, ...] = cli.key((), "what the run's config may build beyond the built-ins and your "
@@ -174,12 +177,14 @@ def mlflow_model(client: MlflowClient, run: Run) -> tuple[str, str] | None:
     return None
 
 
-def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_target: str | None) -> tuple[Any, str]:
-    """(model, where it came from): a Keras-native `.keras` file, the MLflow model's own first, else the
-    run's `model/model.keras` artifact. Never MLflow's loaders: mlflow.tensorflow's unpickles (cloudpickle)
-    the custom objects logged beside the model, which is code. `model_target`, the run config's
-    `model._target_` when trusted, is imported first so that a class of yours registers its name."""
-    path, found = None, mlflow_model(client, run)
+def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_target: str | None,
+                   found: tuple[str, str] | None = None) -> tuple[Any, str]:  # fmt: skip
+    """(model, where it came from): a Keras-native `.keras` file, the MLflow model's own first (`found`: a
+    registered version's (URI, location), else the run's model), else the run's `model/model.keras` artifact.
+    Never MLflow's loaders: they unpickle (cloudpickle) the python model or custom objects logged beside the
+    model, which is code. `model_target`, the run config's `model._target_` when trusted, is imported first
+    so that a class of yours registers its name."""
+    path, found = None, found or mlflow_model(client, run)
     if found is not None:
         source, location = found
         path = _keras_file(location, uri, dst)
@@ -213,17 +218,39 @@ def logged_labels(client: MlflowClient, run: Run, uri: str, dst: Path) -> list[s
 
 
 def _keras_file(location: str, uri: str, dst: Path) -> Path | None:
-    """The `.keras` file MLflow's tensorflow and keras flavours both keep under the model's `data/`."""
+    """The `.keras` file the trainer's pyfunc model keeps under `artifacts/` (tracking.models.log_model), or
+    MLflow's tensorflow and keras flavours under `data/` (models logged before it)."""
     from mlflow.artifacts import list_artifacts
 
+    for folder in ("artifacts", "data"):
+        try:
+            names = [Path(a.path).name for a in list_artifacts(artifact_uri=f"{location}/{folder}", tracking_uri=uri)]
+        except (MlflowException, OSError):
+            continue
+        name = next((n for n in sorted(names) if n.endswith(".keras")), None)
+        if name is not None:
+            target = f"{location}/{folder}/{name}"
+            return Path(download_artifacts(artifact_uri=target, dst_path=str(dst), tracking_uri=uri))
+    return None
+
+
+def registered_version(client: MlflowClient, model: str) -> tuple[str, tuple[str, str]]:
+    """(source run id, (URI, artifact location)) of `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    spec = model.removeprefix("models:/")
+    name, at, alias = spec.partition("@")
+    if not at:
+        name, _, alias = spec.rpartition("/")
+    if not (model.startswith("models:/") and name and alias):
+        raise TrainerError(f"model={model}: expected models:/<name>/<version> or models:/<name>@<alias>")
     try:
-        names = [Path(a.path).name for a in list_artifacts(artifact_uri=f"{location}/data", tracking_uri=uri)]
-    except (MlflowException, OSError):
-        return None
-    name = next((n for n in sorted(names) if n.endswith(".keras")), None)
-    if name is None:
-        return None
-    return Path(download_artifacts(artifact_uri=f"{location}/data/{name}", dst_path=str(dst), tracking_uri=uri))
+        mv = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
+    except MlflowException:
+        raise TrainerError(f"model={model}: no such registered model version in {client.tracking_uri}") from None
+    if not mv.run_id:
+        raise TrainerError(f"model={model}: the version names no source run, so there is no config to evaluate on")
+    model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else mv.source  # MLflow 3: an id
+    return mv.run_id, (model, location)
 
 
 def _import_module_of(target: str) -> None:
@@ -256,13 +283,18 @@ def evaluate(
     uri: str | None = None,
     experiment: str | None = None,
     trusted_targets: Iterable[str] = (),
+    model: str | None = None,
 ) -> dict[str, Any]:
     """The run's model on the validation split (the training split when there is none) of its data,
     rebuilt from its config plus `overrides`; a JSON-ready report. The config builds only what
-    `trusted_config` lets through: built-ins, targets the overrides name, and `trusted_targets`."""
+    `trusted_config` lets through: built-ins, targets the overrides name, and `trusted_targets`.
+    `model`: a registered version (models:/<name>/<version>), evaluated on its source run's config and data."""
     uri = uri or mlflow.get_tracking_uri()
     check_readable(uri)  # a server answers, a SQLite file is MLflow's: nothing is made or migrated
     client = MlflowClient(uri)
+    found = None
+    if model:
+        run_id, found = registered_version(client, model)
     run = find_run(client, run_id, run_name, experiment or cli.default_experiment())
     trusted = [*trusted_targets, *named_by(overrides)]
     with tempfile.TemporaryDirectory(prefix="trainer-evaluate-") as tmp, _no_progress_bars():
@@ -270,7 +302,8 @@ def evaluate(
         cfg = trusted_config(logged, trusted, f"run {run.info.run_id}'s config.yaml", keys=BUILT)
         model_target = OmegaConf.select(logged, "model._target_", default=None, throw_on_resolution_failure=False)
         trusted_model = isinstance(model_target, str) and is_trusted(model_target, trusted)
-        model, source = load_run_model(client, run, uri, Path(tmp), model_target if trusted_model else None)
+        keras_model, source = load_run_model(client, run, uri, Path(tmp), model_target if trusted_model else None,
+                                             found)  # fmt: skip
         labels = logged_labels(client, run, uri, Path(tmp))
     for group in BUILT:  # the run's config with your overrides, checked as training checks its own
         check_option(group, cfg[group])
@@ -294,7 +327,7 @@ def evaluate(
     else:
         x, y = (data.x_val, data.y_val) if split == "validation" else (data.x_train, data.y_train)
         examples = len(x)
-    results = evaluate_model(model, loss_fn, x, y, batch_size, metrics)  # trainer.metrics
+    results = evaluate_model(keras_model, loss_fn, x, y, batch_size, metrics)  # trainer.metrics
     logged_key = PRIMARY if split == "validation" else FALLBACK  # trainer.objective: what the run logged
     return {
         "run_id": run.info.run_id,
@@ -363,13 +396,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(opts: Options, overrides: list[str]) -> None:
-    if opts.run_id and opts.run_name:
-        raise TrainerError(f"run_id={opts.run_id} and run_name={opts.run_name}: the run is already picked; give one")
-    if not (opts.run_id or opts.run_name):
-        raise TrainerError("say which run: run_id=<id> or run_name=<name> (trainer evaluate --help)")
+    picked = [f"{key}={value}" for key, value in (("run_id", opts.run_id), ("run_name", opts.run_name),
+                                                  ("model", opts.model)) if value]  # fmt: skip
+    if len(picked) > 1:
+        raise TrainerError(f"{' and '.join(picked)}: the model is already picked by one; give one")
+    if not picked:
+        raise TrainerError("say which model: run_id=<id>, run_name=<name> or model=models:/<name>/<version> "
+                           "(trainer evaluate --help)")  # fmt: skip
     startup.quiet_libraries(opts.verbose)
     startup.import_tensorflow(opts.verbose)  # the model's loading imports it: its C++ start-up lines dropped
-    report = evaluate(opts.run_id, opts.run_name, overrides, opts.uri, opts.experiment, opts.trusted_targets)
+    report = evaluate(opts.run_id, opts.run_name, overrides, opts.uri, opts.experiment, opts.trusted_targets,
+                      opts.model)  # fmt: skip
     if opts.format == "json":
         print(json.dumps({k: _jsonable(v) for k, v in report.items()}, indent=2))
     else:

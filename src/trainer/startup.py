@@ -35,7 +35,12 @@ VERBOSE_ENV = "TRAINER_VERBOSE"
 # cpu_feature_guard's notice: the start-up chatter of TensorFlow's C++ side.
 NOISE = re.compile(r"^([IW]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog|To enable the "
                    r"following instructions: .* in other operations, rebuild TensorFlow)")  # fmt: skip
-QUIET_LOGGERS = {"mlflow.tracking.fluent": logging.WARNING, "alembic": logging.WARNING, "matplotlib": logging.ERROR}
+QUIET_LOGGERS = {
+    "mlflow.tracking.fluent": logging.WARNING,
+    "alembic": logging.WARNING,
+    "matplotlib": logging.ERROR,
+    "mlflow.system_metrics": logging.WARNING,  # the sampler's start and stop lines (tracking.system_metrics)
+}
 UNUSED_BY_TF_IMPORT = "sklearn"  # only keras.wrappers imports it, optionally (ImportError -> sklearn = None)
 
 

@@ -31,6 +31,7 @@ from trainer.models import check_fits
 from trainer.optim import build_optimizer
 from trainer.process import process_settings
 from trainer.tracking import QuietRun, Run, stored_through
+from trainer.tracking.lineage import log_data
 
 console = notice_console()
 
@@ -76,6 +77,7 @@ def train(
                 else:
                     if chief:
                         checkpoints.write_run_file(run.run_id, run.uri, cfg)
+                        log_data(run, cfg.data, data)  # dataset inputs: which files, which split (tracking/lineage)
                     checkpoints.save(0)  # a base to resume from, even for a run killed before its first save
                 if t.print_gradients and start == 0:
                     _report_gradients(loop, run)
@@ -83,7 +85,7 @@ def train(
                 if chief:
                     _log_data_facts(data, run)
                 if cfg.tracking.log_model and chief:  # retried whole while the store is locked
-                    lifecycle.retry_busy(_log_model, model, run, output_dir, data)
+                    lifecycle.retry_busy(_log_model, model, run, output_dir, data, cfg)
                 _summarize(result, run)
         finally:
             checkpoints.release()
@@ -313,9 +315,10 @@ def _report_gradients(loop: StepLoop, run: Run) -> None:
     run.log_text(json.dumps({n: g.tolist() for n, g in grads.items()}, indent=1), "first_step_gradients.json")
 
 
-def _log_model(model, run: Run, output_dir: Path, data: Dataset) -> None:
-    """The trained model twice over: a plain `.keras` file any Keras loads, and an MLflow model that
-    `mlflow.tensorflow.load_model` / `mlflow.pyfunc.load_model` load and serve (trainer.evaluate uses it).
+def _log_model(model, run: Run, output_dir: Path, data: Dataset, cfg: DictConfig) -> None:
+    """The trained model twice over: a plain `.keras` file any Keras loads, and an MLflow pyfunc model that
+    `mlflow.pyfunc.load_model` loads and `mlflow models serve` serves (class probabilities and labels for a
+    classifier; trainer.evaluate reads its `.keras` file), registered when tracking.register_model names one.
     With preprocessing (rescale, normalization) the logged model carries it in front, so it takes raw inputs."""
     output_dir.mkdir(parents=True, exist_ok=True)
     example = _raw_example(data)
@@ -334,7 +337,9 @@ def _log_model(model, run: Run, output_dir: Path, data: Dataset) -> None:
     if isinstance(model, keras.Model):
         from trainer.tracking.models import log_model
 
-        log_model(model, "model", input_example=example)
+        log_model(model, "model", input_example=example, task=data.task, labels=data.labels,
+                  from_logits=bool(cfg.loss.get("from_logits", True)),
+                  registered_model_name=cfg.tracking.get("register_model"))  # fmt: skip
 
 
 def _raw_example(data: Dataset) -> np.ndarray:

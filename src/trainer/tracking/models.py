@@ -1,44 +1,175 @@
-"""Logging a trained model in MLflow's own format, so MLflow's loaders (and `trainer.evaluate`) can read it."""
+"""Logging a trained model in MLflow's own format, so MLflow's loaders, its server (`mlflow models serve`) and
+`trainer.evaluate` can read it."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+
+KERAS_ARTIFACT = "keras_model"  # the key of the `.keras` file among the pyfunc model's artifacts (artifacts/)
+LABEL_COLUMN = "label"  # a classifier's pyfunc output: one probability column per class, then this one
 
 
-def log_model(model: Any, artifact_path: str = "model", input_example: np.ndarray | None = None) -> str:
-    """Log `model` as an MLflow model of the active run; returns its `models:/<id>` URI.
+class KerasPyfunc(mlflow.pyfunc.PythonModel):
+    """What a user of the logged model gets from `predict`: float64 or float32 arrays and DataFrames of the
+    training columns (in training order) are cast to the model's input dtype; a regression model gives its
+    outputs, a classifier a DataFrame of class probabilities (one column per class name) and `label`.
 
-    The `tensorflow` flavour, not `keras`: both save Keras 3 models as `.keras` files, but only the
-    tensorflow flavour also stores Keras' registered custom objects (cloudpickled by reference), so
-    `mlflow.pyfunc.load_model(uri)` and `mlflow.tensorflow.load_model(uri)` work in a fresh process without
-    importing `trainer.models` first; with the keras flavour that load fails on `trainer>MLP`. It also takes
-    plain `tf.Module` models. Requirements are given, not inferred: inference loads the model again in a
-    subprocess (~25 s). `input_example` (a few float32 rows) records a signature, so pyfunc checks inputs.
-    That pickle is also why `load_run_model` never uses those loaders: unpickling runs whatever code the
-    file holds, so only a trusted store may be read with them; `trainer.evaluate.load_run_model` reads the
-    `.keras` file inside.
+    Keras' own `predict` with verbose=0 (its default prints a progress bar on every call). The class is pickled
+    by reference (this module), so loading needs `trainer` installed; the model itself is a `.keras` file
+    loaded with Keras' safe_mode, after importing the modules its classes come from."""
+
+    def __init__(self, task: str, names: Sequence[str] | None, from_logits: bool, dtype: str, modules: Sequence[str]):
+        self.task, self.names, self.from_logits = task, list(names) if names else None, from_logits
+        self.dtype, self.modules = dtype, list(modules)
+        self._model = None
+
+    def load_context(self, context: Any) -> None:
+        import keras
+
+        for module in ["trainer.models", "trainer.optim", *self.modules]:  # registered classes, by name
+            importlib.import_module(module)
+        self._model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
+
+    @property
+    def keras_model(self) -> Any:
+        """The loaded Keras model (after `mlflow.pyfunc.load_model(uri).unwrap_python_model()`): raw outputs."""
+        return self._model
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
+        """`model_input`: a DataFrame for a table, an ndarray for images; a DataFrame hint is one that MLflow 3
+        validates nothing by (a list[...] hint would convert the input; none warns on every import)."""
+        return self.outputs(np.asarray(self._model.predict(self.cast(model_input), verbose=0)))
+
+    def cast(self, model_input: Any) -> np.ndarray:
+        values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
+        return np.asarray(values, dtype=self.dtype)
+
+    def outputs(self, out: np.ndarray) -> Any:
+        """Raw model outputs as the user reads them; a binary model of several targets: their probabilities."""
+        if self.task == "binary":
+            p = _sigmoid(out) if self.from_logits else out
+            if p.ndim > 1 and p.shape[1] > 1:
+                return p
+            p = p.reshape(-1)
+            return self._classes(np.stack([1 - p, p], axis=1))
+        if self.task == "multiclass":
+            return self._classes(_softmax(out) if self.from_logits else out)
+        return out
+
+    def _classes(self, probs: np.ndarray) -> pd.DataFrame:
+        names = self.names or [str(i) for i in range(probs.shape[1])]
+        frame = pd.DataFrame({name: probs[:, i] for i, name in enumerate(names)})
+        frame[LABEL_COLUMN] = np.asarray(names, dtype=object)[probs.argmax(axis=1)]
+        return frame
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (1 / (1 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z.astype(np.float64) - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def log_model(
+    model: Any,
+    artifact_path: str = "model",
+    input_example: np.ndarray | None = None,
+    *,
+    task: str = "regression",
+    labels: Sequence[str] | None = None,
+    from_logits: bool = True,
+    registered_model_name: str | None = None,
+) -> str:
+    """Log the Keras `model` as an MLflow pyfunc model (KerasPyfunc) of the active run; returns its URI.
+
+    `input_example` (a few raw rows) is logged and gives the signature. A table's inputs are unnamed double
+    columns: MLflow upcasts float32 and int columns to them, takes a DataFrame's columns by position and an
+    array as one, where a tensor signature demands its dtype exactly (float32: float64 refused; float64:
+    float32 refused). Images and other tensors keep the tensor signature of the raw data. `task`, `labels`
+    (class names by id) and `from_logits` (the loss's) turn a classifier's logits into probabilities and
+    labels. `registered_model_name`: also a new version of that registered model. Requirements are given,
+    not inferred: inference loads the model again in a subprocess (~25 s). The model's `.keras` file sits
+    under `artifacts/`: `trainer.evaluate.load_run_model` reads only that file (safe_mode), never the
+    pickled `python_model.pkl` beside it, which is code.
     """
-    import mlflow.tensorflow
+    import keras
     from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, DataType, Schema
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_model logs into the active MLflow run; call it inside trainer.tracking.Run")
-    signature = None
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"log_model logs Keras models; got {type(model).__name__}")
+    dtype = str(model.inputs[0].dtype) if getattr(model, "inputs", None) else "float32"
+    wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model))
+    signature, example = None, None
     if input_example is not None:
-        x = np.asarray(input_example[:2])
-        signature = infer_signature(x, np.asarray(model(x, training=False)))
-    info = mlflow.tensorflow.log_model(model, name=artifact_path, signature=signature, pip_requirements=_requirements())
+        example = np.asarray(input_example[:2])
+        out = wrapper.outputs(np.asarray(model(wrapper.cast(example), training=False)))
+        signature = infer_signature(example, out)
+        if example.ndim == 2:  # a table: unnamed double columns, taken by position (see above)
+            example = example.astype(np.float64)
+            signature.inputs = Schema([ColSpec(DataType.double) for _ in range(example.shape[1])])
+    with tempfile.TemporaryDirectory(prefix="trainer-model-") as tmp, _quiet_pyfunc():
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        info = mlflow.pyfunc.log_model(
+            name=artifact_path, python_model=wrapper, artifacts={KERAS_ARTIFACT: str(path)}, signature=signature,
+            input_example=example, pip_requirements=_requirements(), registered_model_name=registered_model_name,
+        )  # fmt: skip
     return info.model_uri
 
 
+@contextlib.contextmanager
+def _quiet_pyfunc() -> Iterator[None]:
+    """MLflow's pyfunc warns that a Python object is pickled, on every log (the class goes by reference to
+    this module; the docstring above says why loaders are trusted-store only), and draws a download bar
+    while it checks the input example: noise at the end of each run. Its errors still print."""
+    logger, key = logging.getLogger("mlflow.pyfunc"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    level, bar = logger.level, os.environ.get(key)
+    logger.setLevel(logging.ERROR)
+    os.environ.setdefault(key, "false")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop(key, None)
+
+
+def _modules(model: Any) -> list[str]:
+    """Modules of the model's own (non-Keras) classes: imported before loading, so their names register."""
+    classes = {type(model), *(type(layer) for layer in _all_layers(model))}
+    return sorted({c.__module__ for c in classes if not c.__module__.startswith("keras")})
+
+
+def _all_layers(layer: Any) -> list[Any]:
+    """Every layer inside `layer`, nested models' too, through the public `layers` lists."""
+    found = []
+    for child in getattr(layer, "layers", []):
+        found += [child, *_all_layers(child)]
+    return found
+
+
 def _requirements() -> list[str]:
-    """Pinned to what is installed here: the TensorFlow build actually present (cpu or not), and Keras."""
+    """Pinned to what is installed here: the TensorFlow build actually present (cpu or not), Keras, pandas."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for dist in ("tensorflow", "tensorflow-cpu", "keras"):
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "pandas"):
         try:
             pins.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

@@ -6,7 +6,9 @@ Metrics go through the run's sink (sink.py). `QuietRun` stands in on workers tha
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ from trainer.config import TrainerError, first_line
 from trainer.lifecycle import retry_busy
 from trainer.store import index_for_charts
 from trainer.tracking.connect import open_error, probe
+from trainer.tracking.lineage import code_tags
 from trainer.tracking.sink import Chunk, MetricSink
 from trainer.tracking.writers import SqlBulkWriter
 
@@ -90,12 +93,13 @@ class Run:
                 run = retry_busy(mlflow.start_run, run_id=self.run_id, tags=self.tags)
             else:
                 retry_busy(mlflow.set_experiment, t.experiment)
-                tags = {"overrides": " ".join(self.overrides), **self.tags}
+                tags = {"overrides": " ".join(self.overrides), **code_tags(), **self.tags}
                 run = retry_busy(mlflow.start_run, run_name=self._name(), tags=tags)
         except Exception as e:
             raise TrainerError(open_error(self.uri, t.experiment, e)) from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
+        self.monitor = self._system_metrics(t)
         if self.resumed:
             self._forget_failure()
         with contextlib.suppress(Exception):  # housekeeping: never a reason not to train
@@ -108,6 +112,27 @@ class Run:
         self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks, **thinning)  # absent: a
         # run resumed from a config written before these keys logs on as it began, every step
         return self
+
+    def _system_metrics(self, t: DictConfig) -> Any:
+        """MLflow's system-metrics sampler on its own thread (off the training loop), or None when off.
+
+        Under multi-worker the chief's samples carry its node id (`system/chief0/...`; the other workers log
+        nothing); a resumed run's go on from the last sample's step."""
+        if not t.get("system_metrics"):
+            return None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=t.system_metrics_interval, resume_logging=self.resumed,
+                node_id=_node_id(), tracking_uri=self.uri,
+            )  # fmt: skip
+        except ImportError as e:
+            logging.getLogger(__name__).warning("no system metrics: %s; pip install psutil, or set "
+                                                "tracking.system_metrics=false", first_line(e))  # fmt: skip
+            return None
+        monitor.start()
+        return monitor
 
     def _claim(self) -> None:
         """A resume takes over a run only if no live process trains it; one that died is closed first."""
@@ -140,6 +165,8 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         lost = 0
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.finish()  # its last samples written before the run's status
         if self.sink is not None:
             self.sink.close()
             lost = self._report_delivery()
@@ -221,6 +248,15 @@ class Run:
         if self.uri.startswith("http"):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         return f"run {self.run_id} in {self.uri} (view: mlflow ui --backend-store-uri {self.uri})"
+
+
+def _node_id() -> str | None:
+    """`chief0`, `worker1`: the multi-worker task this process is (TF_CONFIG), None when training alone."""
+    try:
+        task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task") or {}
+    except (ValueError, AttributeError):
+        return None
+    return f"{task['type']}{task.get('index', 0)}" if task.get("type") else None
 
 
 class QuietRun:
