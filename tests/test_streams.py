@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.config import register
+from test_resilience import cfg_for, only_run, steps_of  # the same in-process run helpers
 from trainer.data import Stream, regression
 from trainer.data.prepare import _as_streams
 from trainer.inputs import ArrayInput, StreamInput
@@ -19,29 +19,6 @@ from trainer.loop import PER_VARIABLE, StepLoop
 from trainer.metrics import Metrics
 from trainer.models import MLP
 from trainer.train import train
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def cfg_for(tmp_path: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-        return compose("config", [f"tracking.uri={uri}", "trainer.progress=false", *overrides])
-
-
-def only_run(tmp_path: Path):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
-    return client, run
-
-
-def steps_of(client, run, key: str = "train/loss") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
 
 def _loop(inputs, seed: int = 0) -> StepLoop:

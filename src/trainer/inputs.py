@@ -235,7 +235,7 @@ class StreamInput:
 
     def eval_dataset(self, stream: Stream | None, batch: int) -> tf.data.Dataset:
         """A split (default: the training set) in its fixed order, in evaluation batches."""
-        ds = (stream or self.stream).read() if stream is not None else self._cached()
+        ds = stream.read() if stream is not None else self._cached()
         return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
 
 
