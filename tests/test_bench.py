@@ -151,6 +151,22 @@ def test_bench_sink_counts_every_point(tmp_path: Path) -> None:
     assert "what the store adds" in proc.stdout
 
 
+@pytest.mark.slow
+def test_bench_cost_runs_both_arms_on_the_cnn_images(tmp_path: Path) -> None:
+    """--cost on the cnn job: its images are written, both arms ran every step, and the arms differ by exactly
+    what the overrides change: global norms only drop the 8 per-variable norms of the conv net, every step."""
+    steps = 12
+    out = tmp_path / "cost.json"
+    proc = bench(tmp_path, "--cost", "tracking.log_grad_norms=global", "--jobs", "cnn", "--steps", str(steps),
+                 "--repeats", "1", "--json", str(out), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads(out.read_text())["cost"]
+    assert cost["overrides"] == ["tracking.log_grad_norms=global"] and len(cost["ratios"]) == 1
+    # conv_0, conv_1 kernels (no bias before BatchNorm), bn_0, bn_1 gamma and beta, the head kernel and bias
+    assert cost["points"]["job"] - cost["points"]["with overrides"] == 8 * steps
+    assert "steps/s with the overrides / without" in proc.stdout
+
+
 def test_stream_file_is_the_regression_written_in_blocks(tmp_path: Path) -> None:
     """--stream's file: x [rows, 32] and y [rows, 1] float32, `gb` GiB together, several blocks (the last one
     short), and y a linear function of x plus noise of std 0.1, as trainer.data.regression makes it."""

@@ -1,6 +1,6 @@
 """Side-by-side training speed of one job run four ways, in one process, interleaved; and what the store costs.
 
-    python scripts/bench                      # jobs mlp, tape, wide; 3 repeats; exit 1 if a target is missed
+    python scripts/bench                      # jobs mlp, tape, wide, cnn; 3 repeats; exit 1 if a target is missed
     python scripts/bench --jobs mlp --json bench.json
     python scripts/bench --quick --jobs tape  # a smoke run: tiny step counts, numbers not meaningful
     python scripts/bench --sink --jobs mlp    # the other program: what writing every step's points adds

@@ -1,4 +1,4 @@
-"""The command line: `python scripts/bench [--jobs mlp,tape,wide] [--sink] [--no-targets] ...`; see __init__."""
+"""The command line: `python scripts/bench [--jobs mlp,tape,wide,cnn] [--sink] [--no-targets] ...`; see __init__."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import asdict
 import bench  # first: its __init__ quiets TensorFlow before anything imports it
 import trainer.config
 from bench import report
+from bench.cost import COST_STEPS, measure_cost
 from bench.harness import (
     JOBS,
     QUICK_SPE_CHOICES,
@@ -27,6 +28,7 @@ from bench.harness import (
     quiet_libraries,
     template_store,
     use_threads,
+    write_images,
 )
 from bench.race import FINAL_RATIOS, SWEEP_RATIOS, measure_job
 from bench.report import Check, Floor
@@ -44,7 +46,7 @@ from bench.stream import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/bench", description=bench.__doc__.splitlines()[0])
-    p.add_argument("--jobs", default="mlp,tape,wide", help=f"comma-separated, of {', '.join(JOBS)}")
+    p.add_argument("--jobs", default="mlp,tape,wide,cnn", help=f"comma-separated, of {', '.join(JOBS)}")
     p.add_argument("--repeats", type=int, help="default 3; 1 for --stream (it is long)")
     p.add_argument("--steps", type=int, help="N for keras-fit, bare and ours (default: per job)")
     p.add_argument("--naive-steps", type=int, help="N for naive (default: per job)")
@@ -60,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"instead: ours on a file-backed dataset streamed from disk vs Keras fit on the same tf.data pipeline, "
         f"steps/s and peak RSS (--steps, default {STREAM_STEPS})",
+    )
+    p.add_argument(
+        "--cost",
+        nargs="+",
+        metavar="OVERRIDE",
+        help=f"instead: steps/s of ours on the first job with these overrides / without them, e.g. "
+        f"tracking.system_metrics=false (--steps, default {COST_STEPS})",
     )
     p.add_argument("--stream-gb", default=",".join(f"{gb:g}" for gb in STREAM_GB), help="--stream: file sizes, GiB")
     p.add_argument("--stream-dir", type=Path, help="--stream: where the files are written (default: a temp dir)")
@@ -141,13 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer.config.register()
     if args.threads:
         use_threads(*args.threads)
-    checks = run_sink(args) if args.sink else run_stream(args) if args.stream else run_race(args)
+    if args.cost:
+        checks = run_cost(args)
+    else:
+        checks = run_sink(args) if args.sink else run_stream(args) if args.stream else run_race(args)
     return report.exit_status(checks, enforce=args.targets)
 
 
 def run_race(args: argparse.Namespace) -> list[Check]:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         template_store(Path(tmp))
+        if "cnn" in args.jobs:
+            write_images(Path(tmp))
         results = [measure_job(JOBS[name], plan_for(name, args), Path(tmp)) for name in args.jobs]
     checks = report.report(results, report.with_floors(args.floor), args.quick)
     if args.json:
@@ -164,12 +178,28 @@ def run_sink(args: argparse.Namespace) -> list[Check]:
     steps = args.steps or (QUICK_STEPS[job.name][0] if args.quick else SINK_STEPS)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         template_store(Path(tmp))
+        if job.name == "cnn":
+            write_images(Path(tmp))
         result = measure_sink(job, steps, args.repeats, Path(tmp))
     checks = report.sink_report(result)
     if args.json:
         targets = [asdict(c) for c in checks]
         args.json.write_text(json.dumps({"argv": sys.argv, "sink": asdict(result), "targets": targets}, indent=1))
     return checks
+
+
+def run_cost(args: argparse.Namespace) -> list[Check]:
+    job = JOBS[args.jobs[0]]
+    steps = args.steps or (QUICK_STEPS[job.name][0] if args.quick else COST_STEPS)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        template_store(Path(tmp))
+        if job.name == "cnn":
+            write_images(Path(tmp))
+        result = measure_cost(job, args.cost, steps, args.repeats, Path(tmp))
+    report.cost_report(result)
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv, **machine(), "cost": asdict(result)}, indent=1))
+    return []
 
 
 def run_stream(args: argparse.Namespace) -> list[Check]:

@@ -57,6 +57,9 @@ class Job:
 
 MLP = "model=mlp data=regression data.n_features=32 data.n_samples=81920 data.val_fraction=0.2"
 WIDE = "model=mlp model.hidden=[1024,1024] data=regression data.n_features=784 data.n_samples=20480"
+IMAGES_ENV = "TRAINER_BENCH_IMAGES"  # the cnn job's .npz, written once per bench run (write_images)
+IMAGES = f"data=numpy data.path=${{oc.env:{IMAGES_ENV}}} loss=sparse_categorical_crossentropy"
+IMAGE_SHAPE, IMAGE_CLASSES, IMAGE_ROWS = (32, 32, 3), 10, 10240  # CIFAR-10's shape; 8,192 rows to train on
 JOBS = {
     "mlp": Job(
         "mlp",
@@ -79,8 +82,16 @@ JOBS = {
         60,
         "MLP 784-1024-1024-1, 16,384 rows, batch 512, Adam: compute-bound",
     ),
+    "cnn": Job(
+        "cnn",
+        f"model=cnn {IMAGES} trainer.batch_size=128 optimizer=adam optimizer.lr=1e-3",
+        300,
+        60,
+        "conv net (conv 32, conv 64, BatchNorm, max-pool) on 32x32x3 images, 10 classes, batch 128, Adam",
+    ),
 }
-QUICK_STEPS = {"mlp": (200, 20), "tape": (200, 20), "wide": (20, 10)}  # (steps, naive_steps) for --quick
+# (steps, naive_steps) for --quick
+QUICK_STEPS = {"mlp": (200, 20), "tape": (200, 20), "wide": (20, 10), "cnn": (20, 10)}
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,19 @@ class Store:
     uri: str
     experiment_id: str
     dir: Path
+
+
+def write_images(workdir: Path) -> Path:
+    """The cnn job's images as an .npz of float32 in [0, 1] (so every competitor feeds the model the same
+    arrays, no per-batch cast), each class a fixed random pattern under noise; the path goes in IMAGES_ENV."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, IMAGE_CLASSES, IMAGE_ROWS)
+    patterns = rng.random((IMAGE_CLASSES, *IMAGE_SHAPE), dtype=np.float32)
+    noise = rng.random((IMAGE_ROWS, *IMAGE_SHAPE), dtype=np.float32)
+    path = workdir / "images.npz"
+    np.savez(path, x=0.5 * patterns[labels] + 0.5 * noise, y=labels)
+    os.environ[IMAGES_ENV] = str(path)  # children (the CLI start-up runs) inherit it
+    return path
 
 
 def template_store(workdir: Path) -> Path:
