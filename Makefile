@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TF ?= cpu
 
-.PHONY: help install test test-slow test-full lint format train sweep ui bench clean
+.PHONY: help install test test-slow test-full lint format train sweep ui bench screenshots clean postgres
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -18,6 +18,22 @@ test:  ## the fast suite (skips tests marked slow)
 
 test-slow:  ## only the slow end-to-end tests (servers, parallel jobs, multi-worker, the bench smoke test)
 	$(BIN)/pytest -q -m slow
+
+postgres:  ## PostgreSQL's server for tests/test_postgres.py (Debian's postgresql, if absent) and MLflow's driver
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+	    || { [ -n "$$PG_BIN" ] && [ -x "$$PG_BIN/initdb" ]; }; then \
+	  echo "postgres: server binaries present"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "error: no PostgreSQL server (initdb) and no apt-get: install one, or set PG_BIN=<its bin directory>" >&2; \
+	  exit 1; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "error: installing postgresql needs root: run 'make postgres' as root, install sudo, or set PG_BIN" >&2; \
+	    exit 1; fi; \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends postgresql; \
+	fi
+	$(BIN)/python -c "import psycopg" 2>/dev/null || $(BIN)/pip install -e ".[postgres]"
 
 test-full:  ## every test, the slow end-to-end ones included
 	$(BIN)/pytest -q -m ""
@@ -38,6 +54,10 @@ sweep:  ## a small Hydra multirun over optimizers and learning rates
 
 ui:  ## the MLflow UI over this directory's store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+screenshots:  ## the MLflow UI in headless Chromium over three real runs: checks, then docs/mlflow-ui*.png (not in CI)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	$(BIN)/python scripts/screenshots $(ARGS)
 
 bench:  ## side-by-side speed: naive, keras fit, bare compiled loop, ours; exit 1 if a target is missed
 	$(BIN)/python scripts/bench $(ARGS)

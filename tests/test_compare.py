@@ -209,3 +209,44 @@ def test_best_child_is_the_finished_one_with_the_lowest_finite_objective(store, 
     )
     assert data.metrics["best/objective"] == 0.3 and data.metrics["best/train/final_loss"] == 0.3
     assert "best/val/loss" not in data.metrics
+
+
+def test_table_shows_shared_overrides_once_task_metrics_as_columns_and_four_digits(store, tmp_path, capsys):
+    """Runs that share most overrides: those are printed once above the table; each row keeps what differs;
+    every val/* a run logged is a column; numbers have 4 significant digits (the CSV keeps them whole)."""
+    client = store.client
+    exp_id = client.create_experiment("shared-overrides", artifact_location=str(tmp_path / "artifacts"))
+    shared = "data=csv data.path=/very/long/path/to/the/training/table.csv model=mlp trainer.max_steps=20000"
+    for lr, val_loss, accuracy in (("0.1", 0.0018527400612343, 0.912345678), ("0.01", 0.25, 0.5)):
+        tags = {"overrides": f"{shared} optimizer.lr={lr}"}
+        run_id = client.create_run(exp_id, run_name=f"lr{lr}", tags=tags).info.run_id
+        for step, loss in enumerate((1.0, 0.123456789)):
+            client.log_metric(run_id, "train/loss", loss, step=step)
+        client.log_metric(run_id, "val/loss", val_loss, step=2)
+        client.log_metric(run_id, "val/accuracy", accuracy, step=2)
+        client.set_terminated(run_id)
+    args = [f"uri={store.uri}", "experiment=shared-overrides", f"out={tmp_path}"]
+    assert compare.main([*args, "format=markdown"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0] == f"Overrides shared by every run: `{shared}`" and md[1] == ""
+    assert (
+        md[2]
+        == "| run | overrides | status | final train loss | val/loss | val/accuracy | best step | steps/s | points |"
+    )
+    assert md[4] == "| lr0.1 | optimizer.lr=0.1 | FINISHED | 0.1235 | 0.001853 | 0.9123 | 1 |  | 2 |"
+    assert md[5] == "| lr0.01 | optimizer.lr=0.01 | FINISHED | 0.1235 | 0.25 | 0.5 | 1 |  | 2 |"
+    assert compare.main([*args, "format=csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert table[0]["overrides"] == f"{shared} optimizer.lr=0.1" and table[0]["val/accuracy"] == "0.912345678"
+    assert table[0]["objective"] == "0.0018527400612343"
+    assert compare.main([*args, "format=table"]) == 0
+    printed = capsys.readouterr().out
+    assert "overrides shared by every run: data=csv" in printed and printed.count("model=mlp") == 1
+    assert "0.9123" in printed and "0.912345678" not in printed
+
+
+def test_smooth_outside_its_range_is_one_line(store, tmp_path, capsys):
+    for value, message in (("1", "smooth=1.0 is invalid: expected a number in [0, 1)"), ("high", "expected a number")):
+        assert compare.main([f"uri={store.uri}", f"out={tmp_path}", f"smooth={value}"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: smooth=") and message in err and "\n" not in err

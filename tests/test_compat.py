@@ -83,7 +83,7 @@ def test_the_fused_adam_is_used_on_the_installed_keras(checks):
 
     optimizer = Adam(1e-2)
     optimizer.build([__import__("keras").Variable(np.ones((3, 2), np.float32))])
-    assert optimizer._flat is not None
+    assert optimizer._fused is not None
     assert [v.path.rsplit("/", 1)[-1] for v in optimizer.variables] == [
         "iteration",
         "learning_rate",

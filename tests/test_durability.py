@@ -72,6 +72,7 @@ def durable(directory: Path) -> int:
     return json.loads(path.read_text())["step"] if path.is_file() else -1
 
 
+@pytest.mark.slow  # 11-22 s: the fast suite stays near 10 minutes (make test-slow runs it)
 def test_hard_kill_while_the_store_lags_then_resume_has_every_step_once(tmp_path):
     """The writer held off by a lock (as a slow store or a far-behind sink would be), checkpoints run ahead
     of what the store holds, kill -9: the resume goes back to the newest checkpoint the store covers and
@@ -139,6 +140,7 @@ def test_a_run_killed_before_its_first_checkpoint_says_so_and_is_closed(tmp_path
     assert f"process {proc.pid} on " in run.data.tags["error"]
 
 
+@pytest.mark.slow  # 11-22 s: the fast suite stays near 10 minutes (make test-slow runs it)
 def test_trainers_started_together_on_a_new_store_all_run(tmp_path):
     """MLflow makes a new SQLite store in ~50 migrations: three trainers at once interleaved them and failed
     ("Online migration expected to match one row", "duplicate column name") before the store lock."""
@@ -316,6 +318,7 @@ def test_two_resumes_of_one_run_one_trains_the_other_is_refused(tmp_path):
     assert client.get_run(run_id).data.tags["trainer.pid"] == str(first.pid)
 
 
+@pytest.mark.slow  # 11-22 s: the fast suite stays near 10 minutes (make test-slow runs it)
 def test_resuming_a_finished_run_rewrites_its_summary_once_and_a_shorter_one_is_refused(tmp_path):
     args = (*TRAIN, "trainer.max_steps=300", "trainer.eval_every=100")
     assert finish(start(tmp_path, *args))[0] == 0

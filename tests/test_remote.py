@@ -68,7 +68,7 @@ def run_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.Popen:
 @pytest.mark.slow
 def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
     proc = run_cli(tmp_path, server.uri, "trainer.max_steps=60")
-    _, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     client = mlflow.MlflowClient(server.uri)
     [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
@@ -80,7 +80,9 @@ def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
     assert {"config.yaml", "overrides.yaml", "model"} <= artifacts
     local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
     assert "max_steps: 60" in local.read_text()
-    assert f"{server.uri}/#/experiments/" in err  # where to look, printed at the end
+    exp, run_id = run.info.experiment_id, run.info.run_id  # where to look, printed once at the end (tracking/ui.py)
+    assert f"MLflow: {server.uri}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning\n" in err
+    assert "View run" not in out + err  # MLflow's own two lines for a server: switched off
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_grid_sweep_is_one_parent_with_a_child_per_job(tmp_path):
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {c.info.run_name for c in children} == {
-        f"optimizer={o} optimizer.lr={lr} model={m}" for o in ("sgd", "adam") for lr in ("0.001", "0.01")
+        f"{o} lr={lr} {m}" for o in ("sgd", "adam") for lr in ("0.001", "0.01")
         for m in ("linear", "mlp")
     }  # fmt: skip
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
@@ -132,18 +132,18 @@ def test_a_diverging_job_is_a_failed_child_and_the_other_jobs_run(tmp_path, mlfl
     proc = multirun(tmp_path, "model=mlp", "optimizer=sgd", "optimizer.lr=1e-3,100,1e-2")
     client, parents, children = runs(tmp_path)
     named = by_name(children)
-    assert set(named) == {"optimizer.lr=0.001", "optimizer.lr=100", "optimizer.lr=0.01"}
-    failed = named["optimizer.lr=100"]
+    assert set(named) == {"lr=0.001", "lr=100", "lr=0.01"}  # names: trainer.tracking.ui.run_name
+    failed = named["lr=100"]
     assert failed.info.status == "FAILED" and failed.data.tags["error"].startswith(DIVERGES)
-    for name in ("optimizer.lr=0.001", "optimizer.lr=0.01"):
+    for name in ("lr=0.001", "lr=0.01"):
         assert named[name].info.status == "FINISHED"
         assert len(client.get_metric_history(named[name].info.run_id, "train/loss")) == 12
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["sweep/jobs"] == 3 and parent.data.metrics["sweep/failed_jobs"] == 1
-    assert parent.data.tags["best_run_id"] == named["optimizer.lr=0.01"].info.run_id
+    assert parent.data.tags["best_run_id"] == named["lr=0.01"].info.run_id
     [line] = error_lines(proc)  # the failed job's error, once, in one line; no traceback
-    assert line.startswith(f"error: job 1 (optimizer.lr=100): {DIVERGES} 2;")
+    assert line.startswith(f"error: job 1 (lr=100): {DIVERGES} 2;")
     assert "Traceback" not in proc.stderr
     assert f"sweep: 1 of 3 jobs failed (job 1); FAILED child runs of run {parent.info.run_id}" in proc.stderr
 
@@ -154,15 +154,16 @@ def test_a_sweep_whose_every_job_fails_exits_1_with_one_line(tmp_path, mlflow_te
     proc = multirun(tmp_path, "model=mlp", "optimizer=sgd", "optimizer.lr=100,-1", returncode=1)
     _, parents, children = runs(tmp_path)
     named = by_name(children)
-    assert {n: c.info.status for n, c in named.items()} == {"optimizer.lr=100": "FAILED", "optimizer.lr=-1": "FAILED"}
-    assert named["optimizer.lr=-1"].data.tags["error"] == "optimizer.lr=-1.0 is invalid: expected a positive number"
-    assert named["optimizer.lr=-1"].data.tags["sweep_job"] == "1"
+    assert {n: c.info.status for n, c in named.items()} == {"lr=100": "FAILED", "lr=-1": "FAILED"}
+    bad_lr = "optimizer.lr=-1 is invalid: expected a positive number, or auto (the LR finder's suggestion)"
+    assert named["lr=-1"].data.tags["error"] == bad_lr
+    assert named["lr=-1"].data.tags["sweep_job"] == "1"
     parent = parents[0]
     assert parent.info.status == "FAILED" and parent.data.metrics["sweep/failed_jobs"] == 2
     lines = error_lines(proc)  # one per job, then the sweep's
     assert len(lines) == 3 and "Traceback" not in proc.stderr
-    assert lines[0].startswith(f"error: job 0 (optimizer.lr=100): {DIVERGES}")
-    assert lines[1] == "error: job 1 (optimizer.lr=-1): optimizer.lr=-1.0 is invalid: expected a positive number"
+    assert lines[0].startswith(f"error: job 0 (lr=100): {DIVERGES}")
+    assert lines[1] == f"error: job 1 (lr=-1): {bad_lr}"
     assert lines[2].startswith(f"error: all 2 jobs of the sweep failed (job 0: {DIVERGES}")
     assert lines[2].endswith(f"FAILED child runs of run {parent.info.run_id} in sqlite:///{tmp_path}/mlflow.db")
     assert parent.data.tags["error"] == lines[2].removeprefix("error: ")
@@ -201,8 +202,8 @@ def test_a_failing_parallel_job_leaves_the_others_training(tmp_path, mlflow_temp
              f"trainer.max_steps={steps}", "trainer.steps_per_loop=50")  # fmt: skip
     client, parents, children = runs(tmp_path)
     named = by_name(children)
-    assert named["optimizer.lr=100"].info.status == "FAILED"
-    for name in ("optimizer.lr=0.001", "optimizer.lr=0.01"):
+    assert named["lr=100"].info.status == "FAILED"
+    for name in ("lr=0.001", "lr=0.01"):
         run = named[name]
         assert run.info.status == "FINISHED"
         assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(steps))

@@ -34,13 +34,15 @@ EXPERIMENT = "bench"
 SPE_CHOICES = (1, 10, 50, 100, 200)  # Keras steps_per_execution values tried; the best one is reported
 QUICK_SPE_CHOICES = (1, 50)  # --quick: both of fit's code paths (one step per call, a while_loop of them)
 STOCK = {"trainer.optim.Adam": "keras.optimizers.Adam", "trainer.optim.AdamW": "keras.optimizers.AdamW"}
-# Ours as a user runs it, less what only adds fixed cost or noise: the model file (written after training)
-# and the progress bar (drawn between chunks). Both would cancel in the marginal rate anyway.
+# Ours as a user runs it, less what only adds fixed cost or noise: the model file and the curves plot (both
+# written after training; the plot's ~1.5 s varied by +-0.5 s, against the ~11 s between the wide job's N and n
+# runs) and the progress bar (drawn between chunks). All would cancel in the marginal rate but for their noise.
 # --threads appends the thread pools' sizes here.
 OURS_OVERRIDES = [
     "tracking.log_every=1",
     "tracking.log_grad_norms=per_variable",
     "tracking.log_model=false",
+    "tracking.log_plots=false",
     "trainer.progress=false",
     f"tracking.experiment={EXPERIMENT}",
 ]

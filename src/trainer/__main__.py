@@ -95,8 +95,10 @@ _HYDRA_HOOKED = compat.wrap_hydra_errors(_report_errors)
 
 def main() -> None:
     """The `trainer` command: `trainer compare|evaluate key=value ...` run that command (before Hydra sees
-    argv); anything else is training, Hydra's command line unchanged (`trainer --help`, `-m`, overrides)."""
+    argv); `trainer lr-find ...` is training with lr_find=true; anything else is training, Hydra's command
+    line unchanged (`trainer --help`, `-m`, overrides)."""
     cli.plain_when_piped()
+    sys.argv[1:] = cli.training_argv(sys.argv[1:])  # `trainer lr-find ...`: training with lr_find=true
     status = cli.main(sys.argv[1:])
     if status is not None:
         sys.exit(status)

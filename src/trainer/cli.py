@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from trainer.config import TrainerError, first_line
 
 COMMANDS = {"compare": "trainer.compare", "evaluate": "trainer.evaluate"}  # argv[1] -> the module whose main runs
+TRAINING = {"lr-find": "lr_find=true"}  # commands that are training with one override more (trainer/lr_find.py)
 Options = TypeVar("Options")
 
 
@@ -33,6 +34,12 @@ def main(argv: Sequence[str]) -> int | None:
     import importlib
 
     return importlib.import_module(COMMANDS[argv[0]]).main(list(argv[1:]))
+
+
+def training_argv(argv: Sequence[str]) -> list[str]:
+    """`trainer lr-find model=mlp ...` is `trainer model=mlp ... lr_find=true`: Hydra's command line, as training's."""
+    argv = list(argv)
+    return [*argv[1:], TRAINING[argv[0]]] if argv and argv[0] in TRAINING else argv
 
 
 def plain_when_piped() -> None:
@@ -159,7 +166,7 @@ def _flag_hint(command: str, arg: str, keys: dict[str, dataclasses.Field]) -> st
 
 def _convert(command: str, override: Any, key: dataclasses.Field, hint: Any) -> Any:
     """The parsed value as the field's type: str (a number keeps its spelling: a run id may be 12e45),
-    bool, tuple[str, ...] (a list; one name is a list of one), each None where the type allows it."""
+    bool, float, tuple[str, ...] (a list; one name is a list of one), each None where the type allows it."""
     value, name = override.value(), key.name
     optional = isinstance(hint, types.UnionType)  # `str | None`: the only union the options use
     allows_none = optional and type(None) in typing.get_args(hint)
@@ -168,6 +175,8 @@ def _convert(command: str, override: Any, key: dataclasses.Field, hint: Any) -> 
         return None
     if base is bool and isinstance(value, bool):
         return value
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         text = value if isinstance(value, str) else override.get_value_string().strip()
         choices = key.metadata.get("choices")
@@ -185,6 +194,8 @@ def _expected(key: dataclasses.Field, base: Any) -> str:
         return " | ".join(choices)
     if base is bool:
         return "true | false"
+    if base is float:
+        return "a number"
     if typing.get_origin(base) is tuple:
         return f"a list of names, e.g. {key.name}=[my_pkg.my_data,my_pkg.*]"
     return "a string"

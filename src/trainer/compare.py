@@ -4,6 +4,8 @@
     trainer compare latest_sweep=true                  # the children of the newest sweep (Hydra multirun)
     trainer compare parent=<run id> format=markdown out=reports/
 
+Curves are drawn as per-pixel min/max envelopes (tracking/curves.py: a one-step spike shows however long the
+run), with a smoothed line over each; overrides every run shares are printed once, above the table.
 It reads only what the trainer logs (the `overrides` tag, `train/*`, `val/*`, `perf/*` metrics), so it works
 on any store the trainer wrote to. When a sweep's parent run is selected, the PNG, the tables and the best
 child (trainer.objective's rule) are logged back onto the parent, so the sweep's own page in the MLflow UI
@@ -16,22 +18,27 @@ import csv
 import io
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainer import cli
 from trainer.config import TrainerError
+from trainer.lr_find import TAG as LR_FIND_TAG
 from trainer.objective import FALLBACK, PRIMARY, best_run, objective_key
+from trainer.tracking import curves
 from trainer.tracking.connect import check_readable
 
 PLOT_SIZE_IN, PLOT_DPI = (12.0, 4.5), 100  # -> exactly 1200 x 450 px: predictable for reports and tests
 COLUMNS = ("run", "overrides", "status", "final_train_loss", "objective", "best_step", "steps_per_sec", "points")
+DIGITS = 4  # significant digits in the table and markdown (the CSV keeps full precision)
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Options:
     objective: str = cli.key(PRIMARY, f"sort by this, ascending ({PRIMARY}: {FALLBACK} in a run without it)")
     format: str = cli.key("table", "what to print on stdout:", ("table", "markdown", "csv"))
     out: str = cli.key(".", "where compare.png, compare.md and compare.csv go")
+    smooth: float = cli.key(0.9, "EMA weight of the line drawn over each run's min/max envelope; 0: none")
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Row:
     best_step: int | None
     steps_per_sec: float | None
     points: int
+    val: dict[str, float] = field(default_factory=dict)  # the run's last val/* values: the task's metrics
     loss: list[tuple[int, float]] = field(default_factory=list, repr=False)
     grad_norm: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
@@ -86,10 +95,12 @@ def select_runs(
         parent_run = _latest_sweep(client, exp_ids, experiment) if latest_sweep else None
     if parent_run is not None:
         runs = _search_all(client, exp_ids, f"tags.`mlflow.parentRunId` = '{parent_run.info.run_id}'")
+        runs = [r for r in runs if r.data.tags.get(LR_FIND_TAG) != "true"]  # optimizer.lr=auto's finder runs
         if not runs:
             raise TrainerError(f"sweep run {parent_run.info.run_id} ({parent_run.info.run_name}) has no child runs")
         return runs, parent_run
-    runs = [r for r in _search_all(client, exp_ids) if r.data.tags.get("sweep") != "true"]
+    runs = _search_all(client, exp_ids)
+    runs = [r for r in runs if "true" not in (r.data.tags.get("sweep"), r.data.tags.get(LR_FIND_TAG))]
     if not runs:
         raise TrainerError(f"experiment {experiment!r} has no runs")
     return runs, None
@@ -145,6 +156,7 @@ def _row(client: MlflowClient, run: Run, objective: str) -> Row:
         best_step=best[0] if best else None,
         steps_per_sec=metrics.get("perf/steps_per_sec"),
         points=len(loss),
+        val={k: v for k, v in metrics.items() if k.startswith("val/")},
         loss=loss,
         grad_norm=_history(client, run_id, "train/grad_norm") if "train/grad_norm" in metrics else [],
     )
@@ -161,28 +173,47 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _cells(row: Row, objective: str) -> list[str]:
-    """Table cells as text; a value that came from the fallback metric says so."""
+def task_columns(rows: Sequence[Row], objective: str) -> list[str]:
+    """The val/* metrics any run logged (val/accuracy, ...), each a column; the objective has its own."""
+    return sorted({k for r in rows for k in r.val} - {objective, *(r.objective_key for r in rows)})
+
+
+def _cells(row: Row, objective: str, extra: Sequence[str], label: str) -> list[str]:
+    """Table cells as text, numbers to DIGITS significant digits; a fallback objective says which it is."""
     value = _fmt(row.objective)
     if row.objective is not None and row.objective_key != objective:
         value += f" ({row.objective_key})"
     sps = "" if row.steps_per_sec is None else f"{row.steps_per_sec:,.0f}"
     best = "" if row.best_step is None else str(row.best_step)
-    return [row.name, row.overrides, row.status, _fmt(row.final_train_loss), value, best, sps, str(row.points)]
+    vals = [_fmt(row.val.get(k)) for k in extra]
+    return [row.name, label, row.status, _fmt(row.final_train_loss), value, *vals, best, sps, str(row.points)]
 
 
 def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.6g}"
+    return "" if value is None else f"{value:.{DIGITS}g}"
 
 
-def _headers(objective: str) -> list[str]:
-    return ["run", "overrides", "status", "final train loss", objective, "best step", "steps/s", "points"]
+def _headers(objective: str, extra: Sequence[str]) -> list[str]:
+    return ["run", "overrides", "status", "final train loss", objective, *extra, "best step", "steps/s", "points"]
+
+
+def _table(rows: Sequence[Row], objective: str) -> tuple[list[str], list[list[str]], str]:
+    """Headers, cell rows and the overrides every run shares (shown once, not in each row)."""
+    extra = task_columns(rows, objective)
+    labels, shared = differing_overrides(rows)
+    return (
+        _headers(objective, extra),
+        [_cells(r, objective, extra, lab) for r, lab in zip(rows, labels, strict=True)],
+        shared,
+    )
 
 
 def to_markdown(rows: Sequence[Row], objective: str = PRIMARY) -> str:
     """A GitHub-style table: readable as text and rendered by the MLflow UI's artifact viewer."""
-    lines = [_md_line(_headers(objective)), _md_line(["---"] * len(COLUMNS))]
-    lines += [_md_line(_cells(r, objective)) for r in rows]
+    headers, cells, shared = _table(rows, objective)
+    lines = [f"Overrides shared by every run: `{shared}`", ""] if shared else []
+    lines += [_md_line(headers), _md_line(["---"] * len(headers))]
+    lines += [_md_line(c) for c in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -190,64 +221,82 @@ def _md_line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
-def to_csv(rows: Sequence[Row]) -> str:
-    """Machine-readable: raw numbers (full precision), the run id and which metric the objective is."""
+def to_csv(rows: Sequence[Row], objective: str = PRIMARY) -> str:
+    """Machine-readable: raw numbers (full precision), each row's whole overrides, the run id, which metric the
+    objective is, then the task's val/* columns."""
+    extra = task_columns(rows, objective)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["run_id", *COLUMNS, "objective_key"])
+    writer.writerow(["run_id", *COLUMNS, "objective_key", *extra])
     for r in rows:
         numbers = ["" if v is None else v for v in (r.final_train_loss, r.objective, r.best_step, r.steps_per_sec)]
-        writer.writerow([r.run_id, r.name, r.overrides, r.status, *numbers, r.points, r.objective_key])
+        vals = [r.val.get(k, "") for k in extra]
+        writer.writerow([r.run_id, r.name, r.overrides, r.status, *numbers, r.points, r.objective_key, *vals])
     return buf.getvalue()
 
 
 def print_table(rows: Sequence[Row], objective: str = PRIMARY) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} runs by {objective}")
-    for i, header in enumerate(_headers(objective)):
+    headers, cells, shared = _table(rows, objective)
+    caption = f"overrides shared by every run: {shared}" if shared else None
+    table = Table(title=f"{len(rows)} runs by {objective}", caption=caption, caption_justify="left")
+    for i, header in enumerate(headers):
         table.add_column(header, justify="right" if i >= 3 else "left", overflow="fold")
-    for r in rows:
-        table.add_row(*_cells(r, objective))
+    for c in cells:
+        table.add_row(*c)
     cli.plain_console().print(table)
 
 
 # --- the plot ----------------------------------------------------------------------------------
-def plot(rows: Sequence[Row], path: Path) -> Path:
-    """train/loss and train/grad_norm per run against the step, log y, in one fixed-size PNG."""
+def plot(rows: Sequence[Row], path: Path, smooth: float) -> Path:
+    """train/loss and train/grad_norm per run against the step, log y, in one fixed-size PNG: each run's
+    min/max envelope (every step counts, curves.envelope) with its `smooth` EMA over it, the legend outside."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend needed
+    from matplotlib.lines import Line2D
 
     fig = Figure(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI, layout="constrained")
     axes = fig.subplots(1, 2)
     labels, shared = legend_labels(rows)
+    colors = [f"C{i % 10}" for i in range(len(rows))]
     for ax, attr, title in zip(axes, ("loss", "grad_norm"), ("train/loss", "train/grad_norm"), strict=True):
         drawn = False
-        for row, label in zip(rows, labels, strict=True):
-            points = [(s, v) for s, v in getattr(row, attr) if v > 0 and math.isfinite(v)]  # log y: positive only
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, label=label, linewidth=1.0)
-                drawn = True
+        for row, color in zip(rows, colors, strict=True):
+            points = np.array(getattr(row, attr), np.float64).reshape(-1, 2)
+            values = np.where(points[:, 1] > 0, points[:, 1], np.nan)  # log y: positive only
+            drawn |= curves.draw(
+                ax, points[:, 0], values, color=color, smooth=smooth, bins=int(PLOT_SIZE_IN[0] * PLOT_DPI)
+            )
         ax.set(title=title, xlabel="step")
         if drawn:
             ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, f"no {title} logged", ha="center", va="center", transform=ax.transAxes)
-    if axes[0].lines:
-        title = _shorten(f"all: {shared}") if shared else None
-        axes[0].legend(fontsize="small", title=title, title_fontsize="small", loc="best")
+    if rows:
+        handles = [Line2D([], [], color=c, linewidth=2) for c in colors]
+        title = "\n".join(textwrap.wrap(f"all: {shared}", 40)[:4]) if shared else None
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small", title=title, title_fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=PLOT_DPI, format="png")  # no bbox_inches="tight": it would change the pixel size
     return path
 
 
-def legend_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
-    """Per run only the overrides that differ between runs, plus the ones all share (the legend's title):
-    a sweep's jobs repeat the same fixed overrides, which would otherwise make every entry too long to read."""
+def differing_overrides(rows: Sequence[Row]) -> tuple[list[str], str]:
+    """Per run the overrides that differ between runs, and those every run shares (shown once): a sweep's jobs
+    repeat the same fixed overrides, which made each row of the table ~700 characters long."""
     token_sets = [set(r.overrides.split()) for r in rows if r.overrides]
     common = set.intersection(*token_sets) if len(rows) > 1 and len(token_sets) == len(rows) else set()
-    labels = [_shorten(" ".join(t for t in r.label.split() if t not in common) or "(shared only)") for r in rows]
+    differing = [" ".join(t for t in r.overrides.split() if t not in common) for r in rows]
     shared = " ".join(t for t in rows[0].overrides.split() if t in common) if rows else ""
+    return differing, shared
+
+
+def legend_labels(rows: Sequence[Row]) -> tuple[list[str], str]:
+    """differing_overrides, short enough for a legend; a run without overrides by its name."""
+    differing, shared = differing_overrides(rows)
+    labels = [
+        _shorten(d if d else "(shared only)" if r.overrides else r.name) for r, d in zip(rows, differing, strict=True)
+    ]
     return labels, shared
 
 
@@ -256,13 +305,13 @@ def _shorten(text: str, limit: int = 70) -> str:
 
 
 # --- writing and logging back ------------------------------------------------------------------
-def write_outputs(rows: Sequence[Row], out: Path, objective: str = PRIMARY) -> list[Path]:
+def write_outputs(rows: Sequence[Row], out: Path, objective: str, smooth: float) -> list[Path]:
     """compare.png, compare.md and compare.csv in `out`; both tables are tiny, so both are always written."""
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "compare.md", out / "compare.csv"
     md.write_text(to_markdown(rows, objective))
-    csv_path.write_text(to_csv(rows))
-    return [plot(rows, out / "compare.png"), md, csv_path]
+    csv_path.write_text(to_csv(rows, objective))
+    return [plot(rows, out / "compare.png", smooth), md, csv_path]
 
 
 def log_best(client: MlflowClient, parent_id: str, runs: Sequence[Run]) -> Run | None:
@@ -291,6 +340,8 @@ def compare(opts: Options) -> None:
     """Select, tabulate, plot, write, log back onto a sweep's parent, then print; raises TrainerError."""
     if opts.parent and opts.latest_sweep:
         raise TrainerError(f"parent={opts.parent} and latest_sweep=true both pick the runs: give one")
+    if not 0 <= opts.smooth < 1:
+        raise TrainerError(f"smooth={opts.smooth} is invalid: expected a number in [0, 1) (0: no smoothed line)")
     uri = opts.uri or mlflow.get_tracking_uri()
     check_readable(uri)  # a server answers, a SQLite file is MLflow's: nothing is made or migrated
     client = MlflowClient(uri)
@@ -301,7 +352,7 @@ def compare(opts: Options) -> None:
     if rows and opts.objective != PRIMARY and all(r.objective is None for r in rows):
         raise TrainerError(f"objective={opts.objective}: no run here logged a finite {opts.objective} (e.g. "
                            f"{PRIMARY}, {FALLBACK}, train/loss, val/accuracy)")  # fmt: skip
-    files = write_outputs(rows, Path(opts.out), opts.objective)
+    files = write_outputs(rows, Path(opts.out), opts.objective, opts.smooth)
     for path in files if parent else ():
         client.log_artifact(parent.info.run_id, str(path))
     _print(rows, opts.format, opts.objective)
@@ -315,7 +366,7 @@ def _print(rows: Sequence[Row], fmt: str, objective: str) -> None:
     if fmt == "table":
         print_table(rows, objective)
     else:
-        sys.stdout.write(to_markdown(rows, objective) if fmt == "markdown" else to_csv(rows))
+        sys.stdout.write(to_markdown(rows, objective) if fmt == "markdown" else to_csv(rows, objective))
 
 
 if __name__ == "__main__":

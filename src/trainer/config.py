@@ -339,11 +339,15 @@ class NumpyData(Data):
 class Optimizer:
     _target_: str = MISSING
     _partial_: bool = True  # the learning rate (or its schedule) is handed over by the trainer
-    lr: float = MISSING
+    # a number or `auto`: the LR finder's suggestion (trainer/lr_find.py). Any, checked below: OmegaConf's
+    # `float | str` refuses an int (optimizer.lr=100 "is incompatible with type hint Union[float, str]")
+    lr: Any = MISSING
     weight_decay: float | None = MISSING
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
+        number = isinstance(self.lr, int | float) and not isinstance(self.lr, bool)
+        ok = self.lr == "auto" or (number and math.isfinite(self.lr) and self.lr > 0)
+        _require(ok, "optimizer.lr", self.lr, "a positive number, or auto (the LR finder's suggestion)")
 
 
 @dataclass
@@ -362,7 +366,7 @@ class AdamOptimizer(Optimizer):
     beta_2: float = MISSING
     epsilon: float = MISSING
     amsgrad: bool = MISSING
-    fused: bool | None = MISSING  # one flat update for all variables (trainer.optim); None: for small variables
+    fused: bool | None = MISSING  # None or true: the fused update (trainer.optim); false: Keras' per-variable one
 
 
 @dataclass
@@ -425,6 +429,23 @@ SCHEDULE_KEYS_USED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass
+class LRFinder:
+    """The LR range test's settings (trainer/lr_find.py): lr_find=true runs it, optimizer.lr=auto before training."""
+
+    min_lr: float = MISSING  # the first step's learning rate
+    max_lr: float = MISSING  # the last step's: the rate rises exponentially between the two
+    steps: int = MISSING
+    divergence: float = MISSING  # stop once the smoothed loss exceeds this times its best so far
+
+    def __post_init__(self) -> None:
+        _require(self.min_lr > 0, "lr_finder.min_lr", self.min_lr, "a positive number")
+        ok = self.max_lr > self.min_lr
+        _require(ok, "lr_finder.max_lr", self.max_lr, f"a number above lr_finder.min_lr={self.min_lr}")
+        _require(self.steps >= 20, "lr_finder.steps", self.steps, "an integer >= 20")
+        _require(self.divergence > 1, "lr_finder.divergence", self.divergence, "a number > 1, e.g. 4")
+
+
 # --- trainer and tracking ----------------------------------------------------------------------
 @dataclass
 class EarlyStopping:
@@ -468,6 +489,7 @@ class TrainerSettings:
     intra_op_threads: int | None = MISSING  # threads inside one op (a matmul); None: TensorFlow's default
     inter_op_threads: int | None = MISSING  # ops run side by side; None: TensorFlow's default
     callbacks: list[Any] = MISSING  # your own actions between chunks: nodes with a _target_ (trainer.callbacks)
+    profile: list[int] | None = MISSING  # [START, STOP]: a tf.profiler trace of those steps (trainer/profile.py)
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "an integer >= 1")
@@ -498,6 +520,9 @@ class TrainerSettings:
         _require(ok, "trainer.max_skipped_fraction", self.max_skipped_fraction, "a value in [0, 1]")
         ok = self.device in ("auto", "cpu", "gpu") or self.device.startswith("/")
         _require(ok, "trainer.device", self.device, "auto | cpu | gpu | a device string like /GPU:0")
+        p = self.profile
+        ok = p is None or (len(p) == 2 and 0 <= p[0] < p[1])
+        _require(ok, "trainer.profile", p, "null or [START,STOP] with 0 <= START < STOP, e.g. [10,20]")
 
 
 @dataclass
@@ -520,6 +545,10 @@ class Tracking:
     # under system/, one sample every system_metrics_interval seconds (README: What lands in MLflow).
     system_metrics: bool = MISSING
     system_metrics_interval: float = MISSING
+    # Long curves (tracking/curves.py, README: Long curves): plots/curves.png at the end of each run, every step's
+    # min/max per pixel column; window_extremes=N also logs each N-step window's min and max (train/loss_max, ...).
+    log_plots: bool = MISSING
+    window_extremes: int | None = MISSING
 
     def __post_init__(self) -> None:
         _require(self.system_metrics_interval > 0, "tracking.system_metrics_interval", self.system_metrics_interval,
@@ -531,6 +560,8 @@ class Tracking:
         modes = ("per_variable", "global", "off")
         _require(self.log_grad_norms in modes, "tracking.log_grad_norms", self.log_grad_norms, " | ".join(modes))
         _require(self.queue_chunks >= 1, "tracking.queue_chunks", self.queue_chunks, "an integer >= 1")
+        n = self.window_extremes
+        _require(n is None or n >= 2, "tracking.window_extremes", n, "null (off) or a window of N >= 2 steps")
         name = self.register_model
         _require(name is None or bool(name.strip()), "tracking.register_model", name, "a model name, or null")
         _require(name is None or self.log_model, "tracking.register_model", name, "null unless tracking.log_model=true")
@@ -553,6 +584,8 @@ class Config:
     # exact names or patterns (my_models.*). Run data is never trusted by itself (see trusted_config).
     trusted_targets: list[str] = MISSING
     verbose: bool = MISSING  # the libraries' start-up lines as they print them (trainer/startup.py)
+    lr_find: bool = MISSING  # run the LR range test instead of training (trainer/lr_find.py)
+    lr_finder: LRFinder = MISSING
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -679,6 +712,8 @@ def check(cfg: DictConfig) -> None:
         _check_finite(OmegaConf.to_container(node, resolve=True), group)
         if OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # builds the dataclass, so its __post_init__ checks run
+    if OmegaConf.get_type(cfg.get("lr_finder")) is LRFinder:  # absent from a run.json older than it
+        OmegaConf.to_object(cfg.lr_finder)
     _check_callbacks(cfg.trainer.get("callbacks") or [])
 
 

@@ -32,6 +32,7 @@ from trainer.data import Dataset
 from trainer.loop import StepLoop
 from trainer.metrics import Metrics, default_metrics
 from trainer.process import StopFlag
+from trainer.profile import Profiler
 from trainer.tracking import Run
 
 __all__ = ["Interrupted", "Result", "fit"]
@@ -76,6 +77,8 @@ def fit(
     ctx = Context(loop.model, run, total_steps, start, k)
     validation = _validation(loop, data, t, val_metrics(t, data))
     actions = _actions(t, checkpoints, validation, callbacks, auto=t.steps_per_loop is None and not lockstep)
+    if t.get("profile"):  # before the hand-off: a trace ends with the chunk that reached STOP
+        actions.insert(0, Profiler(*t.profile, checkpoints.directory.parent / "profile"))
     stop = stop or StopFlag()
     result = None
     try:
@@ -136,7 +139,7 @@ def _train(loop: StepLoop, t: DictConfig, ctx: Context, actions: list[Callback],
     step_timed = start
     while not ctx.stopping:
         n = min(ctx.steps_per_loop, ctx.total_steps - step, loop.call_limit(step),
-                *(_until(step, getattr(a, "every", None)) for a in actions))  # fmt: skip
+                *(_until(step, getattr(a, "every", None), getattr(a, "boundaries", ())) for a in actions))  # fmt: skip
         t0 = time.time()
         out = loop.run(n)
         ran = n if t.on_nonfinite != "stop" else int(out["steps"])  # one scalar per chunk, not per step
@@ -224,5 +227,7 @@ def _kept(checkpoints: Checkpoints) -> str:
     return f"the newest checkpoint is at step {steps[-1]} (resume={checkpoints.directory.parent} continues from it)"
 
 
-def _until(step: int, every: int | None) -> int:
-    return every - step % every if every else 1 << 62
+def _until(step: int, every: int | None, boundaries: Sequence[int] = ()) -> int:
+    """Steps to the next multiple of `every`, or of the next of `boundaries` (absolute steps: the profiler's)."""
+    ahead = [b - step for b in boundaries if b > step]
+    return min([every - step % every if every else 1 << 62, *ahead])

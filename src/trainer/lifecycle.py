@@ -20,7 +20,8 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +32,7 @@ from trainer.config import causes
 
 HOST_TAG, PID_TAG, PROCESS_TAG, DIED_TAG = "trainer.host", "trainer.pid", "trainer.process", "trainer.died"
 BUSY_RETRY_SECONDS = 300.0  # how long a write waits out other writers before the run fails
+SCHEMA_LOCK_KEY = 0x7461706574726E72  # "tapetrnr": the advisory lock that lines up first migrations (PostgreSQL)
 WAL_SWITCH_SECONDS = 5.0  # the switch needs the file to itself: past this, keep the old journal (writes retry)
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -113,10 +115,15 @@ def prepare_store(uri: str, *then: Callable[[str], object]) -> None:
     together on a fresh file (two terminals, a parallel sweep) interleaved them, and both failed with
     "Online migration expected to match one row ... 0 found" or "duplicate column name" (4 tries in 4 here).
     A lock file per store path (in the temp directory, so nothing is added beside the user's store) puts them
-    in line; the second finds the store made and only checks its revision. Other stores need nothing.
+    in line; the second finds the store made and only checks its revision. An empty PostgreSQL database did the
+    same (one of two trainers failed: "duplicate key ... pg_type_typname_nsp_index"): a PostgreSQL advisory lock
+    puts them in line there. Other stores need nothing.
     """
     path = sqlite_path(uri)
     if path is None:
+        if uri.startswith("postgresql"):
+            with _postgres_lock(uri):
+                retry_busy(MlflowClient(uri).search_experiments, max_results=1)
         return
     import fcntl
     import hashlib
@@ -128,6 +135,30 @@ def prepare_store(uri: str, *then: Callable[[str], object]) -> None:
         retry_busy(MlflowClient(uri).search_experiments, max_results=1)
         for step in then:
             step(uri)
+
+
+@contextmanager
+def _postgres_lock(uri: str) -> Iterator[None]:
+    """Hold a session-level advisory lock of the database at `uri` (a lock per database, released when the
+    connection closes, even if this process is killed); no lock when the database cannot be reached, where
+    MLflow's own connection says why."""
+    import sqlalchemy
+
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)  # no driver: raises here
+        connection = engine.connect()
+    except Exception:
+        if engine is not None:
+            engine.dispose()
+        yield
+        return
+    try:
+        connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK_KEY})"))
+        yield
+    finally:
+        connection.close()
+        engine.dispose()
 
 
 def use_wal(uri: str) -> None:

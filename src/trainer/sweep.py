@@ -13,6 +13,7 @@ the parent counts it in `sweep/failed_jobs` and ends FINISHED unless every job f
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +27,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import lifecycle
-from trainer.tracking import flatten
+from trainer.lr_find import TAG as LR_FIND_TAG
+from trainer.tracking import flatten, ui
 
 PARENT_FILE = ".mlflow_sweep.json"
 
@@ -86,13 +88,13 @@ def parent_run_id(sweep_dir: str | Path) -> str | None:
 
 
 def job_identity(sweep_dir: str | Path, job_num: int, overrides: Sequence[str]) -> tuple[dict[str, str], str]:
-    """Tags tying a job to its parent run, and a run name made of only the overrides the sweep varies."""
+    """Tags tying a job to its parent run, and a run name made of only the overrides the sweep varies
+    (trainer.tracking.ui.run_name)."""
     record = _sweep_record(sweep_dir)
     if "run_id" not in record:
         return {}, ""
-    varying = set(record.get("varying", []))
-    shown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in varying]
-    return {"mlflow.parentRunId": record["run_id"], "sweep_job": str(job_num)}, " ".join(shown)
+    name = ui.run_name(overrides, varying=record.get("varying", []), job=job_num)
+    return {"mlflow.parentRunId": record["run_id"], "sweep_job": str(job_num)}, name
 
 
 def first_line(error: BaseException) -> str:
@@ -156,6 +158,8 @@ class SweepCallback(Callback):
         client = _client(config)
         experiment = client.get_experiment_by_name(config.tracking.experiment)
         exp_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+        ui.mark_training(client, exp_id)  # the UI opens it on its runs
+        os.environ.setdefault(ui.QUIET_URL_ENV, "true")  # no "View run" lines of MLflow's for the parent
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
         overrides = list(config.hydra.overrides.task)
         tags = {"sweep": "true", "overrides": " ".join(overrides), "sweeper": str(sweeper.get("_target_", "")),
@@ -187,6 +191,7 @@ def _close(config: DictConfig, error: BaseException | None = None) -> Outcome | 
     children = client.search_runs(
         [client.get_run(run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=10000
     )
+    children = [c for c in children if c.data.tags.get(LR_FIND_TAG) != "true"]  # optimizer.lr=auto's finder runs
     client.log_metric(run_id, "sweep/jobs", len(children))
     failed = sorted((c for c in children if c.info.status != "FINISHED"), key=_job_num)
     client.log_metric(run_id, "sweep/failed_jobs", len(failed))

@@ -28,8 +28,9 @@ from trainer.fit import Result, fit
 from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
 from trainer.models import check_fits
-from trainer.optim import build_optimizer
+from trainer.optim import Schedule, build_optimizer
 from trainer.process import process_settings
+from trainer.profile import check_profile
 from trainer.tracking import QuietRun, Run, stored_through
 from trainer.tracking.lineage import log_data
 
@@ -42,14 +43,23 @@ def train(
     output_dir: str | Path | None = None,
     tags: dict[str, str] | None = None,
     callbacks: Sequence[Callback] = (),
+    schedule: Schedule | None = None,
 ) -> float:
     """Train as `cfg` says and return the objective a sweeper minimises (final validation loss).
 
-    `callbacks`: objects of your own, run after those of `trainer.callbacks` (actions.Callback)."""
+    `callbacks`: objects of your own, run after those of `trainer.callbacks` (actions.Callback).
+    `schedule`: the learning rate's, in place of optimizer.lr and cfg.schedule (the LR finder's ramp).
+    lr_find=true runs only the LR range test and returns its suggestion; optimizer.lr=auto runs it first."""
     resume = checkpoint.find(cfg.resume, cfg.tracking.uri) if cfg.get("resume") else None
     if resume:
         cfg = _resumed_config(resume, overrides, cfg)
     check(cfg)
+    if cfg.get("lr_find") or cfg.optimizer.get("lr") == "auto":  # the range test: its own run (trainer/lr_find.py)
+        from trainer import lr_find
+
+        if cfg.get("lr_find"):
+            return lr_find.run(cfg, overrides, Path(output_dir or "."), tags)
+        cfg, tags = lr_find.resolve_auto(cfg, overrides, Path(output_dir or "."), tags)
     t = cfg.trainer
     callbacks = [*build_callbacks(t.get("callbacks") or ()), *callbacks]  # a bad one fails before TensorFlow starts
     strategy = _strategy(t)  # first: multi-worker and logical devices must precede any other TF work
@@ -59,9 +69,10 @@ def train(
     keras.utils.set_random_seed(t.seed)
     data: Dataset = load_data(cfg.data)
     total_steps = _total_steps(t, data)
+    check_profile(t.get("profile"), total_steps)
     output_dir = Path(output_dir or ".")
     with process_settings(t.precision) as stop, _device(t.device):  # process-wide state, restored on exit
-        model, loop, optimizer = _build(cfg, data, strategy, total_steps)
+        model, loop, optimizer = _build(cfg, data, strategy, total_steps, schedule)
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
         checkpoints.claim()  # one process per run: a second resume of it is refused here
@@ -92,7 +103,8 @@ def train(
     return result.objective
 
 
-def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, total_steps: int):
+def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, total_steps: int,
+           schedule: Schedule | None = None):  # fmt: skip
     """Model, loss and optimizer under the strategy's scope (their variables are mirrored), then the loop."""
     t = cfg.trainer
     replicas = strategy.num_replicas_in_sync
@@ -106,7 +118,7 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
         check_fits(model, data.x_shape)  # a layer list that does not fit the data: the layer named, before training
         loss_fn = build(cfg.loss)
         _check_loss_fits_data(cfg, loss_fn, data)
-        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps)
+        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps, schedule)
         if t.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return model, _build_loop(cfg, model, loss_fn, optimizer, data, strategy), optimizer

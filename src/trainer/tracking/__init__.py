@@ -6,6 +6,7 @@
     connect.py  reaching a store: the HTTP probe, the one-line reason a store cannot be opened
     compat.py   the fence around MLflow's internals (the bulk writer's), checked once, public fallback
     models.py   logging a trained model in MLflow's own format
+    ui.py       what the MLflow UI shows of it: run names, the experiment's kind, the run page's link
 
 The names below are imported from their module on first use, so `from trainer.tracking import disk_full`
 costs no MLflow import.

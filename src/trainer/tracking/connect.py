@@ -8,9 +8,11 @@ import sqlite3
 from mlflow.tracking import MlflowClient
 
 from trainer import lifecycle
-from trainer.config import TrainerError, first_line
+from trainer.config import TrainerError, causes, first_line
 from trainer.tracking import compat
 
+# SQLAlchemy's default driver of a database URI (postgresql:// is psycopg 3 from SQLAlchemy 2.1): what installs it
+DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "pymysql"}
 PROBE_TIMEOUT_S = 3.0  # one request, no retries: a server that is there answers /health in milliseconds
 
 
@@ -82,4 +84,8 @@ def open_error(uri: str, experiment: str, error: BaseException) -> str:
             return (f"tracking.experiment={experiment!r} is deleted in {uri}: restore it with "
                     f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {found.experiment_id}` "
                     "or choose another tracking.experiment")  # fmt: skip
+    missing = next((e.name for e in causes(error) if isinstance(e, ModuleNotFoundError) and e.name), "")
+    if missing.split(".")[0] in DRIVERS:  # a database URI without its driver installed
+        return (f"tracking.uri={uri!r}: no module {missing!r}, the database driver it needs: "
+                f"pip install {DRIVERS[missing.split('.')[0]]!r}")  # fmt: skip
     return f"tracking.uri={uri!r}: cannot open the MLflow store ({first_line(error)})"

@@ -9,13 +9,14 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,7 @@ from trainer import lifecycle
 from trainer.config import TrainerError, first_line
 from trainer.lifecycle import retry_busy
 from trainer.store import index_for_charts
+from trainer.tracking import curves, ui
 from trainer.tracking.connect import open_error, probe
 from trainer.tracking.lineage import code_tags
 from trainer.tracking.sink import Chunk, MetricSink
@@ -85,6 +87,7 @@ class Run:
         if t.uri:
             mlflow.set_tracking_uri(t.uri)
         self.uri = mlflow.get_tracking_uri()
+        os.environ.setdefault(ui.QUIET_URL_ENV, "true")  # the run's link is printed once, by the trainer
         open_store(self.uri, t.experiment)  # done already before TensorFlow's import (trainer.startup): cheap
         if self.resumed:
             self._claim()
@@ -104,6 +107,8 @@ class Run:
             self._forget_failure()
         with contextlib.suppress(Exception):  # housekeeping: never a reason not to train
             lifecycle.reap_dead_runs(self.client, skip=self.run_id)
+        with contextlib.suppress(Exception):  # the UI opens the experiment on its runs (tracking/ui.py)
+            retry_busy(ui.mark_training, self.client, self.experiment_id)
         if not self.resumed:
             retry_busy(mlflow.log_params, flatten(OmegaConf.to_container(self.cfg, resolve=True)))
             retry_busy(mlflow.log_text, OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
@@ -111,6 +116,8 @@ class Run:
         thinning = {k: t.get(k) for k in ("per_variable_every", "per_variable_after") if t.get(k) is not None}
         self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks, **thinning)  # absent: a
         # run resumed from a config written before these keys logs on as it began, every step
+        self.sink.recorder = curves.CurveRecorder() if t.get("log_plots") else None
+        self.sink.windows = curves.WindowExtremes(t.window_extremes) if t.get("window_extremes") else None
         return self
 
     def _system_metrics(self, t: DictConfig) -> Any:
@@ -170,6 +177,8 @@ class Run:
         if self.sink is not None:
             self.sink.close()
             lost = self._report_delivery()
+            if not lost:  # the store took everything: the long-curve extras are cheap and safe to add
+                self._finish_curves(ended=exc_type is None)
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             status = RunStatus.KILLED
         elif exc_type is None and not lost:
@@ -213,13 +222,29 @@ class Run:
         self.sink.submit(Chunk(step, dict(metrics), t_start=now, t_end=now, per_step=False))
 
     def _name(self) -> str:
-        """The configured name; else the overrides, which tell a sweep's runs apart in the UI's lists.
+        """The configured name; else the overrides that tell the run apart in the UI's lists (ui.run_name).
 
         (MLflow's own random names would all be the same here: set_random_seed seeds Python's `random`.)
         """
-        ignore = ("tracking.", "hydra.", "resume=")
-        shown = [o for o in self.overrides if not o.startswith(ignore)]
-        return self.cfg.tracking.run_name or " ".join(shown)[:250] or time.strftime("run-%Y%m%d-%H%M%S")
+        return self.cfg.tracking.run_name or ui.run_name(self.overrides)
+
+    def _finish_curves(self, ended: bool) -> None:
+        """The last, partial window's extremes (a run that `ended` well), then the full-resolution plot
+        (curves.py), also for a failed or stopped run: never a reason for the run to fail."""
+        windows, recorder = self.sink.windows, self.sink.recorder
+        try:
+            if windows is not None and ended and (tail := windows.tail()):
+                now = int(time.time() * 1000)
+                retry_busy(self.client.log_batch, self.run_id, [Metric(k, v, now, s) for k, s, v in tail])
+            if recorder is None or (first := recorder.first_step()) is None:
+                return
+            before = curves.read_history(self.client, self.run_id, curves.CURVE_KEYS, first) if first > 0 else None
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(curves.ARTIFACT).name
+                curves.plot_curves(recorder.curves(before), path, f"run {self.run_id}")
+                self.log_artifact(path, str(Path(curves.ARTIFACT).parent))
+        except Exception as e:
+            logging.getLogger(__name__).warning("no %s for run %s: %s", curves.ARTIFACT, self.run_id, first_line(e))
 
     def resume_at(self, step: int, finished: bool = False) -> None:
         """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice;
@@ -232,6 +257,11 @@ class Run:
                 "resume: %s cannot delete metric points; steps after %d logged before the stop may appear twice",
                 self.uri, step,
             )  # fmt: skip
+        if self.sink.windows is not None:  # the part of its first window that an earlier attempt ran
+            start = step - step % self.sink.windows.every
+            seen = curves.read_history(self.client, self.run_id, curves.WINDOW_KEYS, step, start)
+            for key, (steps, values) in seen.items():
+                self.sink.windows.seed(steps, {key: values})
 
     def set_tag(self, key: str, value: str) -> None:
         retry_busy(mlflow.set_tag, key, value)
@@ -244,10 +274,8 @@ class Run:
 
     @property
     def where(self) -> str:
-        """A line telling the user where to look at this run."""
-        if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"run {self.run_id} in {self.uri} (view: mlflow ui --backend-store-uri {self.uri})"
+        """A line telling the user where to look at this run: the address of its page (ui.run_link)."""
+        return ui.run_link(self.uri, self.experiment_id, self.run_id)
 
 
 def _node_id() -> str | None:

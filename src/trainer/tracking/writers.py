@@ -11,6 +11,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from trainer.config import causes
 from trainer.lifecycle import retry_busy
 from trainer.tracking import compat
 
@@ -54,11 +55,11 @@ class SqlBulkWriter:
         return cls(store, run_id, client.tracking_uri) if store is not None else None
 
     def write(self, series: list[Series]) -> None:
-        from sqlalchemy.exc import IntegrityError
-
         try:
             self._insert(series)
-        except IntegrityError:  # a point already stored (a retried batch): MLflow's own path skips those
+        except Exception as e:  # a point already stored (a retried batch): MLflow's own path skips those
+            if not _duplicate(e):
+                raise
             LogBatchWriter(MlflowClient(self.store_uri), self.run_id).write(series)
 
     def _insert(self, series: list[Series]) -> None:
@@ -83,16 +84,26 @@ class SqlBulkWriter:
 
     def _execute_many(self, session, columns: list[tuple]) -> None:
         """SQLite: the driver's own executemany on the session's connection (same transaction), about 1 us a
-        row; other databases: a SQLAlchemy Core insert of the same rows."""
+        row; PostgreSQL through psycopg 3: a COPY of the rows in the same transaction (32-39k points/s against
+        17-24k for the Core insert, 500k points here, server on the same 2 cores); other databases: a
+        SQLAlchemy Core insert of the same rows."""
         from sqlalchemy import insert
 
         connection = session.connection()
+        names = ", ".join(compat.COLUMNS)  # the columns compat checked
         if connection.dialect.name == "sqlite":
             rows = [(*c, self.run_id) for c in columns]
             cursor = connection.connection.dbapi_connection.cursor()
-            names, marks = ", ".join(compat.COLUMNS), ", ".join("?" * len(compat.COLUMNS))  # columns compat checked
-            cursor.executemany(f"INSERT INTO metrics ({names}) VALUES ({marks})", rows)
+            cursor.executemany(f"INSERT INTO metrics ({names}) VALUES ({', '.join('?' * len(compat.COLUMNS))})", rows)
             cursor.close()
+            return
+        if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
+            with (
+                connection.connection.dbapi_connection.cursor() as cursor,
+                cursor.copy(f"COPY metrics ({names}) FROM STDIN") as copy,
+            ):
+                for c in columns:
+                    copy.write_row((*c, self.run_id))
             return
         metric, _ = compat.tables()
         connection.execute(insert(metric.__table__), [dict(zip(compat.COLUMNS, (*c, self.run_id), strict=True))
@@ -127,6 +138,15 @@ class SqlBulkWriter:
                 select(func.max(metric.step)).where(metric.run_uuid == self.run_id, metric.key == "train/loss")
             ).scalar()
         return 0 if newest is None else int(newest) + log_every
+
+
+def _duplicate(error: BaseException) -> bool:
+    """A unique-key violation anywhere in `error`'s chain: SQLAlchemy's IntegrityError or any driver's (PEP 249
+    names it IntegrityError: sqlite3's, psycopg's UniqueViolation). MLflow's session wraps every database error
+    in an MlflowException, so catching IntegrityError itself never matched, on either store (a batch written
+    twice raised, tests/test_postgres.py). On PostgreSQL a retry after a commit whose answer was lost (a
+    dropped connection) is exactly this case."""
+    return any(cls.__name__ == "IntegrityError" for e in causes(error) for cls in type(e).__mro__)
 
 
 def writer_for(client: MlflowClient, run_id: str, bulk: bool = True) -> SqlBulkWriter | LogBatchWriter:
