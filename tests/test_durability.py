@@ -210,7 +210,7 @@ def test_a_reader_holding_the_store_for_45_s_across_a_runs_end_does_not_fail_it(
     assert rc == 0 and "Traceback" not in err, err
     client = mlflow.MlflowClient(uri(tmp_path))
     run = next(r for r in client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
-               if r.data.tags.get("mlflow.runName", "").startswith("model=mlp"))  # fmt: skip
+               if r.data.tags.get("mlflow.runName", "").startswith("mlp "))  # fmt: skip
     assert run.info.status == "FINISHED"
     artifacts = Path(urlparse(run.info.artifact_uri).path)  # on disk: see test_cli._artifact_files
     assert (artifacts / "model" / "model.keras").is_file()

@@ -5,6 +5,7 @@
     python scripts/bench --quick --jobs tape  # a smoke run: tiny step counts, numbers not meaningful
     python scripts/bench --sink --jobs mlp    # the other program: what writing every step's points adds
     python scripts/bench --stream             # a third: ours on files streamed from disk vs Keras fit, RSS
+    python scripts/bench --cost tracking.system_metrics=false --jobs mlp  # a fourth: a setting's price
 
 Every competitor gets the same model (built from the job's config with the trainer's seed), data, batch order
 (`trainer.loop.epoch_order`, the trainer's own per-epoch shuffle), loss and optimizer:
@@ -16,7 +17,8 @@ and a fresh `python -m trainer` (launch to step 0) is raced against a fresh `imp
 
 Modules: harness (jobs, processes, timing, medians, stores), competitors (the four loops), startup (the two
 fresh processes), race (one job: sweep, final race, summary), sink (the --sink program), stream (the
---stream program), report (tables, targets, the exit status), __main__ (the command line).
+--stream program), cost (the --cost program), report (tables, targets, the exit status), __main__ (the
+command line).
 """
 
 import os
