@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from test_durability import finish  # a trainer process run to its end: (exit status, stderr)
 from trainer.tracking.writers import SqlBulkWriter, writer_for
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
@@ -122,11 +123,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def train(cwd: Path, uri: str, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "trainer", f"tracking.uri={uri}", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err
 
 
 def the_run(uri: str):

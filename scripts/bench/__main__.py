@@ -9,9 +9,11 @@ if not __package__:  # `python scripts/bench`: sys.path[0] is this directory, th
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import bench  # first: its __init__ quiets TensorFlow before anything imports it
@@ -157,12 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     return report.exit_status(checks, enforce=args.targets)
 
 
-def run_race(args: argparse.Namespace) -> list[Check]:
+@contextlib.contextmanager
+def workdir(jobs: list[str]) -> Iterator[Path]:
+    """A temp dir for a program's runs: the template store, and the cnn job's images when it is among `jobs`."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         template_store(Path(tmp))
-        if "cnn" in args.jobs:
+        if "cnn" in jobs:
             write_images(Path(tmp))
-        results = [measure_job(JOBS[name], plan_for(name, args), Path(tmp)) for name in args.jobs]
+        yield Path(tmp)
+
+
+def run_race(args: argparse.Namespace) -> list[Check]:
+    with workdir(args.jobs) as tmp:
+        results = [measure_job(JOBS[name], plan_for(name, args), tmp) for name in args.jobs]
     checks = report.report(results, report.with_floors(args.floor), args.quick)
     if args.json:
         meta = {"argv": sys.argv, "quick": args.quick, "repeats": args.repeats, **machine()}
@@ -176,11 +185,8 @@ def run_race(args: argparse.Namespace) -> list[Check]:
 def run_sink(args: argparse.Namespace) -> list[Check]:
     job = JOBS[args.jobs[0]]
     steps = args.steps or (QUICK_STEPS[job.name][0] if args.quick else SINK_STEPS)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        template_store(Path(tmp))
-        if job.name == "cnn":
-            write_images(Path(tmp))
-        result = measure_sink(job, steps, args.repeats, Path(tmp))
+    with workdir([job.name]) as tmp:
+        result = measure_sink(job, steps, args.repeats, tmp)
     checks = report.sink_report(result)
     if args.json:
         targets = [asdict(c) for c in checks]
@@ -191,11 +197,8 @@ def run_sink(args: argparse.Namespace) -> list[Check]:
 def run_cost(args: argparse.Namespace) -> list[Check]:
     job = JOBS[args.jobs[0]]
     steps = args.steps or (QUICK_STEPS[job.name][0] if args.quick else COST_STEPS)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        template_store(Path(tmp))
-        if job.name == "cnn":
-            write_images(Path(tmp))
-        result = measure_cost(job, args.cost, steps, args.repeats, Path(tmp))
+    with workdir([job.name]) as tmp:
+        result = measure_cost(job, args.cost, steps, args.repeats, tmp)
     report.cost_report(result)
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv, **machine(), "cost": asdict(result)}, indent=1))
@@ -203,10 +206,9 @@ def run_cost(args: argparse.Namespace) -> list[Check]:
 
 
 def run_stream(args: argparse.Namespace) -> list[Check]:
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        template_store(Path(tmp))
-        root = args.stream_dir or (Path(tempfile.mkdtemp(prefix="bench-stream-")) if args.keep else Path(tmp) / "data")
-        results = measure_stream(args.stream_gb, args.steps, args.spes, args.repeats, Path(tmp), root, args.keep)
+    with workdir([]) as tmp:
+        root = args.stream_dir or (Path(tempfile.mkdtemp(prefix="bench-stream-")) if args.keep else tmp / "data")
+        results = measure_stream(args.stream_gb, args.steps, args.spes, args.repeats, tmp, root, args.keep)
     checks = report.stream_report(results, args.quick)
     if args.json:
         targets = [asdict(c) for c in checks]
