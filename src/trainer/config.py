@@ -243,6 +243,36 @@ class ClassificationData(Data):
         _require(self.n_classes >= 2, "data.n_classes", self.n_classes, "an integer >= 2")
 
 
+@dataclass
+class RingData(Data):
+    n_samples: int = MISSING
+    modes: int = MISSING
+    radius: float = MISSING
+    std: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_samples >= 2, "data.n_samples", self.n_samples, "an integer >= 2")
+        _require(self.modes >= 1, "data.modes", self.modes, "an integer >= 1")
+        _require(self.radius > 0, "data.radius", self.radius, "a number > 0")
+        _require(self.std >= 0, "data.std", self.std, "a number >= 0")
+
+
+@dataclass
+class OscillatorData(Data):
+    n_samples: int = MISSING
+    t_max: float = MISSING
+    omega: float = MISSING
+    u0: float = MISSING
+    v0: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_samples >= 2, "data.n_samples", self.n_samples, "an integer >= 2")
+        _require(self.t_max > 0, "data.t_max", self.t_max, "a number > 0")
+        _require(self.omega > 0, "data.omega", self.omega, "a number > 0")
+
+
 MISSING_CELLS = ("drop", "mean", "error")  # tables: what an empty or non-finite cell does
 
 
@@ -567,6 +597,66 @@ class Tracking:
         _require(name is None or self.log_model, "tracking.register_model", name, "null unless tracking.log_model=true")
 
 
+# --- steps (trainer/steps): what each built-in takes beside the model, loss and optimizer groups ---------
+@dataclass
+class SupervisedStep:
+    _target_: str = MISSING
+
+
+@dataclass
+class SAMStep(SupervisedStep):
+    rho: float = MISSING  # the perturbation's radius
+    adaptive: bool = MISSING  # ASAM: the perturbation scaled by |w|
+
+    def __post_init__(self) -> None:
+        _require(self.rho > 0, "step.rho", self.rho, "a number > 0 (0.05 for SAM, ~0.5 to 2 for adaptive)")
+
+
+@dataclass
+class AdversarialStep(SupervisedStep):
+    epsilon: float = MISSING
+    steps: int = MISSING  # 1: FGSM; more: PGD
+    step_size: float | None = MISSING
+    adversarial_weight: float = MISSING
+    clip: list[float] | None = MISSING
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon > 0, "step.epsilon", self.epsilon, "a number > 0, in the model's input units")
+        _require(1 <= self.steps <= 100, "step.steps", self.steps, "an integer from 1 (FGSM) to 100")
+        ok = self.step_size is None or self.step_size > 0
+        _require(ok, "step.step_size", self.step_size, "null or a number > 0")
+        w = self.adversarial_weight
+        _require(0 <= w <= 1, "step.adversarial_weight", w, "a number in [0, 1]")
+        ok = self.clip is None or (len(self.clip) == 2 and self.clip[0] < self.clip[1])
+        _require(ok, "step.clip", self.clip, "null or [lo, hi] with lo < hi")
+
+
+@dataclass
+class GANStep:
+    _target_: str = MISSING
+    latent_dim: int = MISSING
+    generator: Any = MISSING  # a model node with _partial_: true (its units: the data's features)
+    discriminator: Any = MISSING  # a model node giving one logit
+    generator_optimizer: Any = MISSING
+    discriminator_optimizer: Any = MISSING
+
+    def __post_init__(self) -> None:
+        _require(self.latent_dim >= 1, "step.latent_dim", self.latent_dim, "an integer >= 1")
+
+
+@dataclass
+class OscillatorStep:
+    _target_: str = MISSING
+    omega: float = MISSING
+    u0: float = MISSING
+    v0: float = MISSING
+    initial_weight: float = MISSING
+
+    def __post_init__(self) -> None:
+        _require(self.omega > 0, "step.omega", self.omega, "a number > 0")
+        _require(self.initial_weight > 0, "step.initial_weight", self.initial_weight, "a number > 0")
+
+
 @dataclass
 class Config:
     model: Any = MISSING
@@ -574,6 +664,7 @@ class Config:
     data: Any = MISSING
     optimizer: Any = MISSING
     schedule: Schedule = MISSING
+    step: Any = MISSING  # trainer.steps.Supervised by default; any trainer.steps.Step subclass by _target_
     trainer: TrainerSettings = MISSING
     tracking: Tracking = MISSING
     experiment: Any = None
@@ -606,6 +697,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "tfrecord": TFRecordData,
         "image_folder": ImageFolderData,
         "numpy": NumpyData,
+        "ring": RingData,
+        "oscillator": OscillatorData,
     },
     "optimizer": {
         "sgd": SGDOptimizer,
@@ -614,6 +707,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "rmsprop": RMSpropOptimizer,
     },
     "schedule": {"schedule": Schedule},
+    "step": {
+        "supervised": SupervisedStep,
+        "sam": SAMStep,
+        "adversarial": AdversarialStep,
+        "gan": GANStep,
+        "oscillator": OscillatorStep,
+    },
     "trainer": {"trainer": TrainerSettings},
     "tracking": {"tracking": Tracking},
 }
@@ -700,11 +800,16 @@ def _check_finite(value: Any, key: str) -> None:
         _check_finite(v, f"{key}.{k}" if isinstance(k, str) else f"{key}[{k}]")
 
 
+OPTIONAL_GROUPS = ("model", "loss", "optimizer")  # null where the step takes none (steps.build_step checks)
+
+
 def check(cfg: DictConfig) -> None:
     """Run the range checks of every typed group; raises TrainerError naming the first bad key."""
     _check_interpolations(cfg)
-    for group in ("model", "loss", "data", "optimizer", "schedule", "trainer", "tracking"):
-        node = cfg[group]
+    for group in ("model", "loss", "data", "optimizer", "schedule", "step", "trainer", "tracking"):
+        node = cfg.get(group)
+        if node is None and group in OPTIONAL_GROUPS:  # a step that builds its own (trainer/steps: GAN)
+            continue
         missing = sorted(OmegaConf.missing_keys(node))
         if missing:
             key = missing[0] if missing[0].startswith(f"{group}.") else f"{group}.{missing[0]}"
@@ -825,9 +930,12 @@ def with_current_defaults(stored: DictConfig) -> DictConfig:
         OmegaConf.is_interpolation(stored, "trainer") or not isinstance(stored.trainer, DictConfig)
     ):
         return stored  # not a mapping of settings: left for trusted_config and check() to refuse
-    return OmegaConf.merge(
+    merged = OmegaConf.merge(
         stored, {"trainer": OmegaConf.merge(option("trainer", "default"), stored.get("trainer", {}))}
     )
+    if "step" not in merged:  # a run from before steps: it trained with the supervised one
+        merged.step = option("step", "supervised")
+    return merged
 
 
 def targets(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:

@@ -211,7 +211,7 @@ def _check_skipped(loop: StepLoop, done: int, of: int, fraction: float, checkpoi
 
 
 def _raise_nonfinite(loop: StepLoop, step: int, bad_variable: int, checkpoints: Checkpoints) -> None:
-    where = f"; first non-finite gradient: {loop.variable_names[bad_variable]}" if bad_variable >= 0 else ""
+    where = f"; first non-finite gradient: {loop.describe_variable(bad_variable)}" if bad_variable >= 0 else ""
     raise TrainerError(
         f"non-finite loss or gradient at step {step}{where}. Steps before it are logged; {_kept(checkpoints)}; "
         "lower optimizer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip_step"

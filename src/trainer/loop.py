@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer.inputs import MAX_ROWS, MIN_EPOCH_FOR_CUTS, ArrayInput, StreamInput, epoch_order, reading
 from trainer.metrics import Metrics, eval_batch, metrics_over_arrays, metrics_over_dataset
+from trainer.steps import Layout, Ops, Step, StepError, Supervised, layout_of
+from trainer.steps.base import finite_step
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # The per-step outputs are named as their MLflow metrics. This one is [k, n_variables]: one column per
@@ -67,10 +69,13 @@ _plain_graph = tf.autograph.experimental.do_not_convert
 
 
 class StepLoop:
+    """The compiled chunk around a step (trainer/steps): `StepLoop(step, None, None, x, ...)`, or
+    `StepLoop(model, loss_fn, optimizer, x, y, ...)` for the supervised step."""
+
     def __init__(
         self,
         model,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         optimizer,
         x: np.ndarray | ArrayInput | StreamInput,
         y: np.ndarray | None,
@@ -84,7 +89,8 @@ class StepLoop:
         jit: bool = False,
         strategy: tf.distribute.Strategy | None = None,
     ):
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.step_impl: Step = model if isinstance(model, Step) else Supervised(model, loss_fn, optimizer)
+        self.step_name = type(self.step_impl).__qualname__
         default = tf.distribute.get_strategy()  # outside any scope: the default (no-op) strategy
         self.strategy = strategy or default
         self.replicas = self.strategy.num_replicas_in_sync
@@ -96,7 +102,6 @@ class StepLoop:
             )
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
         self.on_nonfinite, self.accumulate_steps = on_nonfinite, accumulate_steps
-        self.loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # the input side (inputs.py): arrays held on the device, or a tf.data stream; x, y arrays are the former
         inputs = x if isinstance(x, ArrayInput | StreamInput) else None
         self.input = inputs or ArrayInput(x, y, batch_size, seed, accumulate_steps=accumulate_steps)
@@ -108,18 +113,57 @@ class StepLoop:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
             self.input.build()
-            model(self.input.example(batch_size))  # build the variables before the first trace
-            self.variables = list(model.trainable_variables)
-            optimizer.build(self.variables)  # its slots exist before the trace: one trace, not two
-        self.variable_names = distinct_names([variable_path(v, getattr(model, "name", "")) for v in self.variables])
+            self.step_impl.build(self.example_batch(batch_size))  # every variable before the first trace
+            self.layout = self._layout()
+            for slot in self.layout.slots:
+                slot.optimizer.build(slot.variables)  # its slots exist before the trace: one trace, not two
+        self.variables = [v for slot in self.layout.slots for v in slot.variables]
+        self.variable_names = self.layout.variable_names
+        self.ops = Ops(self.step_name, self.layout, self.step, seed, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
+                       accumulate_steps=accumulate_steps, replicas=self.replicas, distributed=self.distributed,
+                       jit=jit)  # fmt: skip
         # Outside the strategy's scope: written and read only in cross-replica context, one copy is enough
-        self._rows = tf.Variable(tf.zeros([MAX_ROWS, self._row_width()]), trainable=False, name="metric_rows")
-        # jit: XLA compiles the forward and backward pass only; batch gathering, the optimizer's update and
-        # the metric arrays stay in the ordinary graph (XLA around the whole chunk was far slower on CPUs)
-        self._gradients = _compiled(self._loss_and_gradients, jit_compile=True) if jit else self._loss_and_gradients
+        self._rows = tf.Variable(tf.zeros([MAX_ROWS, self.layout.width]), trainable=False, name="metric_rows")
         self._chunk = _compiled(self._run_stream_chunk if self.input.streamed else self._run_chunk)
         self._eval = _compiled(self._evaluate)
         self._eval_stream = _compiled(self._evaluate_stream)
+        self._step_eval = _compiled(self._evaluate_step)
+        self._step_eval_stream = _compiled(self._evaluate_step_stream)
+        self._eval_keys: list[str] | None = None
+        self._calls = 0
+
+    def _layout(self) -> Layout:
+        try:
+            return layout_of(self.step_impl, self.on_nonfinite == "skip_step", variable_path, distinct_names)
+        except StepError as e:
+            raise StepError(f"step {self.step_name}: {e}") from None
+
+    # --- what the rest of the trainer reads --------------------------------------------------------
+    @property
+    def model(self):
+        """The model the step serves: logged, early-stopped, checkpointed as `model`."""
+        return self.step_impl.exports()
+
+    @property
+    def loss_fn(self) -> LossFn | None:
+        return getattr(self.step_impl, "loss", None)
+
+    @property
+    def optimizer(self):
+        return self.layout.slots[0].optimizer
+
+    @property
+    def supervised(self) -> bool:
+        return isinstance(self.step_impl, Supervised)
+
+    def checkpointed(self) -> dict[str, Any]:
+        """What a checkpoint holds of the step: the supervised step's model and optimizer under the names runs
+        have always used; any other step whole (its models, optimizers and variables)."""
+        models = self.step_impl.models().values()
+        non_trainable = [getattr(v, "value", v) for m in models for v in getattr(m, "non_trainable_variables", [])]
+        if self.supervised:
+            return {"model": self.step_impl.model, "optimizer": self.optimizer, "non_trainable": non_trainable}
+        return {"model": self.model, "step_state": self.step_impl, "non_trainable": non_trainable}
 
     @property
     def x(self) -> tf.Tensor:
@@ -134,109 +178,72 @@ class StepLoop:
     def order(self) -> tf.Variable | None:
         return getattr(self.input, "order", None)
 
+    def example_batch(self, n: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """The first n examples as a step sees them (x preprocessed)."""
+        if self.input.streamed:
+            x, y = next(iter(self.input.stream.read().batch(n)))
+            return self.input.features(x), y
+        return self.input.example(n), self.input.y[:n]
+
     # --- the step ------------------------------------------------------------------------------
-    def train_step(self, batch: tf.Tensor) -> tf.Tensor:
-        """One update from batch number `batch` (and the accumulate_steps - 1 after it).
+    def check_step(self) -> None:
+        """Trace one step on its own, before training, so a step that breaks the contract (or calls .numpy(),
+        or is not graph code) fails in one line naming it rather than from inside the chunk's trace."""
+        if self.distributed:
+            return
+        batch = self.example_batch(self.batch_size * self.accumulate_steps)
+        spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), batch)
+        try:
+            tf.function(self._traced_row).get_concrete_function(spec)
+        except StepError as e:
+            raise StepError(f"step {self.step_name}: {e}") from None
+        except Exception as e:  # any failure of the user's trace is reported as one line
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "use TensorFlow ops only: .numpy(), float() or an `if` on a tensor syncs to the host"
+            raise StepError(f"step {self.step_name}: train_step cannot be traced ({type(e).__name__}: {why}); "
+                            f"{hint}") from None  # fmt: skip
 
-        With on_nonfinite=skip_step a step whose loss or gradients are not finite leaves every variable
-        untouched; with stop the chunk reports the step and the run ends there. With float16 loss
-        scaling, overflowing gradients are the LossScaleOptimizer's business (it skips and lowers the
-        scale), so only a non-finite loss counts; norms are always reported unscaled.
-        """
-        return self._update(*self._accumulated_gradients(batch))
+    def _traced_row(self, batch) -> tf.Tensor:
+        """One step of the user's code, bracketed by Ops; returns its row."""
+        self.ops.begin()
+        returned = self.step_impl.train_step(batch, self.ops)
+        return self.ops.end(returned, self.skipped)
 
-    def _replica_step(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """Under tf.distribute: this replica's share of the global batch, then the same update everywhere.
+    def _batch_at(self, index: tf.Tensor):
+        """Batch number `index`; with accumulation, its accumulate_steps micro-batches end to end."""
+        n = self.accumulate_steps
+        if n == 1:
+            return self.input.batch(index)
+        parts = [self.input.batch(index * n + j) for j in range(n)]
+        return tuple(tf.concat([p[i] for p in parts], 0) for i in range(2))
 
-        Each replica's mean loss is divided by the replica count and the gradients summed across replicas,
-        which gives the gradient of the global batch's mean loss; norms, clipping and the finite check then
-        see that one aggregated gradient, the same on every replica.
-        """
+    def _row(self, batch, replica_share: bool = False) -> tf.Tensor:
+        """The step's row; under tf.distribute each replica runs the step on its share and Ops all-reduces."""
+        if not self.distributed:
+            return self._traced_row(batch)
+        fn = self._share_row if replica_share else self._traced_row
+        row = self.strategy.run(fn, args=(batch,))
+        return self.strategy.experimental_local_results(row)[0]  # every replica holds the same reduced row
+
+    def _share_row(self, batch) -> tf.Tensor:
+        """This replica's share of a global batch gathered once in cross-replica context."""
         ctx = tf.distribute.get_replica_context()
         share = self.batch_size // self.replicas
         start = ctx.replica_id_in_sync_group * share
-        loss, grads = self._gradients(x[start : start + share], y[start : start + share])
-        loss, grads = ctx.all_reduce(
-            tf.distribute.ReduceOp.SUM, [loss / self.replicas, [g / self.replicas for g in grads]]
-        )
-        return self._update(loss, grads)
-
-    @_plain_graph
-    def _update(self, loss: tf.Tensor, grads: list[tf.Tensor]) -> tf.Tensor:
-        """Apply the step; return its row: loss, learning rate, [skipped steps,] half squared norms."""
-        unscaled = grads
-        if self.loss_scaling:
-            unscaled = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
-        # L2Loss is sum(g**2)/2 in one op per variable; square roots and sums wait for the chunk's end
-        halves = [tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in unscaled]
-        row = [tf.cast(loss, tf.float32), tf.cast(self.optimizer.learning_rate, tf.float32)]
-        if self.clip_norm or self.on_nonfinite == "skip_step":
-            norm = tf.sqrt(2.0 * tf.add_n(halves))  # tf.linalg.global_norm, sharing the sums
-        if self.clip_norm:
-            unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_norm, use_norm=norm)
-            grads = unscaled if not self.loss_scaling else [g * self.optimizer.dynamic_scale for g in unscaled]
-        if self.on_nonfinite == "skip_step":
-            finite = self._finite(loss, norm)
-            tf.cond(finite, lambda: self._apply(grads), tf.no_op)
-            row.append(tf.cast(self.skipped.assign_add(tf.cast(~finite, tf.int64)), tf.float32))
-        else:
-            # stop: nothing extra in the step, no cond (a cond over every gradient and slot costs dozens of
-            # ops a step). The chunk finds the first non-finite step from its arrays, once; the run ends there
-            # and keeps its last good checkpoint, so that step's update does not matter.
-            self._apply(grads)
-        return tf.stack(row + halves)
-
-    @_plain_graph
-    def _finite(self, loss: tf.Tensor, grad_norm: tf.Tensor) -> tf.Tensor:
-        """Float16 loss scaling: overflowing gradients are the LossScaleOptimizer's to skip; only the loss counts."""
-        finite = tf.math.is_finite(loss)
-        return finite if self.loss_scaling else finite & tf.math.is_finite(grad_norm)
-
-    def _loss_and_gradients(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        with tf.GradientTape() as tape:
-            pred = self.model(x, training=True)  # mixed precision: the loss in float32 (class ids stay integers)
-            pred = tf.cast(pred, y.dtype if y.dtype.is_floating else tf.float32)
-            loss = self.loss_fn(y, pred)
-            scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
-        return loss, tape.gradient(scaled, self.variables)
-
-    def _accumulated_gradients(self, batch: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """Mean loss and mean gradients over accumulate_steps consecutive micro-batches: one big batch."""
-        n = self.accumulate_steps
-        loss, grads = self._gradients(*self.input.batch(batch * n))
-        if n == 1:
-            return loss, grads
-        for j in tf.range(1, n):
-            micro_loss, micro_grads = self._gradients(*self.input.batch(batch * n + tf.cast(j, batch.dtype)))
-            loss += micro_loss
-            grads = [g + m for g, m in zip(grads, micro_grads, strict=True)]
-        return loss / n, [g / n for g in grads]
-
-    @_plain_graph
-    def _apply(self, grads: list[tf.Tensor]) -> tf.Operation:
-        if self.distributed:  # Keras sums gradients across replicas again: hand it 1/R of the sum
-            grads = [g / self.replicas for g in grads]
-        self.optimizer.apply_gradients(zip(grads, self.variables, strict=True))
-        return tf.no_op()
-
-    @staticmethod
-    @_plain_graph
-    def _first_nonfinite(per_variable: tf.Tensor) -> tf.Tensor:
-        """Index of the first variable whose gradient norm is not finite, -1 if none (named in the error)."""
-        bad = ~tf.math.is_finite(per_variable)
-        first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
-        return tf.where(tf.reduce_any(bad), first, -1)
+        return self._traced_row(tf.nest.map_structure(lambda t: t[start : start + share], batch))
 
     def gradients(self) -> list[tf.Tensor]:
         """The gradients the next step will see, without applying them (the tape example prints these)."""
+        objective = getattr(self.step_impl, "objective", None)
+        if objective is None:
+            raise StepError(f"step {self.step_name}: trainer.print_gradients needs a supervised step")
         if self.input.streamed:
             x, y = next(iter(self.input.dataset(0, self.batch_size)))
-            _, grads = self._gradients(self.input.features(x, training=True), y)
+            batch = (self.input.features(x, training=True), y)
         else:
-            _, grads = self._accumulated_gradients(self.step.read_value())
-        if self.loss_scaling:
-            grads = [g / tf.cast(self.optimizer.dynamic_scale, g.dtype) for g in grads]
-        return grads
+            batch = self._batch_at(self.step.read_value())
+        self.ops.begin()
+        return self.ops.gradients(self.optimizer, objective, batch)[1]
 
     # --- the chunk -----------------------------------------------------------------------------
     def run(self, num_steps: int) -> dict[str, tf.Tensor]:
@@ -252,10 +259,19 @@ class StepLoop:
         while True:
             n = min(num_steps, self.call_limit(step))
             parts.append(self._chunk(tf.constant(n, tf.int32)))
+            self._check_traces()
             num_steps, step = num_steps - n, step + n
             if num_steps == 0 or (self.on_nonfinite == "stop" and int(parts[-1]["steps"]) < n):
                 break
         return parts[0] if len(parts) == 1 else _joined(parts)
+
+    def _check_traces(self) -> None:
+        """One trace serves every call: from the second call on, a second trace is a step that retraces (Python
+        state in the graph); refused rather than slowing every chunk by a trace."""
+        self._calls += 1
+        if self._calls >= 2 and self._chunk.experimental_get_tracing_count() > 1:
+            raise StepError(f"step {self.step_name}: the compiled chunk was traced again at call {self._calls}; "
+                            "a step must trace once (keep Python values that change out of train_step)")  # fmt: skip
 
     def _run_stream(self, num_steps: int) -> dict[str, tf.Tensor]:
         """Streamed data: calls take their batches from the epoch's iterator; one that runs dry ends the epoch.
@@ -284,7 +300,7 @@ class StepLoop:
     def _run_chunk(self, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         self.input.begin_chunk(self.step)  # a new epoch's order, once per call where chunks end at epochs
         for i in tf.range(num_steps):
-            row = self._distributed_step() if self.distributed else self.train_step(self.step)
+            row = self._row(self._batch_at(self.step), replica_share=True)
             self.step.assign_add(1)
             self._rows[i].assign(row)
         return self._chunk_outputs(self._rows[:num_steps], num_steps)
@@ -299,7 +315,7 @@ class StepLoop:
                 exhausted = tf.constant(True)
                 break
             x, y = batch.get_value()
-            row = self._distributed_stream_step(x, y) if self.distributed else self._stream_step(x, y)
+            row = self._row(self._stream_batch(x, y))
             self.step.assign_add(1)
             self._rows[i].assign(row)
             i += 1
@@ -311,35 +327,45 @@ class StepLoop:
         out = {k: v[:done] if k.startswith("train/") else v for k, v in out.items()}
         return {**out, "steps": done, "exhausted": exhausted & ~stopped, "stopped": stopped}
 
-    def _stream_step(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        return self._update(*self._gradients(self.input.features(x, training=True), y))
-
-    def _distributed_stream_step(self, x, y) -> tf.Tensor:
-        """Each replica's own share, read by its own pipeline (distribute_datasets_from_function)."""
-        row = self.strategy.run(self._replica_share_step, args=(x, y))
-        return self.strategy.experimental_local_results(row)[0]
-
-    def _replica_share_step(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        ctx = tf.distribute.get_replica_context()
-        loss, grads = self._gradients(self.input.features(x, training=True), y)
-        loss, grads = ctx.all_reduce(
-            tf.distribute.ReduceOp.SUM, [loss / self.replicas, [g / self.replicas for g in grads]]
-        )
-        return self._update(loss, grads)
-
-    @_plain_graph
-    def _row_width(self) -> int:
-        return 2 + (self.on_nonfinite == "skip_step") + len(self.variables)
+    def _stream_batch(self, x, y):
+        """A streamed batch as the step takes it; per replica, each replica's own (distribute_datasets_from_function)."""
+        if self.distributed:
+            return self.strategy.run(lambda x, y: (self.input.features(x, training=True), y), args=(x, y))
+        return self.input.features(x, training=True), y
 
     @_plain_graph
     def _chunk_outputs(self, rows: tf.Tensor, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
         """The rows' columns as named metrics; norms from the squares, the first non-finite step, once."""
-        result = {"train/loss": rows[:, 0], "train/lr": rows[:, 1]}
-        if self.on_nonfinite == "skip_step":
-            result["train/skipped_steps"] = tf.cast(rows[:, 2], tf.int64)
-        squares = 2.0 * rows[:, self._row_width() - len(self.variables) :]
+        layout = self.layout
+        result: dict[str, tf.Tensor] = {}
+        halves = layout.halves
+        if halves == list(range(halves[0], halves[0] + len(halves))):
+            squares = 2.0 * rows[:, halves[0] : halves[0] + len(halves)]
+        else:
+            squares = 2.0 * tf.gather(rows, halves, axis=1)
         norm = tf.sqrt(tf.reduce_sum(squares, axis=1))
         per_variable = tf.sqrt(squares)
+        finite, start = None, 0
+        for slot in layout.slots:
+            prefix = layout.prefix(slot)
+            loss = rows[:, slot.loss_col]
+            result[f"{prefix}loss"], result[f"{prefix}lr"] = loss, rows[:, slot.loss_col + 1]
+            if slot.regularized:
+                result[f"{prefix}regularization"] = rows[:, slot.reg_col]
+            slot_norm = norm
+            if not layout.single:
+                slot_norm = tf.sqrt(tf.reduce_sum(squares[:, start : start + len(slot.variables)], axis=1))
+                if self.grad_norms != "off":
+                    result[f"{prefix}grad_norm"] = slot_norm
+            start += len(slot.variables)
+            ok = finite_step(loss, slot_norm, slot.loss_scaling)
+            finite = ok if finite is None else finite & ok
+        if not layout.single:  # several optimizers: train/loss is the sum of theirs (the step's total)
+            result["train/loss"] = tf.add_n([rows[:, slot.loss_col] for slot in layout.slots])
+        if layout.skip:
+            result["train/skipped_steps"] = tf.cast(rows[:, layout.skip_col], tf.int64)
+        for name, col in layout.log_cols.items():
+            result[f"train/{name}"] = rows[:, col]
         if self.grad_norms != "off":
             result["train/grad_norm"] = norm
         if self.grad_norms == "per_variable":
@@ -349,30 +375,75 @@ class StepLoop:
             # The first step whose loss or gradient is not finite. There is no `break` in the loop (autograph
             # would wrap the rest of the body in a cond each step): a chunk that went bad runs out, and its
             # steps from the bad one on are dropped, as is the run.
-            finite = self._finite(result["train/loss"], norm)
             done = tf.where(tf.reduce_all(finite), num_steps, tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32))
             bad_variable = self._first_nonfinite(per_variable[tf.minimum(done, num_steps - 1)])
         return {**{k: v[:done] for k, v in result.items()}, "steps": done, "bad_variable": bad_variable}
 
-    def _distributed_step(self) -> tf.Tensor:
-        x, y = self.input.batch(self.step)  # the global batch, gathered once in cross-replica context
-        row = self.strategy.run(self._replica_step, args=(x, y))
-        return self.strategy.experimental_local_results(row)[0]  # every replica holds the same reduced row
+    @staticmethod
+    @_plain_graph
+    def _first_nonfinite(per_variable: tf.Tensor) -> tf.Tensor:
+        """Index of the first variable whose gradient norm is not finite, -1 if none (named in the error)."""
+        bad = ~tf.math.is_finite(per_variable)
+        first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
+        return tf.where(tf.reduce_any(bad), first, -1)
+
+    def describe_variable(self, index: int) -> str:
+        """`dense_0/kernel`, or `dense_0/kernel (optimizer generator_optimizer)` when the step has several."""
+        name = self.variable_names[index]
+        return name if self.layout.single else f"{name} (optimizer {self.layout.slot_of_variable(index).name})"
 
     # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self, x=None, y=None, metrics: Metrics | None = None) -> dict[str, tf.Tensor]:
         """Mean loss and `metrics` over a whole split, batched so large splits fit; on the device.
 
         `x`, `y`: raw arrays of a split held in memory; a `Stream` as `x`: a streamed split; nothing: the
-        training set (the objective of a run without a validation split)."""
+        training set (the objective of a run without a validation split). A supervised step gives the loss and
+        trainer.val_metrics (and its eval_extra); any other step, what its eval_step gives."""
+        if not self.supervised:
+            return dict(self.step_impl.eval_results(self._over_split(self.step_impl.eval_step, x, y)))
         metrics = metrics or Metrics(())
         metrics.reset()
         batch = eval_batch(self.batch_size)
         if self.input.streamed:
             with reading():
-                return self._eval_stream(self.input.eval_dataset(x, batch), metrics)
+                out = self._eval_stream(self.input.eval_dataset(x, batch), metrics)
+        else:
+            xs, ys = self.input.eval_arrays(x, y)
+            out = self._eval(xs, ys, tf.constant(batch, tf.int32), metrics)
+        if type(self.step_impl).eval_extra is not Supervised.eval_extra:
+            out = {**out, **self._over_split(self.step_impl.eval_extra, x, y)}
+        return out
+
+    def _over_split(self, fn, x=None, y=None) -> dict[str, tf.Tensor]:
+        """Batch means of `fn((x, y))` over a split, weighted by batch size."""
+        batch = eval_batch(self.batch_size)
+        if self._eval_keys is None:  # the names it gives, from one eager call (the loops need them up front)
+            self._eval_keys = sorted(fn(self.example_batch(min(2, self.n))))
+        if self.input.streamed:
+            with reading():
+                return self._step_eval_stream(fn, self.input.eval_dataset(x, batch))
         xs, ys = self.input.eval_arrays(x, y)
-        return self._eval(xs, ys, tf.constant(batch, tf.int32), metrics)
+        return self._step_eval(fn, xs, ys, tf.constant(batch, tf.int32))
+
+    def _evaluate_step(self, fn, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor) -> dict[str, tf.Tensor]:
+        n = tf.shape(x)[0]
+        totals = {k: tf.constant(0.0) for k in self._eval_keys}
+        for start in tf.range(0, n, batch):
+            xb, yb = x[start : start + batch], y[start : start + batch]
+            count = tf.cast(tf.shape(xb)[0], tf.float32)
+            values = fn((xb, yb))
+            totals = {k: totals[k] + tf.cast(values[k], tf.float32) * count for k in self._eval_keys}
+        return {k: v / tf.cast(n, tf.float32) for k, v in totals.items()}
+
+    def _evaluate_step_stream(self, fn, dataset: tf.data.Dataset) -> dict[str, tf.Tensor]:
+        totals = {k: tf.constant(0.0) for k in self._eval_keys}
+        count = tf.constant(0.0)
+        for xb, yb in dataset:
+            n = tf.cast(tf.shape(xb)[0], tf.float32)
+            values = fn((self.input.features(xb), yb))
+            totals = {k: totals[k] + tf.cast(values[k], tf.float32) * n for k in self._eval_keys}
+            count += n
+        return {k: v / count for k, v in totals.items()}
 
     def _evaluate(self, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor, metrics: Metrics) -> dict[str, tf.Tensor]:
         return metrics_over_arrays(self.model, self.loss_fn, x, y, batch, metrics)

@@ -20,7 +20,17 @@ from trainer.actions import build_callbacks
 from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpoints, NoCheckpoint
 from trainer.cli import notice_console
-from trainer.config import TRUST_KEY, TrainerError, build, check, named_targets, trusted_config, with_current_defaults
+from trainer.config import (
+    OPTIONAL_GROUPS,
+    TRUST_KEY,
+    TrainerError,
+    build,
+    check,
+    first_line,
+    named_targets,
+    trusted_config,
+    with_current_defaults,
+)
 from trainer.data import Dataset
 from trainer.data.prepare import load as load_data
 from trainer.data.prepare import preprocessing_layers
@@ -31,6 +41,7 @@ from trainer.models import check_fits
 from trainer.optim import Schedule, build_optimizer
 from trainer.process import process_settings
 from trainer.profile import check_profile
+from trainer.steps import Step, Supervised
 from trainer.tracking import QuietRun, Run, stored_through
 from trainer.tracking.lineage import log_data
 
@@ -54,7 +65,9 @@ def train(
     if resume:
         cfg = _resumed_config(resume, overrides, cfg)
     check(cfg)
-    if cfg.get("lr_find") or cfg.optimizer.get("lr") == "auto":  # the range test: its own run (trainer/lr_find.py)
+    if (
+        cfg.get("lr_find") or (cfg.get("optimizer") or {}).get("lr") == "auto"
+    ):  # the range test: its own run (trainer/lr_find.py)
         from trainer import lr_find
 
         if cfg.get("lr_find"):
@@ -96,7 +109,7 @@ def train(
                 if chief:
                     _log_data_facts(data, run)
                 if cfg.tracking.log_model and chief:  # retried whole while the store is locked
-                    lifecycle.retry_busy(_log_model, model, run, output_dir, data, cfg)
+                    lifecycle.retry_busy(_log_model, loop, run, output_dir, data, cfg)
                 _summarize(result, run)
         finally:
             checkpoints.release()
@@ -105,7 +118,8 @@ def train(
 
 def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, total_steps: int,
            schedule: Schedule | None = None):  # fmt: skip
-    """Model, loss and optimizer under the strategy's scope (their variables are mirrored), then the loop."""
+    """The step and what it takes of the model, loss and optimizer groups, under the strategy's scope (their
+    variables are mirrored), then the loop around it."""
     t = cfg.trainer
     replicas = strategy.num_replicas_in_sync
     if replicas > 1 and (t.batch_size % replicas or t.accumulate_steps > 1 or t.on_nonfinite != "stop"):
@@ -113,15 +127,53 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
             f"trainer.strategy={t.strategy} runs {replicas} replicas: trainer.batch_size={t.batch_size} must be a "
             "multiple of that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
         )
+    takes = _step_takes(cfg)
     with strategy.scope():
-        model = build(cfg.model, **_from_data(cfg.model, data))
-        check_fits(model, data.x_shape)  # a layer list that does not fit the data: the layer named, before training
-        loss_fn = build(cfg.loss)
-        _check_loss_fits_data(cfg, loss_fn, data)
-        optimizer = build_optimizer(cfg.optimizer, cfg.schedule, total_steps, schedule)
-        if t.precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return model, _build_loop(cfg, model, loss_fn, optimizer, data, strategy), optimizer
+        parts = {}
+        if "model" in takes:
+            parts["model"] = build(cfg.model, **_from_data(cfg.model, data))
+            check_fits(parts["model"], data.x_shape)  # a layer list that does not fit the data: the layer named
+        if "loss" in takes:
+            parts["loss"] = build(cfg.loss)
+            _check_loss_fits_data(cfg, parts["loss"], data)
+        if "optimizer" in takes:
+            parts["optimizer"] = build_optimizer(cfg.optimizer, cfg.schedule, total_steps, schedule)
+        step = build(cfg.step, **parts)
+        if not isinstance(step, Step):
+            raise TrainerError(f"step._target_={cfg.step._target_!r} is a {type(step).__name__}, not a "
+                               "trainer.steps.Step: subclass it (README: Your own step)")  # fmt: skip
+        if t.precision == "mixed_float16":  # every optimizer of the step scales its loss
+            for name in step.trains:
+                setattr(step, name, keras.optimizers.LossScaleOptimizer(getattr(step, name)))
+    loop = _build_loop(cfg, step, data, strategy)
+    if type(step) is not Supervised:  # the user's code (or a built-in's): traced once on its own first
+        loop.check_step()
+    return loop.model, loop, loop.optimizer
+
+
+def _step_takes(cfg: DictConfig) -> set[str]:
+    """Which of the model, loss and optimizer groups the step's constructor takes; a group it takes must be set,
+    and one it does not take must be null (a setting nothing reads would look like it had done something)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = cfg.step._target_
+    try:
+        params = inspect.signature(get_class(target)).parameters
+    except Exception as e:
+        raise TrainerError(f"step._target_={target!r} cannot be imported: {first_line(e)}") from None
+    takes = {group for group in OPTIONAL_GROUPS if group in params}
+    for group in OPTIONAL_GROUPS:
+        if group in takes and cfg.get(group) is None:
+            raise TrainerError(f"step {target} takes a {group}: set {group}=... (e.g. {_EXAMPLE[group]})")
+        if group not in takes and cfg.get(group) is not None:
+            raise TrainerError(f"step {target} takes no {group} (it builds its own or needs none): {group}="
+                               f"{cfg[group].get('_target_', '...')} would not be used; set {group}=null")  # fmt: skip
+    return takes
+
+
+_EXAMPLE = {"model": "model=mlp", "loss": "loss=mse", "optimizer": "optimizer=adam"}
 
 
 def _checkpoints(t: DictConfig, model, optimizer, loop: StepLoop, resume: checkpoint.Resume | None,
@@ -131,9 +183,8 @@ def _checkpoints(t: DictConfig, model, optimizer, loop: StepLoop, resume: checkp
     durable = directory / checkpoint.DURABLE_FILE  # the chief's sink knows what the store holds; workers read it
     if not chief:
         directory = directory.with_name(f"checkpoints-worker{strategy.cluster_resolver.task_id}")
-    non_trainable = [getattr(v, "value", v) for v in getattr(model, "non_trainable_variables", [])]  # dropout seeds
-    return Checkpoints(directory, t.max_to_keep, durable, model=model, optimizer=optimizer, step=loop.step,
-                       skipped=loop.skipped, non_trainable=non_trainable, **loop.input.state())  # fmt: skip
+    return Checkpoints(directory, t.max_to_keep, durable, step=loop.step, skipped=loop.skipped,
+                       **loop.checkpointed(), **loop.input.state())  # fmt: skip
 
 
 def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume, cfg: DictConfig, chief: bool, total: int) -> int:
@@ -239,9 +290,7 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
                                              and "chief" not in resolver.cluster_spec().as_dict())  # fmt: skip
 
 
-def _build_loop(
-    cfg: DictConfig, model, loss_fn, optimizer, data: Dataset, strategy: tf.distribute.Strategy | None = None
-) -> StepLoop:
+def _build_loop(cfg: DictConfig, step: Step, data: Dataset, strategy: tf.distribute.Strategy | None = None) -> StepLoop:
     t, d = cfg.trainer, cfg.data
     if data.streamed:
         if t.accumulate_steps > 1:
@@ -254,15 +303,19 @@ def _build_loop(
                             t.accumulate_steps)  # fmt: skip
     try:
         loop = StepLoop(
-            model, loss_fn, optimizer, inputs, None, t.batch_size,
+            step, None, None, inputs, None, t.batch_size,
             seed=t.seed, clip_norm=t.clip_norm, grad_norms=cfg.tracking.log_grad_norms,
             on_nonfinite=t.on_nonfinite, accumulate_steps=t.accumulate_steps, jit=t.jit, strategy=strategy,
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
         if isinstance(e, tf.errors.OpError) and read_error(e) is not None:  # the first batch could not be read
             raise read_error(e) from None
-        raise TrainerError(f"model {cfg.model._target_} cannot take inputs of shape {data.x_shape}: "
+        model = cfg.get("model") or cfg.step
+        raise TrainerError(f"model {model._target_} cannot take inputs of shape {data.x_shape}: "
                            f"{str(e).splitlines()[0]}") from e  # fmt: skip
+    if not isinstance(step, Supervised):  # the data's targets are a supervised step's business
+        return loop
+    model = step.model
     out_shape = tuple(model(inputs.example(1)).shape[1:])
     wanted = (data.n_outputs,) if data.task == "multiclass" else data.y_shape
     if len(out_shape) > max(len(wanted), 1) and len(data.x_shape) > 1:  # Dense layers kept the image's axes
@@ -327,14 +380,16 @@ def _report_gradients(loop: StepLoop, run: Run) -> None:
     run.log_text(json.dumps({n: g.tolist() for n, g in grads.items()}, indent=1), "first_step_gradients.json")
 
 
-def _log_model(model, run: Run, output_dir: Path, data: Dataset, cfg: DictConfig) -> None:
-    """The trained model twice over: a plain `.keras` file any Keras loads, and an MLflow pyfunc model that
-    `mlflow.pyfunc.load_model` loads and `mlflow models serve` serves (class probabilities and labels for a
+def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: DictConfig) -> None:
+    """The model the step exports, twice over: a plain `.keras` file any Keras loads, and an MLflow pyfunc model
+    that `mlflow.pyfunc.load_model` loads and `mlflow models serve` serves (class probabilities and labels for a
     classifier; trainer.evaluate reads its `.keras` file), registered when tracking.register_model names one.
-    With preprocessing (rescale, normalization) the logged model carries it in front, so it takes raw inputs."""
+    With preprocessing (rescale, normalization) the logged model carries it in front, so it takes raw inputs. A
+    step whose model does not take the data's inputs (a GAN's generator takes noise) gives its own example."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    example = _raw_example(data)
-    layers = preprocessing_layers(data.preprocess)
+    model, own_example = loop.model, getattr(loop.step_impl, "export_example", None)
+    example = own_example() if own_example else _raw_example(data)
+    layers = [] if own_example else preprocessing_layers(data.preprocess)
     if isinstance(model, keras.Model) and layers:
         model = keras.Sequential(
             [keras.Input(data.x_shape, dtype=example.dtype), *layers, model], name="with_preprocessing"
@@ -349,8 +404,9 @@ def _log_model(model, run: Run, output_dir: Path, data: Dataset, cfg: DictConfig
     if isinstance(model, keras.Model):
         from trainer.tracking.models import log_model
 
-        log_model(model, "model", input_example=example, task=data.task, labels=data.labels,
-                  from_logits=bool(cfg.loss.get("from_logits", True)),
+        task = data.task if isinstance(loop.step_impl, Supervised) else "regression"  # raw outputs otherwise
+        log_model(model, "model", input_example=example, task=task, labels=data.labels if task != "regression"
+                  else None, from_logits=bool((cfg.get("loss") or {}).get("from_logits", True)),
                   registered_model_name=cfg.tracking.get("register_model"))  # fmt: skip
 
 

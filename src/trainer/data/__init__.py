@@ -5,7 +5,7 @@ Each built-in option of conf/data/ names one of the functions exported here by `
 
 from trainer.data.core import MAX_ABS_VALUE, Dataset, Examples, Stream, check_values, split, val_mask
 from trainer.data.files import image_folder, numpy, tfrecord
-from trainer.data.synthetic import classification, regression, tape_example
+from trainer.data.synthetic import classification, oscillator, regression, ring, tape_example
 from trainer.data.tables import csv, parquet
 
 __all__ = [
@@ -18,8 +18,10 @@ __all__ = [
     "csv",
     "image_folder",
     "numpy",
+    "oscillator",
     "parquet",
     "regression",
+    "ring",
     "split",
     "tape_example",
     "tfrecord",

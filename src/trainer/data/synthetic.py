@@ -36,3 +36,20 @@ def classification(
     x = centres[labels] + rng.standard_normal((n_samples, n_features))
     y = np.eye(n_classes)[labels]
     return split(x, y, val_fraction, seed, task="multiclass", source="data=classification")
+
+
+def ring(n_samples: int, modes: int, radius: float, std: float, val_fraction: float, seed: int) -> Dataset:
+    """Points around `modes` Gaussians evenly spaced on a circle of `radius` (a GAN's target); y: the mode."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, modes, n_samples)
+    angles = 2.0 * np.pi * labels / modes
+    x = radius * np.stack([np.cos(angles), np.sin(angles)], axis=1) + std * rng.standard_normal((n_samples, 2))
+    return split(x, labels, val_fraction, seed, task="multiclass", source="data=ring")
+
+
+def oscillator(n_samples: int, t_max: float, omega: float, u0: float, v0: float, val_fraction: float,
+               seed: int) -> Dataset:  # fmt: skip
+    """Times on [0, t_max] (x) and the harmonic oscillator's solution at them (y), for a physics-informed step."""
+    t = np.random.default_rng(seed).uniform(0.0, t_max, (n_samples, 1))
+    y = u0 * np.cos(omega * t) + v0 / omega * np.sin(omega * t)
+    return split(t, y, val_fraction, seed, task="regression", source="data=oscillator")
