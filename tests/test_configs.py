@@ -264,9 +264,18 @@ def test_data_builds_arrays_of_the_right_shape(group, name, compose_cfg, tmp_pat
         n = 10
         assert data.n_train + len(data.x_val) == n
         return
+    n_val = round(d.n_samples * d.val_fraction)
+    if name in ("ring", "oscillator"):  # a GAN's 2-D points (y: the mode id); times t and sin t
+        assert data.x_train.shape == (d.n_samples - n_val, 2 if name == "ring" else 1)
+        assert len(data.y_train) == d.n_samples - n_val and len(data.x_val) == n_val
+        if name == "ring":
+            np.testing.assert_allclose(np.linalg.norm(data.x_train, axis=1), d.radius, atol=8 * d.std)
+            assert set(np.unique(data.y_train)) == set(range(d.modes))
+        else:
+            np.testing.assert_allclose(data.y_train, np.sin(data.x_train), atol=1e-6)
+        return
     n, n_features = d.n_samples, d.n_features
-    n_targets = d.n_classes if "n_classes" in d else d.n_targets
-    n_val = round(n * d.val_fraction)  # 4096 * 0.2 = 819.2 -> 819 held out, 3277 for training
+    n_targets = d.n_classes if "n_classes" in d else d.n_targets  # 4096 * 0.2 = 819.2 -> 819 held out
     assert data.x_train.shape == (n - n_val, n_features)
     assert data.y_train.shape == (n - n_val, n_targets)
     assert data.x_val.shape == (n_val, n_features)

@@ -151,8 +151,11 @@ def escaped(marker: Path) -> str:
         (lambda m: {"data": user_data(m)}, f"data._target_='{USER_MODULE}.regression'"),  # importable, not named
         (lambda m: {"data": escaped(m)}, "data is still an interpolation once resolved"),
         (lambda m: {"data": "${evil:x}"}, "Unsupported interpolation type evil"),  # unregistered resolver
+        (lambda m: {"step": touch(m)}, "step._target_='pathlib.Path.touch'"),  # a step is a target like any other
+        (lambda m: {"step": {"_target_": "trainer.steps.GAN", "generator": touch(m)}}, "step.generator._target_"),
     ],
-    ids=["data", "nested", "args", "exec", "resolver", "own_key", "user_module", "escaped", "custom_resolver"],
+    ids=["data", "nested", "args", "exec", "resolver", "own_key", "user_module", "escaped", "custom_resolver", "step",
+         "step_nested"],
 )  # fmt: skip
 def test_resume_dir_refuses_targets_from_run_data(finished, tmp_path, importable, plant, named):
     checkpoints, uri = finished

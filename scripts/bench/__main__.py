@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"instead: steps/s of ours on the first job with these overrides / without them, e.g. "
         f"tracking.system_metrics=false (--steps, default {COST_STEPS})",
     )
+    p.add_argument(
+        "--step",
+        action="store_true",
+        help="instead: a custom step (SAM), ours with every metric logged / the same step hand-written",
+    )
     p.add_argument("--stream-gb", default=",".join(f"{gb:g}" for gb in STREAM_GB), help="--stream: file sizes, GiB")
     p.add_argument("--stream-dir", type=Path, help="--stream: where the files are written (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="--stream: keep the files written")
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         use_threads(*args.threads)
     if args.cost:
         checks = run_cost(args)
+    elif args.step:
+        checks = run_step(args)
     else:
         checks = run_sink(args) if args.sink else run_stream(args) if args.stream else run_race(args)
     return report.exit_status(checks, enforce=args.targets)
@@ -179,6 +186,20 @@ def run_race(args: argparse.Namespace) -> list[Check]:
         args.json.write_text(
             json.dumps({"meta": meta, "jobs": [asdict(r) for r in results], "targets": targets}, indent=1)
         )
+    return checks
+
+
+def run_step(args: argparse.Namespace) -> list[Check]:
+    from bench.custom_step import QUICK_STEP_STEPS, SAM_JOB, measure_step, report_step
+
+    steps = args.steps or (QUICK_STEP_STEPS if args.quick else SAM_JOB.steps)
+    with workdir([]) as tmp:
+        result = measure_step(steps, args.repeats or 3, tmp, warm_up=not args.quick)
+    checks = report_step(result)
+    for check in checks:
+        print(check)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": {"argv": sys.argv, **machine()}, "step": asdict(result)}, indent=1))
     return checks
 
 

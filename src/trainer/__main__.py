@@ -64,6 +64,10 @@ def _report_errors(func):
         outcome = _end_sweep(e)
         if isinstance(e, Exception) and outcome and outcome.all_failed:  # Optuna: "No trials are completed yet"
             _exit_all_failed(outcome)
+        if isinstance(e, ValueError) and "Config group override must be a string" in str(e):
+            nulled = [a for a in sys.argv[1:] if a.endswith(("=null", "=None")) and "." not in a.partition("=")[0]]
+            group = nulled[0].partition("=")[0] if nulled else "GROUP"
+            sys.exit(cli.print_error(f"{group}=null: a config group is left out with ~{group} (Hydra's delete)"))
         if not isinstance(e, (HydraException, OmegaConfBaseException)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.exit(cli.print_error(_one_line(e)))

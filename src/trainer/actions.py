@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from trainer.callbacks import HOOKS, Callback, Context, StepArrays
+from trainer.callbacks import HOOKS, Callback, Context, Result, StepArrays
 from trainer.cli import notice_console
 from trainer.config import TrainerError, build
 from trainer.loop import MAX_ROWS, StepLoop
@@ -36,7 +36,6 @@ from trainer.metrics import Metrics
 
 if TYPE_CHECKING:
     from trainer.checkpoint import Checkpoints
-    from trainer.fit import Result
 
 console = notice_console()
 

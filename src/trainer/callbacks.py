@@ -14,14 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from trainer.fit import Result
-
 HOOKS = ("on_train_begin", "on_chunk_end", "on_train_end")
+
+
+@dataclass
+class Result:
+    """What a run's training ended with (fit returns it; on_train_end gets it, None when training broke)."""
+
+    steps: int
+    train_loss: float
+    val: dict[str, float]
+    steps_per_sec: float
+    objective: float
+    best_step: int | None = None
 
 
 @dataclass

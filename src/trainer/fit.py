@@ -12,7 +12,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
@@ -25,7 +24,7 @@ from trainer.actions import (
     Validation,
     console,
 )
-from trainer.callbacks import Callback, Context, StepArrays
+from trainer.callbacks import Callback, Context, Result, StepArrays
 from trainer.checkpoint import Checkpoints
 from trainer.config import TrainerError
 from trainer.data import Dataset
@@ -47,16 +46,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, directory: str):
         super().__init__(f"{signal.Signals(signum).name} at step {step}; checkpoint in {directory}")
         self.signum, self.step, self.directory = signum, step, directory
-
-
-@dataclass
-class Result:
-    steps: int
-    train_loss: float
-    val: dict[str, float]
-    steps_per_sec: float
-    objective: float
-    best_step: int | None = None
 
 
 def fit(
@@ -149,7 +138,7 @@ def _train(loop: StepLoop, t: DictConfig, ctx: Context, actions: list[Callback],
         calls += 1
         if ran < n:  # the steps before the non-finite one are logged, then the run fails
             MetricHandoff().on_chunk_end(ctx, step, last)
-            _raise_nonfinite(loop, step, int(out["bad_variable"]), checkpoints)
+            _raise_nonfinite(loop, step, loop.describe_nonfinite(out), checkpoints)
         if t.on_nonfinite == "skip_step":  # past the run's budget already: no need to train on to see it
             _check_skipped(loop, step, ctx.total_steps, t.max_skipped_fraction, checkpoints)
         if calls == 1:
@@ -210,8 +199,7 @@ def _check_skipped(loop: StepLoop, done: int, of: int, fraction: float, checkpoi
     return skipped
 
 
-def _raise_nonfinite(loop: StepLoop, step: int, bad_variable: int, checkpoints: Checkpoints) -> None:
-    where = f"; first non-finite gradient: {loop.describe_variable(bad_variable)}" if bad_variable >= 0 else ""
+def _raise_nonfinite(loop: StepLoop, step: int, where: str, checkpoints: Checkpoints) -> None:
     raise TrainerError(
         f"non-finite loss or gradient at step {step}{where}. Steps before it are logged; {_kept(checkpoints)}; "
         "lower optimizer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip_step"

@@ -195,12 +195,13 @@ class StepLoop:
         spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), batch)
         try:
             tf.function(self._traced_row).get_concrete_function(spec)
-        except StepError as e:
-            raise StepError(f"step {self.step_name}: {e}") from None
         except Exception as e:  # any failure of the user's trace is reported as one line
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            why = lines[-1] if lines else type(e).__name__  # autograph's last line is the error itself
+            if isinstance(e, StepError):
+                raise StepError(f"step {self.step_name}: {why}") from None
             hint = "use TensorFlow ops only: .numpy(), float() or an `if` on a tensor syncs to the host"
-            raise StepError(f"step {self.step_name}: train_step cannot be traced ({type(e).__name__}: {why}); "
+            raise StepError(f"step {self.step_name}: train_step cannot be traced ({why}); "
                             f"{hint}") from None  # fmt: skip
 
     def _traced_row(self, batch) -> tf.Tensor:
@@ -270,8 +271,10 @@ class StepLoop:
         state in the graph); refused rather than slowing every chunk by a trace."""
         self._calls += 1
         if self._calls >= 2 and self._chunk.experimental_get_tracing_count() > 1:
-            raise StepError(f"step {self.step_name}: the compiled chunk was traced again at call {self._calls}; "
-                            "a step must trace once (keep Python values that change out of train_step)")  # fmt: skip
+            raise StepError(f"step {self.step_name}: the compiled chunk was traced "
+                            f"{self._chunk.experimental_get_tracing_count()} times by call {self._calls}, not once: "
+                            "create every variable in build(batch), not in train_step, and keep Python values "
+                            "that change out of the step")  # fmt: skip
 
     def _run_stream(self, num_steps: int) -> dict[str, tf.Tensor]:
         """Streamed data: calls take their batches from the epoch's iterator; one that runs dry ends the epoch.
@@ -328,7 +331,7 @@ class StepLoop:
         return {**out, "steps": done, "exhausted": exhausted & ~stopped, "stopped": stopped}
 
     def _stream_batch(self, x, y):
-        """A streamed batch as the step takes it; per replica, each replica's own (distribute_datasets_from_function)."""
+        """A streamed batch as the step takes it; under tf.distribute, each replica its own share."""
         if self.distributed:
             return self.strategy.run(lambda x, y: (self.input.features(x, training=True), y), args=(x, y))
         return self.input.features(x, training=True), y
@@ -345,7 +348,7 @@ class StepLoop:
             squares = 2.0 * tf.gather(rows, halves, axis=1)
         norm = tf.sqrt(tf.reduce_sum(squares, axis=1))
         per_variable = tf.sqrt(squares)
-        finite, start = None, 0
+        finite, start, finite_by_slot = None, 0, []
         for slot in layout.slots:
             prefix = layout.prefix(slot)
             loss = rows[:, slot.loss_col]
@@ -360,6 +363,7 @@ class StepLoop:
             start += len(slot.variables)
             ok = finite_step(loss, slot_norm, slot.loss_scaling)
             finite = ok if finite is None else finite & ok
+            finite_by_slot.append(ok)
         if not layout.single:  # several optimizers: train/loss is the sum of theirs (the step's total)
             result["train/loss"] = tf.add_n([rows[:, slot.loss_col] for slot in layout.slots])
         if layout.skip:
@@ -370,14 +374,20 @@ class StepLoop:
             result["train/grad_norm"] = norm
         if self.grad_norms == "per_variable":
             result[PER_VARIABLE] = per_variable
-        done, bad_variable = num_steps, tf.constant(-1, tf.int32)
+        done, bad_variable, bad_optimizer = num_steps, tf.constant(-1, tf.int32), tf.constant(-1, tf.int32)
         if self.on_nonfinite == "stop":
             # The first step whose loss or gradient is not finite. There is no `break` in the loop (autograph
             # would wrap the rest of the body in a cond each step): a chunk that went bad runs out, and its
             # steps from the bad one on are dropped, as is the run.
             done = tf.where(tf.reduce_all(finite), num_steps, tf.cast(tf.argmin(tf.cast(finite, tf.int32)), tf.int32))
-            bad_variable = self._first_nonfinite(per_variable[tf.minimum(done, num_steps - 1)])
-        return {**{k: v[:done] for k, v in result.items()}, "steps": done, "bad_variable": bad_variable}
+            at = tf.minimum(done, num_steps - 1)
+            bad_variable = self._first_nonfinite(per_variable[at])
+            if not layout.single:  # which optimizer's loss or gradient it was
+                slots_ok = tf.stack([ok[at] for ok in finite_by_slot])
+                bad_optimizer = tf.where(tf.reduce_all(slots_ok), -1, tf.cast(tf.argmin(tf.cast(slots_ok, tf.int32)),
+                                                                               tf.int32))  # fmt: skip
+        out = {**{k: v[:done] for k, v in result.items()}, "steps": done, "bad_variable": bad_variable}
+        return out if layout.single else {**out, "bad_optimizer": bad_optimizer}
 
     @staticmethod
     @_plain_graph
@@ -386,6 +396,12 @@ class StepLoop:
         bad = ~tf.math.is_finite(per_variable)
         first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
         return tf.where(tf.reduce_any(bad), first, -1)
+
+    def describe_nonfinite(self, out: dict[str, tf.Tensor]) -> str:
+        """`; first non-finite gradient: dense_0/kernel`, and with several optimizers which one went bad."""
+        optimizer, variable = int(out.get("bad_optimizer", -1)), int(out["bad_variable"])
+        where = f" of optimizer {self.layout.slots[optimizer].name!r}" if optimizer >= 0 else ""
+        return where + (f"; first non-finite gradient: {self.describe_variable(variable)}" if variable >= 0 else "")
 
     def describe_variable(self, index: int) -> str:
         """`dense_0/kernel`, or `dense_0/kernel (optimizer generator_optimizer)` when the step has several."""
@@ -462,7 +478,7 @@ def _compiled(method: Callable, **options) -> Callable:
 
 def _joined(parts: list[dict[str, tf.Tensor]]) -> dict[str, tf.Tensor]:
     """Several calls' outputs as one chunk's: per-step arrays end to end; `steps` summed."""
-    last = ("steps", "bad_variable", "exhausted", "stopped")
+    last = ("steps", "bad_variable", "bad_optimizer", "exhausted", "stopped")
     out = {k: tf.concat([p[k] for p in parts], 0) for k in parts[0] if k not in last}
     return {
         **out,

@@ -168,8 +168,9 @@ def _step_takes(cfg: DictConfig) -> set[str]:
         if group in takes and cfg.get(group) is None:
             raise TrainerError(f"step {target} takes a {group}: set {group}=... (e.g. {_EXAMPLE[group]})")
         if group not in takes and cfg.get(group) is not None:
-            raise TrainerError(f"step {target} takes no {group} (it builds its own or needs none): {group}="
-                               f"{cfg[group].get('_target_', '...')} would not be used; set {group}=null")  # fmt: skip
+            used = cfg[group].get("_target_", "...")
+            raise TrainerError(f"step {target} takes no {group} (it builds its own or needs none): {group}={used} "
+                               f"would not be used; leave it out with ~{group}")  # fmt: skip
     return takes
 
 

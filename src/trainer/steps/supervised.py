@@ -64,7 +64,7 @@ class SAM(Supervised):
         else:
             norm = tf.linalg.global_norm(grads)
             eps = [self.rho * g / (norm + 1e-12) for g in grads]
-        saved = [v.read_value() for v in variables]  # restored exactly, not by subtracting e again
+        saved = [tf.identity(v) for v in variables]  # restored exactly, not by subtracting e again
         for v, e in zip(variables, eps, strict=True):
             v.assign_add(tf.cast(e, v.dtype))
         _, sharp = ops.gradients(self.optimizer, self.objective, batch)
