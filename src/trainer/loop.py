@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from trainer.config import TrainerError
 from trainer.inputs import MAX_ROWS, MIN_EPOCH_FOR_CUTS, ArrayInput, StreamInput, epoch_order, reading
 from trainer.metrics import Metrics, eval_batch, metrics_over_arrays, metrics_over_dataset
 from trainer.steps import Layout, Ops, Step, StepError, Supervised, layout_of
@@ -96,9 +97,9 @@ class StepLoop:
         self.replicas = self.strategy.num_replicas_in_sync
         self.distributed = self.strategy is not default
         if self.distributed and (batch_size % self.replicas or accumulate_steps > 1 or on_nonfinite != "stop"):
-            raise ValueError(
-                f"with {self.replicas} replicas: batch_size must be a multiple of it, accumulate_steps 1 "
-                "and on_nonfinite stop"
+            raise TrainerError(
+                f"{self.replicas} replicas train in sync: trainer.batch_size={batch_size} must be a multiple of "
+                "that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
             )
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
         self.on_nonfinite, self.accumulate_steps = on_nonfinite, accumulate_steps
@@ -106,7 +107,8 @@ class StepLoop:
         inputs = x if isinstance(x, ArrayInput | StreamInput) else None
         self.input = inputs or ArrayInput(x, y, batch_size, seed, accumulate_steps=accumulate_steps)
         if self.input.streamed and accumulate_steps > 1:
-            raise ValueError("accumulate_steps > 1 needs data held in memory (data.in_memory=true)")
+            raise TrainerError(f"trainer.accumulate_steps={accumulate_steps} needs data held in memory: "
+                               "set data.in_memory=true (or trainer.batch_size larger instead)")  # fmt: skip
         self.n, self.steps_per_epoch = self.input.n, self.input.steps_per_epoch
         self.cut_at_epochs = self.input.cut_at_epochs
         with self.strategy.scope():

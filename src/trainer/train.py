@@ -121,12 +121,6 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
     """The step and what it takes of the model, loss and optimizer groups, under the strategy's scope (their
     variables are mirrored), then the loop around it."""
     t = cfg.trainer
-    replicas = strategy.num_replicas_in_sync
-    if replicas > 1 and (t.batch_size % replicas or t.accumulate_steps > 1 or t.on_nonfinite != "stop"):
-        raise TrainerError(
-            f"trainer.strategy={t.strategy} runs {replicas} replicas: trainer.batch_size={t.batch_size} must be a "
-            "multiple of that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
-        )
     takes = _step_takes(cfg)
     with strategy.scope():
         parts = {}
@@ -293,10 +287,7 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 def _build_loop(cfg: DictConfig, step: Step, data: Dataset, strategy: tf.distribute.Strategy | None = None) -> StepLoop:
     t, d = cfg.trainer, cfg.data
-    if data.streamed:
-        if t.accumulate_steps > 1:
-            raise TrainerError(f"trainer.accumulate_steps={t.accumulate_steps} needs data held in memory: "
-                               "set data.in_memory=true (or trainer.batch_size larger instead)")  # fmt: skip
+    if data.streamed:  # the distributed and accumulation rules are the loop's (StepLoop.__init__)
         inputs = StreamInput(data.train, t.batch_size, t.seed, d.get("shuffle", True), d.get("shuffle_buffer", 10000),
                              d.get("cache"), data.preprocess, strategy)  # fmt: skip
     else:
