@@ -250,3 +250,26 @@ def test_smooth_outside_its_range_is_one_line(store, tmp_path, capsys):
         assert compare.main([f"uri={store.uri}", f"out={tmp_path}", f"smooth={value}"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: smooth=") and message in err and "\n" not in err
+
+
+def test_names_and_overrides_from_the_store_cannot_drive_the_terminal(tmp_path, mlflow_template, capsys):
+    """A run name or overrides tag holding ESC sequences (set the title, clear the screen, hide text), a bidi
+    override or rich markup is printed as visible escapes, in every format; the CSV file keeps them escaped too."""
+    uri = new_store(tmp_path, mlflow_template)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("tape-trainer", artifact_location=str(tmp_path / "artifacts"))
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[8mhidden\u202e[red]x[/red]"
+    run_id = client.create_run(
+        exp_id, run_name=f"run{hostile}", tags={"overrides": f"optimizer.lr=1{hostile}"}
+    ).info.run_id
+    client.log_metric(run_id, "train/loss", 0.5, step=0)
+    client.log_metric(run_id, "val/loss", 0.4, step=1)
+    client.set_terminated(run_id)
+    for fmt in ("table", "markdown", "csv"):
+        assert compare.main([f"uri={uri}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 0
+        out, err = capsys.readouterr()
+        for text in (out, err):
+            assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, (fmt, text)
+        assert "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[8mhidden\\u202e" in out, (fmt, out)
+        if fmt == "table":
+            assert "[red]x[/red]" in out  # markup from the store is text, not a style

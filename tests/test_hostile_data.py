@@ -229,3 +229,33 @@ def test_evaluate_a_binary_run_on_a_file_of_one_class(tmp_path, mlflow_template)
     report = json.loads(proc.stdout)
     assert report["examples"] == 212 and report["split"] == "train"
     assert 0.0 <= report["loss"] < 1.0 and report["accuracy"] > 0.8  # malignant rows, scored against id 1
+
+
+def test_a_fifo_where_data_should_be_is_named_not_read(tmp_path):
+    """A named pipe blocks whoever opens it: inside an image folder, a TFRecord or Parquet glob it hung the loading
+    forever with no output, and as the CSV path it said "no such file". Each is one line naming the FIFO."""
+    import os
+    import signal
+
+    _digit_pngs(tmp_path / "digits", 20)
+    pipes = {name: tmp_path / name for name in ("rows.csv", "x.npy", "p/b.parquet", "t/b.tfrecord", "digits/0/z.png")}
+    for pipe in pipes.values():
+        pipe.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(pipe)
+    calls = {
+        "rows.csv": lambda: csv(str(pipes["rows.csv"]), "y", None, "drop", False),
+        "x.npy": lambda: numpy(str(pipes["x.npy"]), None, "x", "y", None),
+        "p/b.parquet": lambda: parquet(str(tmp_path / "p" / "*.parquet"), "y", None, "drop", False),
+        "t/b.tfrecord": lambda: tfrecord(
+            str(tmp_path / "t" / "*.tfrecord"), DIGIT_FEATURES, "image", "label", "auto", None
+        ),
+        "digits/0/z.png": lambda: image_folder(str(tmp_path / "digits"), None, "grayscale", None, None),
+    }
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the loading blocked on a FIFO"))
+    try:
+        for name, call in calls.items():
+            signal.alarm(20)
+            message = _one_line(call)
+            assert f"{pipes[name]} is a FIFO (named pipe), not a regular file" in message, message
+    finally:
+        signal.alarm(0)

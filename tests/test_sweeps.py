@@ -208,3 +208,20 @@ def test_a_failing_parallel_job_leaves_the_others_training(tmp_path, mlflow_temp
         assert run.info.status == "FINISHED"
         assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(steps))
     assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["sweep/failed_jobs"] == 1
+
+
+def test_a_job_whose_lr_finder_fails_is_a_failed_job_of_the_sweep(tmp_path, mlflow_template):
+    """optimizer.lr=auto whose range test fails (min_lr 100 diverges at once): before, every job's failure vanished:
+    exit 0, a FINISHED parent, sweep/jobs=0 and failed_jobs=0; with 1 of 2 failing, no FAILED child."""
+    new_store(tmp_path, mlflow_template)
+    proc = multirun(tmp_path, "model=mlp", "optimizer=sgd", "optimizer.lr=auto", "lr_finder.max_lr=1000",
+                    "lr_finder.steps=20", "lr_finder.min_lr=100,1e-4", returncode=0)  # fmt: skip
+    _, parents, children = runs(tmp_path)
+    jobs = [c for c in children if c.data.tags.get("lr_find") != "true"]
+    by_job = {c.data.tags["sweep_job"]: c for c in jobs}
+    assert set(by_job) == {"0", "1"}
+    assert by_job["0"].info.status == "FAILED" and by_job["0"].data.tags["error"].startswith("lr_find: ")
+    assert by_job["1"].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.metrics["sweep/jobs"] == 2 and parent.data.metrics["sweep/failed_jobs"] == 1
+    assert "sweep: 1 of 2 jobs failed (job 0)" in proc.stderr

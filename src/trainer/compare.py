@@ -97,7 +97,9 @@ def select_runs(
         runs = _search_all(client, exp_ids, f"tags.`mlflow.parentRunId` = '{parent_run.info.run_id}'")
         runs = [r for r in runs if r.data.tags.get(LR_FIND_TAG) != "true"]  # optimizer.lr=auto's finder runs
         if not runs:
-            raise TrainerError(f"sweep run {parent_run.info.run_id} ({parent_run.info.run_name}) has no child runs")
+            raise TrainerError(
+                f"sweep run {parent_run.info.run_id} ({shown(parent_run.info.run_name)}) has no child runs"
+            )
         return runs, parent_run
     runs = _search_all(client, exp_ids)
     runs = [r for r in runs if "true" not in (r.data.tags.get("sweep"), r.data.tags.get(LR_FIND_TAG))]
@@ -146,10 +148,10 @@ def _row(client: MlflowClient, run: Run, objective: str) -> Row:
     # One point (the end-of-run evaluation) says nothing about when the run was best; the training curve does.
     best = min(target if len(target) > 1 else loss, key=lambda p: p[1], default=None)
     return Row(
-        run_id=run_id,
-        name=run.info.run_name or run_id[:8],
-        overrides=run.data.tags.get("overrides", ""),
-        status=run.info.status,
+        run_id=shown(run_id),
+        name=shown(run.info.run_name or run_id[:8]),
+        overrides=shown(run.data.tags.get("overrides", "")),
+        status=shown(run.info.status),
         final_train_loss=loss[-1][1] if loss else None,
         objective_key=key,
         objective=_finite(target[-1][1]) if target else None,
@@ -237,15 +239,24 @@ def to_csv(rows: Sequence[Row], objective: str = PRIMARY) -> str:
 
 def print_table(rows: Sequence[Row], objective: str = PRIMARY) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     headers, cells, shared = _table(rows, objective)
-    caption = f"overrides shared by every run: {shared}" if shared else None
+    caption = Text(f"overrides shared by every run: {shared}") if shared else None  # Text: no markup from the store
     table = Table(title=f"{len(rows)} runs by {objective}", caption=caption, caption_justify="left")
     for i, header in enumerate(headers):
-        table.add_column(header, justify="right" if i >= 3 else "left", overflow="fold")
+        table.add_column(Text(header), justify="right" if i >= 3 else "left", overflow="fold")
     for c in cells:
-        table.add_row(*c)
+        table.add_row(*(Text(cell) for cell in c))
     cli.plain_console().print(table)
+
+
+def shown(text: str) -> str:
+    """`text` from the store, safe to print: control and format characters (ESC sequences that set the terminal's
+    title, clear the screen or hide text; bidi overrides) written out as escapes (`\\x1b`, `\\u202e`)."""
+    if text.isprintable():  # str.isprintable: False for every control, format and separator but the space
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
 
 
 # --- the plot ----------------------------------------------------------------------------------
@@ -358,7 +369,7 @@ def compare(opts: Options) -> None:
     _print(rows, opts.format, opts.objective)
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     if parent is not None:
-        tail = f"; best {best.info.run_name} ({best.info.run_id})" if best else ""
+        tail = f"; best {shown(best.info.run_name)} ({best.info.run_id})" if best else ""
         print(f"logged to sweep run {parent.info.run_id}{tail}", file=sys.stderr)
 
 

@@ -119,8 +119,10 @@ def record_failed_job(
         client = mlflow.MlflowClient(uri or None)
         experiment_id = client.get_run(run_id).info.experiment_id
         query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.sweep_job = '{job_num}'"
-        if client.search_runs([experiment_id], query):
+        found = client.search_runs([experiment_id], query)
+        if any(r.data.tags.get(LR_FIND_TAG) != "true" for r in found):
             return  # training had started: the run closed itself as FAILED with its error
+        # none, or only optimizer.lr=auto's range test (its own run, not the job's): the job's failure is recorded
         _, name = job_identity(sweep_dir, job_num, overrides)
         child_tags = {**tags, "overrides": " ".join(overrides), "error": first_line(error)[:5000]}
         run = client.create_run(experiment_id, run_name=name or None, tags=child_tags)

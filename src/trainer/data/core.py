@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,6 +160,25 @@ def check_values(
         f"{where} is {value:.3g}, beyond {MAX_ABS_VALUE:.3g} (its square overflows float32, so the loss or "
         "gradient norms would be inf); rescale the column"
     )
+
+
+def regular_files(paths: Sequence[str | Path], source: str) -> list[str]:
+    """`paths`, each a regular file; a FIFO, socket or device among them is one line naming it, before anything
+    opens it (a FIFO blocks its reader forever: the loading hung with no output). `os.stat` never blocks."""
+    import os
+    import stat
+
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISDIR: "a directory"}  # fmt: skip
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # missing: the caller's own "no such file" says so
+        kind = next((name for test, name in kinds.items() if test(mode)), None)
+        if kind is not None:
+            raise TrainerError(f"{source}: {path} is {kind}, not a regular file; point the setting at data files")
+    return [str(p) for p in paths]
 
 
 def check_numbers(x: np.ndarray, y: np.ndarray, where: str) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import COLOR_MODES, TFRECORD_COMPRESSION, TrainerError, check_augment, first_line
-from trainer.data.core import Examples, check_numbers
+from trainer.data.core import Examples, check_numbers, regular_files
 
 NUMPY_CHUNK_ROWS = 4096  # rows per slice of a memory-mapped array handed to the stream
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what image_dataset_from_directory reads
@@ -106,6 +106,8 @@ def _rows(a: np.ndarray, start: int, n: int) -> np.ndarray:
 
 
 def _npy(path: str | None, key: str) -> np.ndarray:
+    if path is not None:
+        regular_files([path], f"{key}={path!r}")
     if path is None or not Path(path).is_file():
         raise TrainerError(f"{key}={path!r}: no such file (working directory: {Path.cwd()})")
     try:
@@ -115,6 +117,7 @@ def _npy(path: str | None, key: str) -> np.ndarray:
 
 
 def _npz(path: str, source: str) -> Any:
+    regular_files([path], source)
     if not Path(path).is_file():
         raise TrainerError(f"{source}: no such file (working directory: {Path.cwd()})")
     try:
@@ -275,7 +278,7 @@ def _record_files(path: Any, source: str) -> list[str]:
             raise TrainerError(f"{source}: no file matches {pattern!r} (working directory: {Path.cwd()})")
         if Path(found[0]).is_dir():
             raise TrainerError(f"{source}: {found[0]} is a directory; name the files, e.g. '{found[0]}/*.tfrecord'")
-        files += found
+        files += regular_files(found, source)
     return files
 
 
@@ -454,7 +457,7 @@ def _class_files(root: Path, source: str) -> tuple[list[str], list[str], list[in
     for label, name in enumerate(classes):
         for folder, _, names in sorted(os.walk(root / name), key=lambda w: w[0]):
             found = [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_FORMATS)]
-            files += found
+            files += regular_files(found, source)
             labels += [label] * len(found)
     if not files:
         raise TrainerError(

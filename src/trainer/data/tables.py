@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from trainer.config import MISSING_CELLS, TrainerError
-from trainer.data.core import Examples, check_values
+from trainer.data.core import Examples, check_values, regular_files
 
 PARQUET_BATCH_ROWS = 65_536  # rows per streamed Parquet batch (a row group may hold millions)
 INDEX_NAMES = ("", "Unnamed: 0")  # a leading column with no name: the index pandas' to_csv() writes
@@ -323,6 +323,7 @@ def _csv_file(path: str) -> Path:
     if file.is_dir():
         found = ", ".join(sorted(p.name for p in file.glob("*.csv"))[:5]) or "none"
         raise TrainerError(f"data.path={path!r} is a directory; expected a CSV file (CSV files in it: {found})")
+    regular_files([path], f"data.path={path!r}")
     if not file.is_file():
         raise TrainerError(f"data.path={path!r}: no such file (working directory: {Path.cwd()})")
     return file
@@ -406,13 +407,14 @@ def _parquet_files(path: str, source: str) -> list[str]:
         files = sorted(glob.glob(path, recursive=True))
         if not files:
             raise TrainerError(f"{source}: no file matches the pattern (working directory: {Path.cwd()})")
-        return files
+        return regular_files(files, source)
     p = Path(path)
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*.parquet"))
         if not files:
             raise TrainerError(f"{source} is a directory without .parquet files; name a file, a folder or a glob")
-        return files
+        return regular_files(files, source)
+    regular_files([path], source)
     if not p.is_file():
         raise TrainerError(f"{source}: no such file (working directory: {Path.cwd()})")
     return [path]
