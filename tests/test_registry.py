@@ -226,3 +226,29 @@ def test_mlflow_models_serve_answers_as_the_model_does_in_process(tmp_path, mlfl
     assert list(served.columns) == [*CLASSES["multiclass"], "label"]
     assert list(served["label"]) == list(expected["label"])
     np.testing.assert_allclose(served[CLASSES["multiclass"]], expected[CLASSES["multiclass"]], rtol=1e-6)
+
+
+def test_a_version_whose_source_is_not_its_runs_own_model_is_refused(store, capsys):
+    """`create_model_version` takes any source: a version naming run reg_a but pointing at reg_b's model (or any
+    directory) was evaluated under reg_a's name and config (loss 2.68 where reg_a's model gives 0.067)."""
+    client, run_a, run_b = store.client, store.runs["reg_a"], store.runs["reg_b"]
+    theirs = mlflow.models.get_model_info("models:/tiny/2").model_uri  # reg_b's logged model: models:/m-...
+    b_model = client.get_logged_model(theirs.removeprefix("models:/"))
+    by_id = client.create_model_version("tiny", source=theirs, run_id=run_a)
+    by_path = client.create_model_version("tiny", source=b_model.artifact_location, run_id=run_a)
+    elsewhere = client.create_model_version("tiny", source=str(store.tmp / "elsewhere"), run_id=run_a)
+    expected = {
+        by_id.version: f"its logged model {b_model.model_id} belongs to run {run_b}, not run {run_a}'s own",
+        by_path.version: f"its source {b_model.artifact_location} is outside the run's artifacts",
+        elsewhere.version: f"its source {store.tmp / 'elsewhere'} is outside the run's artifacts",
+    }
+    try:
+        for version, reason in expected.items():
+            assert ev.main([f"uri={store.uri}", f"model=models:/tiny/{version}"]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: model=models:/tiny/{version}: ") and reason in err, err
+            assert err.count("\n") == 1
+        assert ev.evaluate(model="models:/tiny/1", uri=store.uri)["run_id"] == run_a  # its own: still evaluated
+    finally:
+        for version in expected:
+            client.delete_model_version("tiny", version)

@@ -250,7 +250,25 @@ def registered_version(client: MlflowClient, model: str) -> tuple[str, tuple[str
         raise TrainerError(f"model={model}: the version names no source run, so there is no config to evaluate on")
     model_id = mv.model_id or (mv.source.removeprefix("models:/") if mv.source.startswith("models:/m-") else None)
     location = client.get_logged_model(model_id).artifact_location if model_id else mv.source  # MLflow 3: an id
+    _check_own_source(client, model, mv.run_id, model_id, location)
     return mv.run_id, (model, location)
+
+
+def _check_own_source(client: MlflowClient, model: str, run_id: str, model_id: str | None, location: str) -> None:
+    """A version is evaluated on its run's config and data, so its files must be that run's own: a logged model
+    of the run (MLflow 3), or a place under the run's artifacts. A version whose source points anywhere else
+    (another run's model, any directory: `create_model_version` takes any path) was loaded under the run's name."""
+    if model_id:
+        owner = client.get_logged_model(model_id).source_run_id
+        if owner == run_id:
+            return
+        why = f"its logged model {model_id} belongs to run {owner}"
+    else:
+        root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+        if location.startswith((f"{root}/", f"runs:/{run_id}/")):
+            return
+        why = f"its source {location} is outside the run's artifacts ({root})"
+    raise TrainerError(f"model={model}: {why}, not run {run_id}'s own; evaluate takes only a run's own model")
 
 
 def _import_module_of(target: str) -> None:
