@@ -223,7 +223,43 @@ def find(target: str, tracking_uri: str | None = None) -> Resume:
             f"resume={target!r}: the run's checkpoint_dir tag names {directory}, whose {RUN_FILE} is run {run_id} "
             f"in {uri}, not this run in {store}: refusing a directory the run did not write"
         )
+    check_store_holds(uri, run_id, f"resume={target!r}")
     return Resume(directory, run_id, uri, OmegaConf.create(config))
+
+
+def check_store_holds(uri: str, run_id: str, source: str) -> None:
+    """The run's store exists and holds the run, checked before anything opens it with MLflow: MLflow creates a
+    missing SQLite file (and writes its tables into any SQLite database) on open, so one resume against a store
+    that had been moved away made an empty store there and rewound durable.json to step 0, and every later
+    resume failed although the checkpoints were on disk. SQLite is read here read-only, with sqlite3 itself."""
+    if not uri.startswith("sqlite:///"):
+        import mlflow
+
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except Exception as e:
+            raise TrainerError(f"{source}: the run's store {uri} does not hold run {run_id} or cannot be reached "
+                               f"({first_line(e)[:200]}); nothing was changed") from None  # fmt: skip
+        return
+    import sqlite3
+
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    if not path or path == ":memory:" or not Path(path).is_file():
+        raise TrainerError(f"{source}: the run's store {uri} does not exist (run {run_id} is in it); put the store "
+                           "back where it was, and resume again: nothing was changed")  # fmt: skip
+    try:
+        with sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            query = "SELECT 1 FROM runs WHERE run_uuid = ?"
+            found = db.execute(query, (run_id,)).fetchone() if "runs" in tables else None
+    except sqlite3.Error as e:
+        raise TrainerError(f"{source}: the run's store {uri} cannot be read ({e}); nothing was changed") from None
+    if not {"runs", "metrics", "experiments"} <= tables:
+        raise TrainerError(f"{source}: {uri} is not an MLflow store (no runs, metrics and experiments tables); "
+                           "refusing to write into it")  # fmt: skip
+    if found is None:
+        raise TrainerError(f"{source}: the store {uri} holds no run {run_id}; resume with the store that does "
+                           "(nothing was changed)")  # fmt: skip
 
 
 def _checkpoint_dir(target: str, tracking_uri: str | None) -> tuple[Path, str | None]:

@@ -1,0 +1,76 @@
+"""Promises under fire, round two (issue 24): stores that vanish, tampered run data, files that lie."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import compose_config, new_store
+from trainer.config import TrainerError
+from trainer.train import train
+
+RUN = ["trainer.progress=false", "data.n_samples=256", "trainer.checkpoint_every=10", "tracking.log_model=false",
+       "tracking.log_plots=false"]  # fmt: skip
+
+
+def resume(target: Path, uri: str, steps: int) -> float:
+    overrides = [f"resume={target}", f"trainer.max_steps={steps}"]
+    return train(compose_config([f"tracking.uri={uri}", *RUN, *overrides]), overrides=overrides)
+
+
+def test_a_resume_against_a_missing_store_changes_nothing_and_the_run_resumes_once_it_is_back(
+    tmp_path, mlflow_template
+):
+    """Before: the resume made an empty store at the run's tracking_uri and rewrote durable.json to step 0, and
+    every later resume failed with `no checkpoint ... to continue from` though the checkpoints were on disk."""
+    uri = new_store(tmp_path, mlflow_template)
+    train(compose_config([f"tracking.uri={uri}", *RUN, "trainer.max_steps=40"]), output_dir=tmp_path / "run")
+    durable = tmp_path / "run" / "checkpoints" / "durable.json"
+    before = durable.read_text()
+    shutil.move(tmp_path / "mlflow.db", tmp_path / "moved.db")
+    with pytest.raises(TrainerError) as caught:
+        resume(tmp_path / "run", uri, 60)
+    message = str(caught.value)
+    assert f"the run's store {uri} does not exist" in message and "nothing was changed" in message
+    assert not (tmp_path / "mlflow.db").exists()  # no empty store made in its place
+    assert durable.read_text() == before  # the durability record not rewound
+    shutil.move(tmp_path / "moved.db", tmp_path / "mlflow.db")
+    resume(tmp_path / "run", uri, 60)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(60))
+
+
+def test_a_run_file_pointing_at_another_programs_sqlite_file_is_refused_untouched(tmp_path, mlflow_template):
+    """Before: MLflow's tables were written into any SQLite file a tampered run.json named, or a new database
+    was created at any path."""
+    uri = new_store(tmp_path, mlflow_template)
+    train(compose_config([f"tracking.uri={uri}", *RUN, "trainer.max_steps=20"]), output_dir=tmp_path / "run")
+    foreign = tmp_path / "notes.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+        db.execute("INSERT INTO notes VALUES ('mine')")
+    before = foreign.read_bytes()
+    record_file = tmp_path / "run" / "checkpoints" / "run.json"
+    record = json.loads(record_file.read_text())
+    for target, expected in (
+        (foreign, "is not an MLflow store (no runs, metrics and experiments tables); refusing to write into it"),
+        (tmp_path / "nowhere" / "new.db", "does not exist"),
+    ):
+        record["tracking_uri"] = f"sqlite:///{target}"
+        record_file.write_text(json.dumps(record))
+        with pytest.raises(TrainerError, match="resume=") as caught:
+            resume(tmp_path / "run", uri, 30)
+        assert expected in str(caught.value)
+    assert foreign.read_bytes() == before and not (tmp_path / "nowhere").exists()
+    record["tracking_uri"] = uri
+    record["run_id"] = "0" * 32
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(TrainerError, match=f"the store {uri} holds no run {'0' * 32}"):
+        resume(tmp_path / "run", uri, 30)
