@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -74,3 +75,31 @@ def test_a_run_file_pointing_at_another_programs_sqlite_file_is_refused_untouche
     record_file.write_text(json.dumps(record))
     with pytest.raises(TrainerError, match=f"the store {uri} holds no run {'0' * 32}"):
         resume(tmp_path / "run", uri, 30)
+
+
+def test_a_resume_on_changed_data_is_refused_unless_accepted_and_then_logged(tmp_path, mlflow_template):
+    """Before: x.npy replaced by x*2 between a stop and the resume trained on silently (exit 0, FINISHED, another
+    result), the store still showing the old digest."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    np.save(tmp_path / "y.npy", (y / y.std()).astype(np.float32)[:, None])
+    uri = new_store(tmp_path, mlflow_template)
+    data = ["data=numpy", f"data.path={tmp_path / 'x.npy'}", f"data.y={tmp_path / 'y.npy'}", "data.in_memory=false"]
+    first = [f"tracking.uri={uri}", *RUN, *data, "trainer.batch_size=32", "trainer.max_steps=30"]
+    train(compose_config(first), output_dir=tmp_path / "run")
+    np.save(tmp_path / "x.npy", (2 * x).astype(np.float32))
+    with pytest.raises(TrainerError) as caught:
+        resume(tmp_path / "run", uri, 50)
+    assert "resume: the data is not what run " in str(caught.value)
+    assert "resume with accept_changed_data=true" in str(caught.value)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == 29  # nothing trained
+    overrides = [f"resume={tmp_path / 'run'}", "trainer.max_steps=50", "accept_changed_data=true"]
+    train(compose_config([f"tracking.uri={uri}", *RUN, *overrides]), overrides=overrides)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["data_changed_at_step"] == "30"
+    training = {d.dataset.digest for d in run.inputs.dataset_inputs if d.tags[0].value == "training"}
+    assert len(training) == 2  # the data it began on, and the data it ended on

@@ -674,6 +674,7 @@ class Config:
     # `_target_`s a resumed run's run.json may build beyond the built-ins and what your own config names:
     # exact names or patterns (my_models.*). Run data is never trusted by itself (see trusted_config).
     trusted_targets: list[str] = MISSING
+    accept_changed_data: bool = MISSING  # resume: train on though the data's digest changed (a new dataset input)
     verbose: bool = MISSING  # the libraries' start-up lines as they print them (trainer/startup.py)
     lr_find: bool = MISSING  # run the LR range test instead of training (trainer/lr_find.py)
     lr_finder: LRFinder = MISSING
@@ -861,6 +862,7 @@ def _import_error(target: str) -> str | None:
 
 # --- run data: what a resumed or evaluated run may build --------------------------------------
 TRUST_KEY = "trusted_targets"
+ACCEPT_KEY = "accept_changed_data"  # resume: the user's own say that changed data may be trained on
 
 
 def conf_dir() -> Path:

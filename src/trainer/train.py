@@ -21,6 +21,7 @@ from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpoints, NoCheckpoint
 from trainer.cli import notice_console
 from trainer.config import (
+    ACCEPT_KEY,
     OPTIONAL_GROUPS,
     TRUST_KEY,
     TrainerError,
@@ -62,12 +63,12 @@ def train(
     `schedule`: the learning rate's, in place of optimizer.lr and cfg.schedule (the LR finder's ramp).
     lr_find=true runs only the LR range test and returns its suggestion; optimizer.lr=auto runs it first."""
     resume = checkpoint.find(cfg.resume, cfg.tracking.uri) if cfg.get("resume") else None
+    accept_changed = bool(cfg.get(ACCEPT_KEY))  # the user's own say, never the run's (a resume's own config)
     if resume:
         cfg = _resumed_config(resume, overrides, cfg)
     check(cfg)
-    if (
-        cfg.get("lr_find") or (cfg.get("optimizer") or {}).get("lr") == "auto"
-    ):  # the range test: its own run (trainer/lr_find.py)
+    auto = (cfg.get("optimizer") or {}).get("lr") == "auto"
+    if cfg.get("lr_find") or auto:  # the range test: its own run (trainer/lr_find.py)
         from trainer import lr_find
 
         if cfg.get("lr_find"):
@@ -81,6 +82,7 @@ def train(
     keras.backend.clear_session()  # fresh layer-name counters: the same names in every run of a sweep
     keras.utils.set_random_seed(t.seed)
     data: Dataset = load_data(cfg.data)
+    data_changed = _data_changed(resume, cfg.data, data, accept_changed) if resume else False
     total_steps = _total_steps(t, data)
     check_profile(t.get("profile"), total_steps)
     output_dir = Path(output_dir or ".")
@@ -98,6 +100,9 @@ def train(
                 if resume:
                     checkpoints.rewind(start)  # first: a kill from here on resumes from `start` again
                     run.resume_at(start, finished=start >= total_steps)
+                    if data_changed and chief:  # accepted: the data it trains on from here, as a dataset input
+                        log_data(run, cfg.data, data)
+                        run.set_tag("data_changed_at_step", str(start))
                 else:
                     if chief:
                         checkpoints.write_run_file(run.run_id, run.uri, cfg)
@@ -198,6 +203,37 @@ def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume, cfg: DictConfi
     return start
 
 
+def _data_changed(resume: checkpoint.Resume, node: DictConfig, data: Dataset, accept: bool) -> bool:
+    """Whether a resumed run's data differs from what it trained on: its training split's digest (files' size,
+    mtime and ends, and the settings that pick the split; tracking/lineage.py) against those logged on the run.
+    Different: refused unless `accept` (the run then logs the new data as a dataset input). A streamed x.npy
+    replaced by x*2 between a kill and the resume trained on silently, the store still showing the old digest."""
+    import mlflow
+
+    from trainer.tracking.lineage import data_inputs
+
+    now = next(d.dataset.digest for d in data_inputs(node, data) if _context(d) == "training")
+    run = mlflow.MlflowClient(resume.tracking_uri).get_run(resume.run_id)
+    logged = [d.dataset.digest for d in (run.inputs.dataset_inputs if run.inputs else []) if _context(d) == "training"]
+    if not logged or now in logged:  # a run from before dataset inputs has nothing to compare with
+        return False
+    if accept:
+        console.print(
+            f"[yellow]resume: the data differs from what run {resume.run_id} trained on (digest {now}, "
+            f"was {logged[-1]}); training on with it ({ACCEPT_KEY}=true), logged as a new dataset input"
+        )
+        return True
+    raise TrainerError(
+        f"resume: the data is not what run {resume.run_id} trained on (training split digest {now} now, "
+        f"{', '.join(logged)} logged: data.path's files or the data settings changed); put the data back, or resume "
+        f"with {ACCEPT_KEY}=true to train on with it (logged on the run as a new dataset input)"
+    )
+
+
+def _context(dataset_input) -> str:
+    return next((t.value for t in dataset_input.tags if t.key == "mlflow.data.context"), "")
+
+
 def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: DictConfig) -> DictConfig:
     """The run's own config, so the resumed run is the same run; only its length may be changed.
 
@@ -209,7 +245,7 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
         key, _, value = override.partition("=")
         if key in ("trainer.max_steps", "trainer.epochs"):
             OmegaConf.update(resume.config, key, yaml.safe_load(value))
-        elif key not in ("resume", TRUST_KEY):
+        elif key not in ("resume", TRUST_KEY, ACCEPT_KEY):
             ignored.append(override)
     if ignored:
         console.print(f"[yellow]resume: the run's own config is used; ignoring {' '.join(ignored)}")
@@ -217,6 +253,7 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
     cfg = trusted_config(stored, named_targets(own), f"resume: {resume.directory / checkpoint.RUN_FILE}")
     OmegaConf.update(cfg, "tracking.uri", resume.tracking_uri, merge=True)
     cfg[TRUST_KEY] = list(own.get(TRUST_KEY) or ())
+    cfg[ACCEPT_KEY] = bool(own.get(ACCEPT_KEY))
     return cfg
 
 
