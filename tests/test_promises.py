@@ -103,3 +103,55 @@ def test_a_resume_on_changed_data_is_refused_unless_accepted_and_then_logged(tmp
     assert run.info.status == "FINISHED" and run.data.tags["data_changed_at_step"] == "30"
     training = {d.dataset.digest for d in run.inputs.dataset_inputs if d.tags[0].value == "training"}
     assert len(training) == 2  # the data it began on, and the data it ended on
+
+
+def test_redact_masks_every_uris_password_and_stored_drops_it():
+    from trainer.secrets import redact, stored, with_credentials
+
+    pg, web = "postgresql://mlflow:s3cret@127.0.0.1:55432/m1", "http://alice:pa55w0rd@mlflow.example:5000"
+    line = f"tracking.uri={pg} and tracking.uri='{web}'"
+    assert redact(line) == (
+        "tracking.uri=postgresql://mlflow:***@127.0.0.1:55432/m1 and tracking.uri='http://alice:***@mlflow.example:5000'"
+    )
+    assert redact("sqlite:////tmp/a@b/mlflow.db user@example.com") == "sqlite:////tmp/a@b/mlflow.db user@example.com"
+    assert stored(pg) == "postgresql://mlflow@127.0.0.1:55432/m1"  # libpq takes PGPASSWORD or ~/.pgpass for it
+    assert stored(web) == "http://mlflow.example:5000"  # MLflow sends MLFLOW_TRACKING_USERNAME/PASSWORD
+    assert with_credentials(stored(pg), pg) == pg  # the user's own URI, when it names the run's store
+    assert with_credentials(stored(pg), "postgresql://mlflow:x@elsewhere/m1") == stored(pg)
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_are_never_recorded_or_printed(tmp_path):
+    """A real `mlflow server`; the trainer connects with http://alice:s3cret@...: the password is in no byte of the
+    server's store or artifacts, the output directory (run.json, Hydra's .hydra copies) or the console, and a
+    resume given the URI on its own command line goes on."""
+    import subprocess
+    import sys
+
+    from test_remote import ENV, Server, free_port
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "work").mkdir()
+    server = Server(tmp_path / "server", free_port())
+    server.start()
+    try:
+        uri = f"http://alice:s3cret@127.0.0.1:{server.port}"
+        console = ""
+        for args in (["trainer.max_steps=20", "trainer.checkpoint_every=10", "hydra.run.dir=run"],
+                     ["resume=run", "trainer.max_steps=30"]):  # fmt: skip
+            proc = subprocess.run([sys.executable, "-m", "trainer", f"tracking.uri={uri}", "trainer.progress=false",
+                                   "data.n_samples=256", *args], cwd=tmp_path / "work", env=ENV, capture_output=True,
+                                  text=True, timeout=300)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            console += proc.stdout + proc.stderr
+        assert "s3cret" not in console and "alice:***@" in console
+        record = json.loads((tmp_path / "work" / "run" / "checkpoints" / "run.json").read_text())
+        assert record["tracking_uri"] == f"http://127.0.0.1:{server.port}"
+        client = MlflowClient(f"http://127.0.0.1:{server.port}")
+        [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["tracking.uri"] == uri.replace("s3cret", "***")
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 30
+    finally:
+        server.stop()
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+    assert leaks == []

@@ -121,6 +121,9 @@ def _train_main(cfg: DictConfig) -> float | FailedJob:
 
 
 def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
+    from trainer.secrets import scrub_files
+
+    scrub_files(Path(hc.runtime.output_dir) / hc.output_subdir) if hc.output_subdir else None  # Hydra's copies
     check(cfg)  # range errors too fail before TensorFlow is imported
     startup.before_training(cfg)  # quiet libraries, the store opened, TensorFlow imported (its chatter dropped)
 

@@ -20,6 +20,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import TrainerError, first_line
+from trainer.secrets import redact_tree, stored, with_credentials
 
 RUN_FILE = "run.json"
 DURABLE_FILE = "durable.json"  # the newest step whose metric history the store holds completely
@@ -189,8 +190,8 @@ class Checkpoints:
 
     def write_run_file(self, run_id: str, tracking_uri: str, cfg: DictConfig) -> None:
         self.mark_durable(0)  # nothing logged yet, nothing missing: the record exists from the start
-        record = {"run_id": run_id, "tracking_uri": tracking_uri, "config": OmegaConf.to_container(cfg),
-                  DURABLE_KEY: True}  # fmt: skip
+        config = redact_tree(OmegaConf.to_container(cfg))  # no password in run data (trainer/secrets.py)
+        record = {"run_id": run_id, "tracking_uri": stored(tracking_uri), "config": config, DURABLE_KEY: True}
         (self.directory / RUN_FILE).write_text(json.dumps(record, indent=1))
 
 
@@ -218,7 +219,8 @@ def find(target: str, tracking_uri: str | None = None) -> Resume:
     run_id, uri, config = record["run_id"], record["tracking_uri"], record["config"]
     if not (isinstance(run_id, str) and isinstance(uri, str) and "${" not in uri and isinstance(config, dict)):
         raise TrainerError(f"resume={target!r}: {directory / RUN_FILE} is malformed (not written by this trainer)")
-    if store is not None and (run_id != target or _store(uri) != _store(store)):
+    uri = with_credentials(uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))  # the user's, not the run's
+    if store is not None and (run_id != target or _store(stored(uri)) != _store(stored(store))):
         raise TrainerError(
             f"resume={target!r}: the run's checkpoint_dir tag names {directory}, whose {RUN_FILE} is run {run_id} "
             f"in {uri}, not this run in {store}: refusing a directory the run did not write"

@@ -61,7 +61,9 @@ def notice_console() -> Any:
 
 def print_error(error: BaseException | str) -> int:
     """The one way a user error reaches the user: `error: <one line>` on stderr; returns the exit status, 1."""
-    print(f"error: {error if isinstance(error, str) else first_line(error)}", file=sys.stderr)
+    from trainer.secrets import redact
+
+    print(f"error: {redact(error if isinstance(error, str) else first_line(error))}", file=sys.stderr)
     return 1
 
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import lifecycle
 from trainer.lr_find import TAG as LR_FIND_TAG
+from trainer.secrets import redact, redact_tree
 from trainer.tracking import flatten, ui
 
 PARENT_FILE = ".mlflow_sweep.json"
@@ -124,7 +125,7 @@ def record_failed_job(
             return  # training had started: the run closed itself as FAILED with its error
         # none, or only optimizer.lr=auto's range test (its own run, not the job's): the job's failure is recorded
         _, name = job_identity(sweep_dir, job_num, overrides)
-        child_tags = {**tags, "overrides": " ".join(overrides), "error": first_line(error)[:5000]}
+        child_tags = redact_tree({**tags, "overrides": " ".join(overrides), "error": first_line(error)[:5000]})
         run = client.create_run(experiment_id, run_name=name or None, tags=child_tags)
         client.set_terminated(run.info.run_id, "FAILED")
     except Exception as e:  # the job's own error was printed; this only costs the sweep's count of it
@@ -166,9 +167,9 @@ class SweepCallback(Callback):
         overrides = list(config.hydra.overrides.task)
         tags = {"sweep": "true", "overrides": " ".join(overrides), "sweeper": str(sweeper.get("_target_", "")),
                 **lifecycle.process_tags()}  # a multirun killed -9 is closed by the next trainer run  # fmt: skip
-        run = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+        run = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags=redact_tree(tags))
         params = {f"sweep.{k}": v for k, v in flatten(sweeper.get("params") or {}).items()}
-        params["sweep.overrides"] = " ".join(overrides)[:6000]
+        params["sweep.overrides"] = redact(" ".join(overrides))[:6000]
         for key, value in params.items():
             client.log_param(run.info.run_id, key, value)
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import lifecycle
 from trainer.config import TrainerError, first_line
 from trainer.lifecycle import retry_busy
+from trainer.secrets import redact, redact_tree
 from trainer.store import index_for_charts
 from trainer.tracking import curves, ui
 from trainer.tracking.connect import open_error, probe
@@ -96,7 +97,7 @@ class Run:
                 run = retry_busy(mlflow.start_run, run_id=self.run_id, tags=self.tags)
             else:
                 retry_busy(mlflow.set_experiment, t.experiment)
-                tags = {"overrides": " ".join(self.overrides), **code_tags(), **self.tags}
+                tags = redact_tree({"overrides": " ".join(self.overrides), **code_tags(), **self.tags})
                 run = retry_busy(mlflow.start_run, run_name=self._name(), tags=tags)
         except Exception as e:
             raise TrainerError(open_error(self.uri, t.experiment, e)) from e
@@ -110,9 +111,11 @@ class Run:
         with contextlib.suppress(Exception):  # the UI opens the experiment on its runs (tracking/ui.py)
             retry_busy(ui.mark_training, self.client, self.experiment_id)
         if not self.resumed:
-            retry_busy(mlflow.log_params, flatten(OmegaConf.to_container(self.cfg, resolve=True)))
-            retry_busy(mlflow.log_text, OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
-            retry_busy(mlflow.log_text, OmegaConf.to_yaml(OmegaConf.create(self.overrides)), "overrides.yaml")
+            plain = redact_tree(OmegaConf.to_container(self.cfg, resolve=True))  # no password is recorded
+            retry_busy(mlflow.log_params, flatten(plain))
+            retry_busy(mlflow.log_text, OmegaConf.to_yaml(OmegaConf.create(plain)), "config.yaml")
+            retry_busy(mlflow.log_text, OmegaConf.to_yaml(OmegaConf.create(redact_tree(self.overrides))),
+                       "overrides.yaml")  # fmt: skip
         thinning = {k: t.get(k) for k in ("per_variable_every", "per_variable_after") if t.get(k) is not None}
         self.sink = MetricSink(self.client, self.run_id, t.log_every, t.queue_chunks, **thinning)  # absent: a
         # run resumed from a config written before these keys logs on as it began, every step
@@ -186,7 +189,7 @@ class Run:
         else:  # an error, or points the store never took: a run with a hole in its history is not finished
             status = RunStatus.FAILED
             with contextlib.suppress(Exception):
-                retry_busy(mlflow.set_tag, "error", (first_line(exc) if exc else self._lost_message(lost))[:5000])
+                retry_busy(mlflow.set_tag, "error", redact(first_line(exc) if exc else self._lost_message(lost))[:5000])
         name = RunStatus.to_string(status)
         try:
             retry_busy(self.client.set_terminated, self.run_id, name)
@@ -275,7 +278,7 @@ class Run:
     @property
     def where(self) -> str:
         """A line telling the user where to look at this run: the address of its page (ui.run_link)."""
-        return ui.run_link(self.uri, self.experiment_id, self.run_id)
+        return redact(ui.run_link(self.uri, self.experiment_id, self.run_id))
 
 
 def _node_id() -> str | None:
