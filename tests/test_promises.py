@@ -155,3 +155,35 @@ def test_credentials_in_the_tracking_uri_are_never_recorded_or_printed(tmp_path)
         server.stop()
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
     assert leaks == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"tracking": {"register_model": "${oc.env:SECRET_TOKEN}"}},
+         "tracking.register_model=${oc.env:SECRET_TOKEN} reads this machine's environment"),
+        ({"data": {"cache": "ELSEWHERE"}}, "data.cache=ELSEWHERE is outside the run's directory"),
+    ],
+    ids=["env", "cache"],
+)  # fmt: skip
+def test_a_tampered_run_file_is_data_not_resolved_from_the_environment_nor_writing_elsewhere(
+    tmp_path, mlflow_template, monkeypatch, edit, message
+):
+    """Before: `${oc.env:SECRET_TOKEN}` put the secret into the store as a registered model's name, and a
+    `data.cache` elsewhere wrote 9.6 MB outside the run's directory."""
+    monkeypatch.setenv("SECRET_TOKEN", "t0ps3cret")
+    uri = new_store(tmp_path, mlflow_template)
+    train(compose_config([f"tracking.uri={uri}", *RUN, "trainer.max_steps=20"]), output_dir=tmp_path / "run")
+    record_file = tmp_path / "run" / "checkpoints" / "run.json"
+    record = json.loads(record_file.read_text())
+    elsewhere = tmp_path / "elsewhere" / "cache"
+    for group, values in edit.items():
+        record["config"][group].update({k: str(elsewhere) if v == "ELSEWHERE" else v for k, v in values.items()})
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(TrainerError) as caught:
+        resume(tmp_path / "run", uri, 30)
+    assert message.replace("ELSEWHERE", str(elsewhere)) in str(caught.value)
+    assert not (tmp_path / "elsewhere").exists()
+    client = MlflowClient(uri)
+    assert client.search_registered_models() == []
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"t0ps3cret" in p.read_bytes()]

@@ -973,6 +973,12 @@ def trusted_config(
     """
     from omegaconf.errors import OmegaConfBaseException
 
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    reads = next(((k, v) for k, v in _strings(raw if keys is None else {k: raw.get(k) for k in keys})
+                  if "${" in v and "oc.env" in v), None)  # fmt: skip
+    if reads is not None:
+        raise TrainerError(f"{source}: {reads[0]}={reads[1]} reads this machine's environment; run data is data and "
+                           "is not resolved from it: set the value yourself")  # fmt: skip
     try:
         plain = OmegaConf.to_container(cfg, resolve=True) if keys is None else {k: _plain(cfg, k) for k in keys}
     except OmegaConfBaseException as e:
@@ -1026,6 +1032,16 @@ def _plain(cfg: DictConfig, key: str) -> Any:
 def is_trusted(target: str, patterns: Iterable[str]) -> bool:
     """Built in, or matched by one of `patterns` (exact names, or fnmatch patterns such as my_models.*)."""
     return target in builtin_targets() or any(fnmatch.fnmatchcase(target, p) for p in patterns)
+
+
+def _strings(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(key, value) for every string of a plain container, at any depth."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(value, str):
+            yield where, value
+        yield from _strings(value, where)
 
 
 def _interpolations(tree: Any, path: str = "") -> Iterator[str]:

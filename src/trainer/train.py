@@ -203,6 +203,20 @@ def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume, cfg: DictConfi
     return start
 
 
+def _check_written_paths(cfg: DictConfig, own: DictConfig, resume: checkpoint.Resume) -> None:
+    """A resumed config writes only where the run itself does, or where the user's own config says: its tf.data
+    cache file (data.cache) lies under the run's directory or is the user's own value. A tampered run.json's
+    `data.cache=<elsewhere>` wrote 9.6 MB outside it."""
+    cache = cfg.data.get("cache")
+    if cache in (None, "memory") or cache == (own.get("data") or {}).get("cache"):
+        return
+    home = resume.directory.parent.resolve()
+    if not Path(cache).resolve().is_relative_to(home):
+        where = resume.directory / checkpoint.RUN_FILE
+        raise TrainerError(f"resume: {where}: data.cache={cache} is outside the run's directory {home}; a resume "
+                           "writes only there, or where your own data.cache=... says")  # fmt: skip
+
+
 def _data_changed(resume: checkpoint.Resume, node: DictConfig, data: Dataset, accept: bool) -> bool:
     """Whether a resumed run's data differs from what it trained on: its training split's digest (files' size,
     mtime and ends, and the settings that pick the split; tracking/lineage.py) against those logged on the run.
@@ -245,13 +259,16 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
         key, _, value = override.partition("=")
         if key in ("trainer.max_steps", "trainer.epochs"):
             OmegaConf.update(resume.config, key, yaml.safe_load(value))
-        elif key not in ("resume", TRUST_KEY, ACCEPT_KEY):
+        elif key not in ("resume", TRUST_KEY, ACCEPT_KEY, "data.cache"):  # data.cache: _check_written_paths
             ignored.append(override)
     if ignored:
         console.print(f"[yellow]resume: the run's own config is used; ignoring {' '.join(ignored)}")
+    for unused in ("launcher", "hparams_search", "experiment"):  # how it was launched: a resume does not use them
+        resume.config.pop(unused, None)
     stored = with_current_defaults(resume.config)  # keys its run.json predates
     cfg = trusted_config(stored, named_targets(own), f"resume: {resume.directory / checkpoint.RUN_FILE}")
     OmegaConf.update(cfg, "tracking.uri", resume.tracking_uri, merge=True)
+    _check_written_paths(cfg, own, resume)
     cfg[TRUST_KEY] = list(own.get(TRUST_KEY) or ())
     cfg[ACCEPT_KEY] = bool(own.get(ACCEPT_KEY))
     return cfg
