@@ -187,3 +187,25 @@ def test_a_tampered_run_file_is_data_not_resolved_from_the_environment_nor_writi
     client = MlflowClient(uri)
     assert client.search_registered_models() == []
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"t0ps3cret" in p.read_bytes()]
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_in_seconds_without_its_password(tmp_path):
+    """Before: port 1 was still silent at 120 s, a wrong password was reported after 207 s, and that line printed
+    the password."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "trainer", "tracking.uri=postgresql://mlflow:s3cret@127.0.0.1:1/m1",
+                           "trainer.max_steps=5"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 1 and elapsed < 30, (elapsed, proc.stderr[-2000:])
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(
+        "error: tracking.uri='postgresql://mlflow:***@127.0.0.1:1/m1': the database cannot be opened"
+    )
+    assert "s3cret" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
