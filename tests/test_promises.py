@@ -209,3 +209,27 @@ def test_a_database_that_cannot_be_opened_is_one_line_in_seconds_without_its_pas
         "error: tracking.uri='postgresql://mlflow:***@127.0.0.1:1/m1': the database cannot be opened"
     )
     assert "s3cret" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bad_cell_in_a_glob_of_shards_names_the_shard_and_its_own_row(tmp_path):
+    """Before: a NaN in shard 6 was reported as `row 54153`, counted across the files."""
+    import pandas as pd
+    from sklearn.datasets import load_breast_cancer
+
+    from trainer.data import parquet
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.columns = [c.replace(" ", "_") for c in frame.columns]
+    parts = np.array_split(frame, 4)
+    parts[2] = parts[2].copy()
+    parts[2].iloc[9, 3] = np.nan  # shard 2's own row 10
+    for i, part in enumerate(parts):
+        pd.DataFrame(part).to_parquet(tmp_path / f"part-{i}.parquet", index=False)
+    before = sum(len(p) for p in parts[:2])
+    with pytest.raises(TrainerError) as caught:
+        parquet(str(tmp_path / "part-*.parquet"), "target", None, "error", False).arrays()
+    column = frame.columns[3]
+    assert str(caught.value).startswith(
+        f"data.path='{tmp_path / 'part-*.parquet'}': row {before + 10} ({tmp_path / 'part-2.parquet'}, its row 10), "
+        f"column {column!r}"
+    ), str(caught.value)

@@ -151,7 +151,7 @@ def check_values(
     row, col = (int(i) for i in np.argwhere(bad)[0])
     value = float(flat[row, col])
     name = columns[col] if a.ndim == 2 and col < len(columns) else f"value {col}"
-    where = f"{source}: row {first_row + row + 1}{f' (line {lines[row]})' if lines else ''}, column {name!r}"
+    where = f"{source}: row {first_row + row + 1}{place(lines, row)}, column {name!r}"
     if not np.isfinite(value):
         raise TrainerError(
             f"{where} is not finite ({value}); set data.missing=drop or mean, or fill such cells before training"
@@ -160,6 +160,15 @@ def check_values(
         f"{where} is {value:.3g}, beyond {MAX_ABS_VALUE:.3g} (its square overflows float32, so the loss or "
         "gradient norms would be inf); rescale the column"
     )
+
+
+def place(lines: Any, row: int) -> str:
+    """Where row `row` of a batch is in its files: ` (line 12)` of a CSV, ` (part-6.parquet, its row 3)` of a
+    glob of shards (a row number counted across the files says nothing of which one), or nothing."""
+    if not lines:
+        return ""
+    at = lines[row]
+    return f" (line {at})" if isinstance(at, int) else f" ({at})"
 
 
 def regular_files(paths: Sequence[str | Path], source: str) -> list[str]:

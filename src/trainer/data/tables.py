@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from trainer.config import MISSING_CELLS, TrainerError
-from trainer.data.core import Examples, check_values, regular_files
+from trainer.data.core import Examples, check_values, place, regular_files
 
 PARQUET_BATCH_ROWS = 65_536  # rows per streamed Parquet batch (a row group may hold millions)
 INDEX_NAMES = ("", "Unnamed: 0")  # a leading column with no name: the index pandas' to_csv() writes
@@ -110,8 +110,10 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
             xs, ys, rows = [*xs, x], [*ys, y], rows + part.num_rows
         return np.concatenate(xs), np.concatenate(ys)
 
-    table = _Table(source, feats, targets, missing, one_hot, batches, None, text=text)
-    table.scan(count=sum(pq.ParquetFile(f).metadata.num_rows for f in files))
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    shards = _ShardRows(files, counts) if len(files) > 1 else None
+    table = _Table(source, feats, targets, missing, one_hot, batches, shards, text=text)
+    table.scan(count=sum(counts))
     return table.examples(arrays)
 
 
@@ -126,7 +128,7 @@ class _Table:
     missing: str
     one_hot: bool
     batches: Callable[[Sequence[str]], Iterator[pa.RecordBatch]]  # these columns, in order, streamed
-    lines: _CsvLines | None  # file lines of rows, for errors (CSV only)
+    lines: _CsvLines | _ShardRows | None  # where rows are in the files, for errors (CSV lines, Parquet shards)
     text: bool | None = None  # targets hold class names; None: found out by the scan (CSV)
     count: int = 0
     labels: list[str] | None = None
@@ -211,7 +213,7 @@ class _Table:
             check_values(np.where(np.isfinite(values), values, 0.0), self.source, columns, lines, first_row)
         if self.missing == "mean" and y_missing.any():
             row = int(np.flatnonzero(y_missing)[0])
-            where = f"row {first_row + row + 1}{f' (line {lines[row]})' if lines else ''}"
+            where = f"row {first_row + row + 1}{place(lines, row)}"
             raise TrainerError(
                 f"{self.source}: {where}, target column {self.targets[0]!r} is missing; data.missing=mean fills "
                 "features only: set data.missing=drop, or fill the cell"
@@ -385,6 +387,33 @@ class _CsvLines:
                 if i == row:
                     return line
         return -1
+
+
+class _ShardRows:
+    """Rows of a glob of Parquet shards: `.at(first_row)[i]` names the shard of row first_row + i and its own row
+    there (an error said `row 54153` of eight files; which one holds it was anyone's guess)."""
+
+    def __init__(self, files: Sequence[str], counts: Sequence[int]) -> None:
+        self.files, self.starts = list(files), np.cumsum([0, *counts])
+
+    def at(self, first_row: int) -> _RowsFrom:
+        return _RowsFrom(self, first_row)
+
+    def describe(self, row: int) -> str:
+        i = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return f"{self.files[i]}, its row {row - int(self.starts[i]) + 1}"
+
+
+@dataclass
+class _RowsFrom:
+    shards: _ShardRows
+    first_row: int
+
+    def __getitem__(self, i: int) -> str:
+        return self.shards.describe(self.first_row + i)
+
+    def __bool__(self) -> bool:
+        return True
 
 
 @dataclass
