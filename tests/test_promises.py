@@ -233,3 +233,32 @@ def test_a_bad_cell_in_a_glob_of_shards_names_the_shard_and_its_own_row(tmp_path
         f"data.path='{tmp_path / 'part-*.parquet'}': row {before + 10} ({tmp_path / 'part-2.parquet'}, its row 10), "
         f"column {column!r}"
     ), str(caught.value)
+
+
+def test_one_bad_cell_in_a_numeric_column_is_named_by_row_and_class_names_must_be_plausible(tmp_path):
+    """Before: a text cell in the target made a 610,368-class task and suggested a loss; a text cell in a feature
+    said to drop the column but named no row."""
+    import pandas as pd
+    from sklearn.datasets import load_diabetes
+
+    from trainer.data import csv
+
+    frame = load_diabetes(as_frame=True).frame.astype(object)
+    target = frame.copy()
+    target.loc[299, "target"] = "abc"  # data row 300
+    target.to_csv(tmp_path / "target.csv", index=False)
+    with pytest.raises(TrainerError) as caught:
+        csv(str(tmp_path / "target.csv"), "target", None, "drop", False)
+    assert "target column 'target' holds numbers but row 300 holds 'abc': fix or remove that cell" in str(caught.value)
+
+    feature = frame.copy()
+    feature.loc[199, "bmi"] = "oops"
+    feature.to_csv(tmp_path / "feature.csv", index=False)
+    with pytest.raises(TrainerError) as caught:
+        csv(str(tmp_path / "feature.csv"), "target", None, "drop", False)
+    assert "column 'bmi' is not numeric: row 200 (line 201) holds" in str(caught.value)
+
+    ids = frame.assign(patient=[f"p{i}" for i in range(len(frame))])
+    pd.DataFrame(ids).to_csv(tmp_path / "ids.csv", index=False)
+    with pytest.raises(TrainerError, match="target column 'patient' has 442 distinct values in 442 rows: implausible"):
+        csv(str(tmp_path / "ids.csv"), "patient", ["age", "bmi"], "drop", False)

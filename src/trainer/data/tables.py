@@ -118,6 +118,19 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
 
 
 # --- what both formats share ---------------------------------------------------------------------------------
+MANY_CLASSES = 100  # above this many class names, a target is checked for being numbers or unique per row
+NUMERIC_SHARE = 0.9  # of the distinct values parse as numbers: a numeric column with text cells in it
+IMPLAUSIBLE_SHARE = 0.5  # more classes than this share of the rows: not classes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass
 class _Table:
     """A table's chosen columns, what one pass over them learned, and the conversion of a batch to (x, y)."""
@@ -153,11 +166,43 @@ class _Table:
         self.text = bool(self.text)
         if count is not None and self.missing != "drop":
             self.count = count
+        if self.text:
+            self._check_class_names()
         if self.text and len(self.targets) > 1:
             raise TrainerError(f"{self.source}: class names need one target column, not {self.targets}")
         if self.count == 0:
             dropped = " once the rows with missing cells are dropped" if self.missing == "drop" else ""
             raise TrainerError(f"{self.source}: no rows to train on{dropped}")
+
+    def _check_class_names(self) -> None:
+        """Class names read from a target column must look like classes: a numeric column with a few text cells
+        (one at row 900,000 made a 610,368-class task, and its advice to change the loss wrote 958 MB of
+        checkpoints) is the first such cell named; a class count near the row count is refused as implausible."""
+        labels, rows = self.labels or [], max(self.count, 1)
+        numbers = sum(1 for label in labels if _is_number(label))
+        if len(labels) > MANY_CLASSES and numbers >= NUMERIC_SHARE * len(labels):
+            row, value = self._first_text_target()
+            raise TrainerError(
+                f"{self.source}: target column {self.targets[0]!r} holds numbers but row {row} holds {value!r}: fix "
+                "or remove that cell (read as text, the column would be a task of "
+                f"{len(labels):,} classes)"
+            )
+        if len(labels) > MANY_CLASSES and len(labels) > IMPLAUSIBLE_SHARE * rows:
+            raise TrainerError(
+                f"{self.source}: target column {self.targets[0]!r} has {len(labels):,} distinct values in {rows:,} "
+                f"rows: implausible as classes (more than {IMPLAUSIBLE_SHARE:.0%} of the rows would be a class of "
+                "their own); pick the target column you meant"
+            )
+
+    def _first_text_target(self) -> tuple[int, str]:
+        rows = 0
+        for batch in self.batches(self.targets):
+            values = self._target(batch).to_pylist()
+            for i, value in enumerate(values):
+                if value is not None and not _is_number(value):
+                    return rows + i + 1, value
+            rows += len(values)
+        return -1, ""
 
     def _scan(self, count: int | None) -> None:
         columns = [*(self.features if count is None or self.missing != "error" else []), *self.targets]
@@ -349,11 +394,28 @@ def _csv_error(error: pa.ArrowInvalid, file: Path, names: Sequence[str] | None) 
     if "conversion error" in text and names:
         column = int(text.split("#", 1)[1].split(":", 1)[0])
         cell = text.rsplit("invalid value ", 1)[-1]
+        at = _first_row_holding(file, column, cell.strip().strip("'\""))
+        where = f": row {at[0]} (line {at[1]}) holds {cell}" if at else f" (found {cell})"
         return TrainerError(
-            f"{file}: column {names[column]!r} is not numeric (found {cell}); a feature must be numeric: encode it "
-            "as numbers or leave it out with data.features=[...]"
+            f"{file}: column {names[column]!r} is not numeric{where}; a feature must be numeric: fix the cell, encode "
+            "the column as numbers or leave it out with data.features=[...]"
         )
     return TrainerError(f"{file}: not a CSV file pyarrow can read: {text.splitlines()[0]}")
+
+
+def _first_row_holding(file: Path, column: int, cell: str) -> tuple[int, int] | None:
+    """(data row, file line) of the first row whose `column` holds `cell`: pyarrow names the value, not where."""
+    with file.open(newline="") as f:
+        reader = _csv.reader(f)
+        next(reader, None)  # the header
+        row = 0
+        for fields in reader:
+            if not fields:
+                continue
+            row += 1
+            if column < len(fields) and fields[column].strip() == cell:
+                return row, reader.line_num
+    return None
 
 
 def _ragged(file: Path) -> TrainerError | None:
