@@ -252,3 +252,18 @@ def test_a_version_whose_source_is_not_its_runs_own_model_is_refused(store, caps
     finally:
         for version in expected:
             client.delete_model_version("tiny", version)
+
+
+def test_the_pyfunc_refuses_nan_and_infinity_as_a_bad_request(store):
+    """Before: `mlflow models serve` answered NaN and Infinity inputs with 200 and a label."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model("models:/tiny/1")
+    good = np.zeros((2, 8))
+    assert np.isfinite(np.asarray(model.predict(good))).all()
+    for value, shown in ((np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")):
+        bad = good.copy()
+        bad[1, 5] = value
+        with pytest.raises(MlflowException, match=f"input row 1, column 5 is {shown}: the model takes finite") as e:
+            model.predict(pd.DataFrame(bad))
+        assert e.value.get_http_status_code() == 400  # what the scoring server answers

@@ -52,8 +52,19 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         return self.outputs(np.asarray(self._model.predict(self.cast(model_input), verbose=0)))
 
     def cast(self, model_input: Any) -> np.ndarray:
+        """The input as the model's dtype; NaN and infinity are refused (an MlflowException of
+        INVALID_PARAMETER_VALUE: `mlflow models serve` answers 400), where they were answered 200 with a label."""
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
-        return np.asarray(values, dtype=self.dtype)
+        values = np.asarray(values, dtype=self.dtype)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            row, *column = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+            where = f"row {row}" + (f", column {column[0]}" if values.ndim == 2 else "")
+            raise MlflowException(f"input {where} is {values[(row, *column)]}: the model takes finite numbers only",
+                                  error_code=INVALID_PARAMETER_VALUE)  # fmt: skip
+        return values
 
     def outputs(self, out: np.ndarray) -> Any:
         """Raw model outputs as the user reads them; a binary model of several targets: their probabilities."""
