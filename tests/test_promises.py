@@ -262,3 +262,29 @@ def test_one_bad_cell_in_a_numeric_column_is_named_by_row_and_class_names_must_b
     pd.DataFrame(ids).to_csv(tmp_path / "ids.csv", index=False)
     with pytest.raises(TrainerError, match="target column 'patient' has 442 distinct values in 442 rows: implausible"):
         csv(str(tmp_path / "ids.csv"), "patient", ["age", "bmi"], "drop", False)
+
+
+def test_a_damaged_image_is_named_when_streamed_as_when_held(tmp_path, mlflow_template):
+    """Before: held, the file was named; streamed, only `an image of data.path cannot be decoded`."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images[:200], digits.target[:200], strict=True)):
+        (tmp_path / "digits" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8), mode="L").save(
+            tmp_path / "digits" / str(label) / f"{i}.png"
+        )
+    damaged = tmp_path / "digits" / "7" / "7.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])  # the header intact (PIL opens it), the pixels cut off
+    uri = new_store(tmp_path, mlflow_template)
+    for held in ("true", "false"):
+        cfg = compose_config([f"tracking.uri={uri}", *RUN, "data=image_folder", f"data.path={tmp_path / 'digits'}",
+                              "model=cnn", "loss=sparse_categorical_crossentropy", "trainer.max_steps=30",
+                              "trainer.batch_size=16", f"data.in_memory={held}", "data.shuffle=false"])  # fmt: skip
+        with pytest.raises(TrainerError) as caught:
+            train(cfg, output_dir=tmp_path / f"run-{held}")
+        assert (
+            str(caught.value)
+            == f"data.path='{tmp_path / 'digits'}': {damaged} cannot be decoded as an image; remove or replace it"
+        )

@@ -240,16 +240,18 @@ class StreamInput:
 
 
 @contextlib.contextmanager
-def reading() -> Iterator[None]:
+def reading(stream: Stream | None = None) -> Iterator[None]:
     """A source's one-line error raised while a stream reads (a bad cell deep in a file), as that line: tf.data
-    hands it over wrapped in an op error ("... TrainerError: <line>") with TensorFlow's own traceback text."""
+    hands it over wrapped in an op error ("... TrainerError: <line>") with TensorFlow's own traceback text. An
+    error that cannot say which file (an image that does not decode) asks the stream's source to name it."""
     try:
         yield
     except tf.errors.OpError as e:
         error = read_error(e)
         if error is None:
             raise
-        raise error from None
+        named = stream.diagnose() if stream is not None and stream.diagnose is not None else None
+        raise (named or error) from None
 
 
 @_plain_graph

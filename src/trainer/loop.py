@@ -287,7 +287,7 @@ class StepLoop:
         parts, step = [], int(self.step.numpy())
         while num_steps > 0:
             n = min(num_steps, self.call_limit(step))
-            with reading():  # a source's error deep in a file: its one line
+            with reading(self.input.stream):  # a source's error deep in a file: its one line
                 out = self._chunk(tf.constant(n, tf.int32), self.input.iterator(step))
                 ran = int(out["steps"])
             parts.append(out)
@@ -423,7 +423,7 @@ class StepLoop:
         metrics.reset()
         batch = eval_batch(self.batch_size)
         if self.input.streamed:
-            with reading():
+            with reading(x or self.input.stream):
                 out = self._eval_stream(self.input.eval_dataset(x, batch), metrics)
         else:
             xs, ys = self.input.eval_arrays(x, y)
@@ -438,7 +438,7 @@ class StepLoop:
         if self._eval_keys is None:  # the names it gives, from one eager call (the loops need them up front)
             self._eval_keys = sorted(fn(self.example_batch(min(2, self.n))))
         if self.input.streamed:
-            with reading():
+            with reading(x or self.input.stream):
                 return self._step_eval_stream(fn, self.input.eval_dataset(x, batch))
         xs, ys = self.input.eval_arrays(x, y)
         return self._step_eval(fn, xs, ys, tf.constant(batch, tf.int32))

@@ -33,6 +33,7 @@ class Stream:
 
     read: Callable[[], Any]  # () -> tf.data.Dataset
     count: int
+    diagnose: Callable[[], Any] | None = None  # () -> the TrainerError naming a file it cannot read, or None
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Examples:
     rescale: float | None = None  # a constant factor (1/255 for images), inside the logged model
     augment: dict[str, Any] | None = None  # image augmentation for the training split (files.augmentation_layers)
     val: Examples | None = None
+    diagnose: Callable[[], Any] | None = None  # () -> a TrainerError naming the bad file, or None (after a read error)
 
     @property
     def nbytes(self) -> int:

@@ -414,12 +414,17 @@ def image_folder(
         pairs = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int64)))
         return pairs.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def undecodable() -> TrainerError | None:
+        """The first file TensorFlow cannot decode, named: held data finds it here, and so does a stream that
+        failed (its error says only that some image did not decode). Decodes until it finds one: after an error."""
+        bad = next((f for f in files if not _decodes(f, shape[-1])), None)
+        return TrainerError(f"{source}: {bad} cannot be decoded as an image; remove or replace it") if bad else None
+
     def arrays() -> tuple[np.ndarray, np.ndarray]:
         try:
             return _stack(read(), batch=1024)
-        except tf.errors.InvalidArgumentError:
-            bad = next(f for f in files if not _decodes(f, shape[-1]))
-            raise TrainerError(f"{source}: {bad} cannot be decoded as an image; remove or replace it") from None
+        except tf.errors.InvalidArgumentError as e:
+            raise (undecodable() or e) from None
 
     return Examples(
         count=len(files),
@@ -435,6 +440,7 @@ def image_folder(
         numeric=False,
         rescale=rescale,
         augment=dict(augment) if augment else None,
+        diagnose=undecodable,
     )
 
 

@@ -291,8 +291,8 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
     targets_of = _block_targets(task)
     if ex.val is not None:
         val_read = ex.val.read or _reader_of_arrays(ex.val)
-        train = Stream(_in_blocks(read, lambda i, x, y: (x, targets_of(y))), ex.count)
-        val = Stream(_in_blocks(val_read, lambda i, x, y: (x, targets_of(y))), ex.val.count)
+        train = Stream(_in_blocks(read, lambda i, x, y: (x, targets_of(y))), ex.count, ex.diagnose)
+        val = Stream(_in_blocks(val_read, lambda i, x, y: (x, targets_of(y))), ex.val.count, ex.val.diagnose)
     else:
         mask = val_mask(ex.count, s.val_fraction, s.seed)
         n_val = int(mask.sum())
@@ -307,8 +307,8 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
 
             return _in_blocks(read, pick)
 
-        train = Stream(part(False), ex.count - n_val)
-        val = Stream(part(True), n_val) if n_val else None
+        train = Stream(part(False), ex.count - n_val, ex.diagnose)
+        val = Stream(part(True), n_val, ex.diagnose) if n_val else None
     one_value = int(np.prod(ex.y_shape)) == 1  # a class id per example, integer or float (a CSV's 0..9 column)
     y_shape = {"binary": (1,), "multiclass": () if one_value else ex.y_shape}.get(
         task, ex.y_shape if ex.y_shape else (1,)
