@@ -328,3 +328,41 @@ def test_a_run_killed_inside_its_profile_window_traces_the_rest_when_resumed(tmp
     assert run.data.tags["profile.lost_steps"] == f"100..{resumed_at}"
     traces = [a.path for a in client.list_artifacts(run.info.run_id, "profile")]
     assert traces, "the rest of the window was traced and logged"
+
+
+def test_read_errors_deep_in_a_stream_are_one_line_naming_the_file(tmp_path):
+    """Before: a file deleted mid-run, a source failing in its generator or a leftover cache lockfile gave 44-81-line
+    tracebacks, and the run's `error` tag `Graph execution error:`."""
+    import tensorflow as tf
+
+    from trainer.inputs import reading
+
+    shards = []
+    for i in range(2):
+        shards.append(str(tmp_path / f"s{i}.tfrecord"))
+        with tf.io.TFRecordWriter(shards[-1]) as writer:
+            for _ in range(3):
+                writer.write(b"record")
+    records = tf.data.TFRecordDataset(shards)
+    Path(shards[1]).unlink()  # deleted after the run began
+    with pytest.raises(TrainerError) as caught, reading():
+        list(records)
+    assert str(caught.value).startswith("reading the data failed") and shards[1] in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+    def rows():
+        yield np.zeros(2, np.float32)
+        raise ValueError(f"cannot reshape array of size 7 into shape (2,) in {tmp_path / 'x.npy'}")
+
+    broken = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((2,), tf.float32))
+    with pytest.raises(TrainerError) as caught, reading():
+        list(broken)
+    assert "ValueError: cannot reshape array of size 7 into shape (2,)" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+    prefix = tmp_path / "cache"
+    (tmp_path / "cache_0.lockfile").write_text("")
+    cached = tf.data.Dataset.range(4).cache(str(prefix))
+    with pytest.raises(TrainerError) as caught, reading():
+        list(cached)
+    assert str(caught.value).startswith(f"data.cache: {tmp_path / 'cache_0.lockfile'} is left from a run")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from trainer.config import TrainerError
 from trainer.data.core import Stream
 from trainer.data.files import read_error
 from trainer.data.prepare import preprocessing_layers
@@ -247,11 +248,34 @@ def reading(stream: Stream | None = None) -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as e:
-        error = read_error(e)
+        error = read_error(e) or _read_failure(e)
         if error is None:
             raise
         named = stream.diagnose() if stream is not None and stream.diagnose is not None else None
         raise (named or error) from None
+
+
+def _read_failure(error: tf.errors.OpError) -> TrainerError | None:
+    """Any other error of the input pipeline (a file truncated or deleted mid-run, a corrupt Parquet page, a
+    leftover cache lockfile) as one line naming the file; None for errors not raised by reading (the model's).
+    These were 44-81-line tracebacks, and the run's `error` tag `Graph execution error:`."""
+    import re
+
+    text = error.message or str(error)
+    if not re.search(r"Iterator|Dataset|generator|TFRecord|ReadFile", text):
+        return None
+    lock = re.search(r"cache lockfile already exists \('([^']+)'\)", text)
+    if lock:
+        return TrainerError(
+            f"data.cache: {lock.group(1)} is left from a run that was stopped or is still "
+            "running: resume the run (it removes its own), or delete the file if no run uses it"
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("[[")]
+    reasons = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b[^:]*: ", line)]
+    why = (reasons[-1] if reasons else lines[0] if lines else type(error).__name__)[:300]
+    path = re.search(r"(/[^\s'\",;()\[\]]+\.\w+)", text)
+    where = f" ({path.group(1)})" if path and path.group(1) not in why else ""
+    return TrainerError(f"reading the data failed{where}: {why}; check the file, or restore it and resume the run")
 
 
 @_plain_graph

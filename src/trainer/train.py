@@ -91,6 +91,8 @@ def train(
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
         checkpoints.claim()  # one process per run: a second resume of it is refused here
+        if resume:
+            _remove_stale_cache_locks(cfg.data)  # the run's own, and this process now holds the run
         try:
             start = _restore(checkpoints, resume, cfg, chief, total_steps) if resume else 0
             tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
@@ -201,6 +203,18 @@ def _restore(checkpoints: Checkpoints, resume: checkpoint.Resume, cfg: DictConfi
         raise TrainerError(f"resume: the run's checkpoint is at step {start}, past the {total} steps asked for; "
                            f"set trainer.max_steps above {start} (or more trainer.epochs) to train on")  # fmt: skip
     return start
+
+
+def _remove_stale_cache_locks(node: DictConfig) -> None:
+    """tf.data's cache writes `<prefix>*.lockfile` while it fills a file cache; a run killed meanwhile leaves it, and
+    the resume failed on it once (the next one worked). The resume holds the run's lock (checkpoint.claim), so
+    the run's own cache lock is stale."""
+    import glob
+
+    cache = node.get("cache")
+    if cache and cache != "memory":
+        for lock in glob.glob(f"{glob.escape(str(cache))}*.lockfile"):
+            Path(lock).unlink(missing_ok=True)
 
 
 def _check_written_paths(cfg: DictConfig, own: DictConfig, resume: checkpoint.Resume) -> None:
