@@ -366,3 +366,49 @@ def test_read_errors_deep_in_a_stream_are_one_line_naming_the_file(tmp_path):
     with pytest.raises(TrainerError) as caught, reading():
         list(cached)
     assert str(caught.value).startswith(f"data.cache: {tmp_path / 'cache_0.lockfile'} is left from a run")
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_stops_answering_gets_bounded_time_and_one_line(tmp_path):
+    """A real `mlflow server`, SIGSTOPped mid-run. Before: training was done by ~10 s, then the trainer sat in
+    MLflow's 120-s HTTP retries until killed at 9.5 min: no `error:` line, the run RUNNING, 204 of 20,000 points."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_remote import ENV, Server, free_port
+
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server", free_port())
+    server.start()
+    env = {**ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}  # the test's own, shorter bound (the trainer's: 20 s)
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", f"tracking.uri={server.uri}", "model=mlp",
+                                 "trainer.max_steps=20000", "trainer.checkpoint_every=1000", "trainer.progress=false",
+                                 "tracking.log_model=false", "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        durable = tmp_path / "run" / "checkpoints" / "durable.json"
+        while time.perf_counter() - t0 < 120 and not (
+            durable.exists() and json.loads(durable.read_text() or "{}").get("step", 0) >= 1000
+        ):
+            time.sleep(0.05)
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=400)
+        elapsed = time.perf_counter() - t0
+        assert proc.returncode == 1, err[-2000:]
+        [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+        assert "metric points could not be written" in line and "Traceback" not in err
+        assert elapsed < 300, elapsed
+        stopped_at = json.loads(durable.read_text())["step"]
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        client = MlflowClient(server.uri)
+        [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+        stored = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        assert stored[:stopped_at] == list(range(stopped_at))  # the durability record stops before the hole
+        assert 0 < stopped_at < 20000
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        server.stop()

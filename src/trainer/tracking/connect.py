@@ -19,6 +19,23 @@ PROBE_READ_S = 30.0  # then for its answer: a slow server (4 s a request) works,
 DATABASE_TIMEOUT_S = 5  # libpq's connect_timeout for the PostgreSQL probe
 
 
+HTTP_TIMEOUT_S = 20  # MLflow's per-request timeout for a tracking server (its default: 120 s)
+HTTP_RETRIES = 2  # and its retries (default 7): a stalled server held the trainer for MLflow's minutes of retries
+
+
+def bound_http(uri: str) -> None:
+    """A tracking server that stops answering (SIGSTOPped, a hung proxy) gets bounded time: each request of MLflow's
+    HTTP layer times out after HTTP_TIMEOUT_S and is retried HTTP_RETRIES times, and the sink's own retries end at
+    its close_timeout, after which the run ends with one line counting the points not written. Before: training
+    was done in ~10 s, then the trainer sat in 120-s retries until killed at 9.5 min, no `error:` line, the run
+    RUNNING. Settings of your own (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES) win."""
+    import os
+
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
+
+
 def check_readable(uri: str) -> None:
     """For the commands that only read a store (compare, evaluate): a server answers, or a SQLite file exists and
     holds MLflow's tables. Opening a SQLite path through MLflow makes or migrates its schema: a mistyped path
@@ -52,6 +69,7 @@ def probe(uri: str) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
+    bound_http(uri)
     request = compat.http_probe()
     if request is None:  # MLflow's HTTP layer changed shape: its own retries find a dead server
         return
