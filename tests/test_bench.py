@@ -213,3 +213,15 @@ def test_bench_stream_races_ours_and_keras_on_one_file(tmp_path: Path) -> None:
     assert "stream 0.01 GiB: ours >= 1x keras-fit best, same pipeline:" in proc.stdout
     assert "stream 0.01 GiB: ours' peak RSS < 1.5 GB:" in proc.stdout
     assert not any(files.iterdir())  # no --keep: the size's files are gone, the given directory stays
+
+
+@pytest.mark.slow
+def test_bench_step_races_sam_through_the_contract_against_a_hand_written_loop(tmp_path: Path) -> None:
+    """--step: both competitors run SAM on the mlp job; the ratio and its target are printed, the JSON holds both."""
+    out = tmp_path / "step.json"
+    proc = bench(tmp_path, "--step", "--quick", "--json", str(out), "--no-targets", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step job sam (N=200): hand-written " in proc.stdout and "ours / hand-written" in proc.stdout, proc.stdout
+    assert "sam: ours / hand-written" in proc.stdout and ">= 0.95x" in proc.stdout
+    step = json.loads(out.read_text())["step"]
+    assert set(step["rates"]) == {"hand-written", "ours"} and all(v > 0 for v in step["rates"].values())

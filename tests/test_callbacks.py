@@ -221,6 +221,7 @@ def test_restore_best_decides_the_final_weights_and_val_has_one_point_per_step(t
     ],
     ids=["no_module", "no_class", "not_a_node", "not_a_callback", "every_negative", "every_zero"],
 )  # fmt: skip
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_bad_callback_is_one_line(tmp_path, run_cli, mlflow_template, value, message, before_tf):
     proc = run_cli([*TAPE, f"trainer.callbacks={value}", f"tracking.uri={new_store(tmp_path, mlflow_template)}"],
                    REPO_ROOT / "examples", python_flags=["-X", "importtime"])  # fmt: skip

@@ -130,6 +130,7 @@ def test_the_experiment_name_has_one_home():
 
 
 # --- plain output when piped ------------------------------------------------------------------------
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_training_summary_is_two_whole_lines(trained):
     err = clean(trained.proc)
     m = trained.metrics
@@ -141,6 +142,7 @@ def test_training_summary_is_two_whole_lines(trained):
     assert len(where) > 80 and f"{done}\n{where}\n" in err
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_first_contact_is_the_trainers_own_lines_and_verbose_brings_the_rest_back(trained, tmp_path):
     """TensorFlow's C++ start-up lines (absl's preamble, oneDNN, cpu_feature_guard: 5 before), MLflow's
     "Creating a new experiment" INFO: gone by default; `verbose=true` prints them as the libraries do."""
@@ -162,6 +164,7 @@ def test_compare_table_keeps_brackets_and_does_not_fold(trained):
     assert f"{trained.metrics['val/loss']:.4g}" in line and "FINISHED" in line  # 4 significant digits
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_evaluate_by_quoted_name_keeps_brackets_and_draws_no_progress_bars(trained):
     args = ["evaluate", f"uri={trained.uri}", f'run_name="{RUN_NAME}"', "data.target=[y]"]
     proc = run_cli(args, trained.cwd, env=PIPED)

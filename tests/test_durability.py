@@ -117,6 +117,7 @@ def test_hard_kill_while_the_store_lags_then_resume_has_every_step_once(tmp_path
     assert per_variable and all(stored_steps(db, k) == list(range(total)) for k in per_variable)
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_run_killed_before_its_first_checkpoint_says_so_and_is_closed(tmp_path):
     """Every run saves step 0 at once; a kill before even that (during start-up) leaves nothing to resume:
     the directory is made to look so by removing step 0's files, as a kill in that moment leaves it."""

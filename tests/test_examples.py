@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_own_model_from_a_config_dir_and_own_loss_inline(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [

@@ -177,8 +177,7 @@ CLI_CASES = {
     "damaged_png_streamed": (
         ["data=image_folder", "data.path=damaged", "data.color_mode=grayscale", "data.in_memory=false", "model=cnn",
          "loss=sparse_categorical_crossentropy", "trainer.batch_size=4"],
-        "error: an image of data.path cannot be decoded (Invalid PNG data, size 59): a damaged file; run once with "
-        "data.in_memory=true to have it named, then remove or replace it",
+        "error: data.path='damaged': damaged/1/001.png cannot be decoded as an image; remove or replace it",  # named
     ),
 }  # fmt: skip
 
@@ -244,7 +243,7 @@ def test_a_fifo_where_data_should_be_is_named_not_read(tmp_path):
         os.mkfifo(pipe)
     calls = {
         "rows.csv": lambda: csv(str(pipes["rows.csv"]), "y", None, "drop", False),
-        "x.npy": lambda: numpy(str(pipes["x.npy"]), None, "x", "y", None),
+        "x.npy": lambda: numpy(str(pipes["x.npy"]), str(tmp_path / "y.npy"), "x", "y", None),
         "p/b.parquet": lambda: parquet(str(tmp_path / "p" / "*.parquet"), "y", None, "drop", False),
         "t/b.tfrecord": lambda: tfrecord(
             str(tmp_path / "t" / "*.tfrecord"), DIGIT_FEATURES, "image", "label", "auto", None

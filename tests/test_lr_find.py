@@ -91,6 +91,7 @@ def test_divergence_stops_early_and_is_no_error(compose_cfg, tracking_uri, digit
     assert run.data.tags["stopped_by"].startswith("LRCurve at step")
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_lr_auto_trains_with_the_suggestion_from_fresh_weights(compose_cfg, tracking_uri, digits_npz, tmp_path):
     """optimizer.lr=auto: the finder's run, then the training run with optimizer.lr = the suggestion (its param,
     linked by tags); it starts from the weights a run given that lr from the start has: identical losses."""

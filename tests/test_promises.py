@@ -15,8 +15,8 @@ from conftest import compose_config, new_store
 from trainer.config import TrainerError
 from trainer.train import train
 
-RUN = ["trainer.progress=false", "data.n_samples=256", "trainer.checkpoint_every=10", "tracking.log_model=false",
-       "tracking.log_plots=false"]  # fmt: skip
+RUN = ["trainer.progress=false", "trainer.checkpoint_every=10", "tracking.log_model=false", "tracking.log_plots=false"]
+SMALL = ["data.n_samples=256"]  # the default data (regression)
 
 
 def resume(target: Path, uri: str, steps: int) -> float:
@@ -30,7 +30,7 @@ def test_a_resume_against_a_missing_store_changes_nothing_and_the_run_resumes_on
     """Before: the resume made an empty store at the run's tracking_uri and rewrote durable.json to step 0, and
     every later resume failed with `no checkpoint ... to continue from` though the checkpoints were on disk."""
     uri = new_store(tmp_path, mlflow_template)
-    train(compose_config([f"tracking.uri={uri}", *RUN, "trainer.max_steps=40"]), output_dir=tmp_path / "run")
+    train(compose_config([f"tracking.uri={uri}", *RUN, *SMALL, "trainer.max_steps=40"]), output_dir=tmp_path / "run")
     durable = tmp_path / "run" / "checkpoints" / "durable.json"
     before = durable.read_text()
     shutil.move(tmp_path / "mlflow.db", tmp_path / "moved.db")
@@ -52,7 +52,7 @@ def test_a_run_file_pointing_at_another_programs_sqlite_file_is_refused_untouche
     """Before: MLflow's tables were written into any SQLite file a tampered run.json named, or a new database
     was created at any path."""
     uri = new_store(tmp_path, mlflow_template)
-    train(compose_config([f"tracking.uri={uri}", *RUN, "trainer.max_steps=20"]), output_dir=tmp_path / "run")
+    train(compose_config([f"tracking.uri={uri}", *RUN, *SMALL, "trainer.max_steps=20"]), output_dir=tmp_path / "run")
     foreign = tmp_path / "notes.sqlite"
     with sqlite3.connect(foreign) as db:
         db.execute("CREATE TABLE notes (body TEXT)")
@@ -173,7 +173,7 @@ def test_a_tampered_run_file_is_data_not_resolved_from_the_environment_nor_writi
     `data.cache` elsewhere wrote 9.6 MB outside the run's directory."""
     monkeypatch.setenv("SECRET_TOKEN", "t0ps3cret")
     uri = new_store(tmp_path, mlflow_template)
-    train(compose_config([f"tracking.uri={uri}", *RUN, "trainer.max_steps=20"]), output_dir=tmp_path / "run")
+    train(compose_config([f"tracking.uri={uri}", *RUN, *SMALL, "trainer.max_steps=20"]), output_dir=tmp_path / "run")
     record_file = tmp_path / "run" / "checkpoints" / "run.json"
     record = json.loads(record_file.read_text())
     elsewhere = tmp_path / "elsewhere" / "cache"
@@ -220,8 +220,8 @@ def test_a_bad_cell_in_a_glob_of_shards_names_the_shard_and_its_own_row(tmp_path
 
     frame = load_breast_cancer(as_frame=True).frame
     frame.columns = [c.replace(" ", "_") for c in frame.columns]
-    parts = np.array_split(frame, 4)
-    parts[2] = parts[2].copy()
+    size = len(frame) // 4
+    parts = [frame.iloc[i * size : (i + 1) * size if i < 3 else len(frame)].copy() for i in range(4)]
     parts[2].iloc[9, 3] = np.nan  # shard 2's own row 10
     for i, part in enumerate(parts):
         pd.DataFrame(part).to_parquet(tmp_path / f"part-{i}.parquet", index=False)

@@ -48,6 +48,7 @@ def cli(tmp_path: Path, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_sigint_checkpoints_flushes_marks_killed_and_resume_continues_the_same_run(tmp_path):
     proc = cli(tmp_path, "model=mlp", "trainer.max_steps=1000000", "trainer.checkpoint_every=500",
                "hydra.run.dir=run")  # fmt: skip
@@ -96,6 +97,7 @@ def test_interrupted_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
         assert np.array_equal(x, y)  # bitwise, not approximately
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_nonfinite_step_stops_with_the_step_and_variable_named(tmp_path):
     """lr 1.0 on the tape example multiplies the residual by -9 a step: float32 overflows at step 20."""
     proc = cli(tmp_path, "experiment=tape_example", "optimizer.lr=1.0", "trainer.max_steps=100",
@@ -178,7 +180,7 @@ def test_bad_input_is_one_clear_error(tmp_path, overrides, message):
     ("content", "message"),
     [
         ("", "the file is empty"),
-        ("a,b,y\n1,2,3\n1,x,3\n", "column 'b' is not numeric (found 'x')"),
+        ("a,b,y\n1,2,3\n1,x,3\n", "column 'b' is not numeric: row 2 (line 3) holds 'x'"),
         ("a,b,z\n1,2,3\n", "no column 'y'; columns are a, b, z"),
         ("a,y\n1,2\n3\n", "line 3 has 1 fields, the header has 2"),
     ],

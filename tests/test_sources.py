@@ -253,8 +253,8 @@ def _csv(tmp_path, text: str, **kw) -> Examples:
         (
             "a,b,y\n1,2,3\n1,x,3\n",
             {},
-            "column 'b' is not numeric (found 'x'); a feature must be numeric: encode it as numbers or leave it out "
-            "with data.features=[...]",
+            "column 'b' is not numeric: row 2 (line 3) holds 'x'; a feature must be numeric: fix the cell, encode the "
+            "column as numbers or leave it out with data.features=[...]",
         ),
         ("a,y\n", {}, "no rows to train on"),
         ("a,,y\n1,2,3\n", {}, "column 2 has no name in the header; name it"),

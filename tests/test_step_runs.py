@@ -18,6 +18,9 @@ import pytest
 import tensorflow as tf
 
 import trainer.models  # noqa: F401 (registers the built-in models with Keras, for load_model)
+from conftest import compose_config
+from trainer.config import TrainerError
+from trainer.train import train
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -53,6 +56,7 @@ def modes_covered(samples: np.ndarray, modes: int = 8, radius: float = 2.0, with
     return int((counts >= 0.02 * len(samples)).sum()), float(near.mean())
 
 
+@pytest.mark.slow  # ~25 s: 3,000 GAN steps through the CLI (make test-slow runs it)
 def test_gan_from_one_file_covers_the_ring_and_logs_each_optimizer(tmp_path):
     out = finished(cli(tmp_path, "experiment=gan", "trainer.max_steps=3000", "hydra.run.dir=run"))
     assert "val d_loss" in out
@@ -71,6 +75,7 @@ def test_gan_from_one_file_covers_the_ring_and_logs_each_optimizer(tmp_path):
     assert any(m.startswith("train/grad_norm_by_var/discriminator/") for m in metrics)
 
 
+@pytest.mark.slow  # ~45 s: three CLI runs
 def test_gan_killed_with_sigkill_and_resumed_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     common = ["step=gan", "trainer.max_steps=1200", "trainer.checkpoint_every=100", "trainer.steps_per_loop=50",
               "trainer.deterministic=true", "tracking.log_model=false", "data.n_samples=2048"]  # fmt: skip
@@ -106,6 +111,7 @@ def test_gan_killed_with_sigkill_and_resumed_ends_bitwise_equal_to_an_uninterrup
         assert np.array_equal(a[name], b[name]), name  # bitwise
 
 
+@pytest.mark.slow  # ~17 s: the whole experiment, timed
 def test_pinn_experiment_solves_the_oscillator_within_one_percent_in_under_a_minute(tmp_path):
     t0 = time.perf_counter()
     finished(cli(tmp_path, "experiment=pinn", "hydra.run.dir=run"))
@@ -128,12 +134,57 @@ def test_pinn_experiment_solves_the_oscillator_within_one_percent_in_under_a_min
         (["step=sam", "step.rho=-1"], "step.rho=-1"),
         (["step=adversarial", "step.clip=[1,0]"], "step.clip=[1.0, 0.0] is invalid"),
         (["step._target_=argparse.Namespace", "~model", "~loss", "~optimizer"], "is a Namespace, not a"),
-        (["model=null"], "model=null: a config group is left out with ~model"),
         (["step._target_=nosuch.Step"], "step._target_='nosuch.Step' cannot be imported"),
+        (["experiment=pinn", "model=null"], "model=null: a config group is left out with ~model"),
     ],
 )
 def test_bad_step_settings_are_one_line_before_training(tmp_path, args, message):
-    proc = cli(tmp_path, *args, "trainer.max_steps=5")
+    if "model=null" not in args:  # in-process: the CLI prints a TrainerError as its one line (test_errors.py)
+        with pytest.raises(TrainerError) as caught:
+            train(compose_config([*args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "trainer.max_steps=5"]))
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+        assert not (tmp_path / "mlflow.db").exists()  # refused before any run was made
+        return
+    proc = cli(tmp_path, *args, "trainer.max_steps=5")  # Hydra's own refusal, through the CLI's one line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert message in err and "Traceback" not in err, err
+
+
+def _losses(tmp_path: Path, name: str, *args: str, key: str = "train/loss") -> np.ndarray:
+    (tmp_path / name).mkdir()
+    finished(cli(tmp_path / name, "trainer.max_steps=30", "tracking.log_model=false", "hydra.run.dir=run", *args))
+    client, run = only_run(tmp_path / name)
+    return np.array([m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("step", "key"),
+    [(["step=sam", "model=mlp", "data.n_samples=640"], "train/loss"),
+     (["step=gan", "data.n_samples=640"], "train/generator_optimizer/loss")],
+    ids=["sam", "gan"],
+)  # fmt: skip
+def test_a_steps_gradients_are_all_reduced_under_mirrored_as_on_one_device(tmp_path, step, key):
+    """Two logical CPUs, each half the global batch: Ops all-reduces every gradient (and SAM's perturbation sees
+    the global one), so the losses are those of one device on the whole batch."""
+    single = _losses(tmp_path, "single", *step, "trainer.batch_size=32", key=key)
+    mirrored = _losses(tmp_path, "mirrored", *step, "trainer.batch_size=32", "trainer.strategy=mirrored",
+                       "trainer.logical_cpus=2", key=key)  # fmt: skip
+    assert len(single) == len(mirrored) == 30
+    np.testing.assert_allclose(mirrored, single, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", ["step=gan", "step=sam"])
+def test_mixed_float16_scales_every_optimizer_of_a_step(tmp_path, step):
+    cfg = compose_config([step, "trainer.precision=mixed_float16", "trainer.max_steps=60", "data.n_samples=1024",
+                          "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])  # fmt: skip
+    train(cfg, output_dir=tmp_path)
+    client, run = only_run(tmp_path)
+    keys = ["train/generator_optimizer/loss", "train/discriminator_optimizer/loss"] if "gan" in step else ["train/loss"]
+    for key in keys:
+        values = [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(values) == 60 and np.all(np.isfinite(values))
+    reader = tf.train.load_checkpoint(str(tmp_path / "checkpoints"))
+    scales = [n for n in reader.get_variable_to_shape_map() if "dynamic_scale" in n or "loss_scale" in n.lower()]
+    assert len(scales) >= (2 if "gan" in step else 1), sorted(reader.get_variable_to_shape_map())[:20]

@@ -76,6 +76,7 @@ def test_streamed_run_logs_every_step_and_counts_real_epochs(tmp_path):
     assert np.isfinite(objective) and objective == run.data.metrics["val/loss"]
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_interrupted_and_resumed_streamed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     """The input position is checkpointed (epoch and its first step); a resume rebuilds the epoch's shuffled
     pipeline and skips what was taken, so the resumed run sees the very same batches."""

@@ -38,6 +38,7 @@ def runs(tmp_path: Path) -> tuple[mlflow.MlflowClient, list, list]:
     return client, parents, children
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_grid_sweep_is_one_parent_with_a_child_per_job(tmp_path):
     multirun(tmp_path, "optimizer=sgd,adam", "optimizer.lr=1e-3,1e-2", "model=linear,mlp")
     client, parents, children = runs(tmp_path)
@@ -126,6 +127,7 @@ def by_name(children: list) -> dict[str, object]:
     return {c.info.run_name: c for c in children}
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_diverging_job_is_a_failed_child_and_the_other_jobs_run(tmp_path, mlflow_template):
     """Before: the sweep stopped at job 1 (exit 1), job 2 never ran, the parent stayed RUNNING."""
     new_store(tmp_path, mlflow_template)
@@ -148,6 +150,7 @@ def test_a_diverging_job_is_a_failed_child_and_the_other_jobs_run(tmp_path, mlfl
     assert f"sweep: 1 of 3 jobs failed (job 1); FAILED child runs of run {parent.info.run_id}" in proc.stderr
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_sweep_whose_every_job_fails_exits_1_with_one_line(tmp_path, mlflow_template):
     """A job that fails before its run exists (a bad value) is a FAILED child too; all failed: parent FAILED."""
     new_store(tmp_path, mlflow_template)
@@ -210,6 +213,7 @@ def test_a_failing_parallel_job_leaves_the_others_training(tmp_path, mlflow_temp
     assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["sweep/failed_jobs"] == 1
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_job_whose_lr_finder_fails_is_a_failed_job_of_the_sweep(tmp_path, mlflow_template):
     """optimizer.lr=auto whose range test fails (min_lr 100 diverges at once): before, every job's failure vanished:
     exit 0, a FINISHED parent, sweep/jobs=0 and failed_jobs=0; with 1 of 2 failing, no FAILED child."""

@@ -109,6 +109,7 @@ def test_points_held_while_the_store_is_away_are_bounded(client):
     assert sink.points_lost == 300 * 4 and sink.points_written == 0
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_healthy_store_loses_no_point_however_close_the_buffer_runs_to_its_bound(client):
     """Chunks that would take the buffer past its bound wait while the store works; only a store that is
     away makes the oldest go (before: one chunk over the bound dropped the oldest with the store healthy)."""

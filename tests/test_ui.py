@@ -94,6 +94,7 @@ def test_a_kind_the_user_chose_stays(tmp_path, mlflow_template):
     assert client.get_experiment(bare).tags[ui.KIND_TAG] == ui.TRAINING_KIND
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_a_run_tags_its_experiment_names_itself_and_prints_its_link(tmp_path, mlflow_template):
     """A real run on a CSV at a long path: the experiment (made by the run) opens on its runs, the run's name
     is the rule's, and the last line is the link to its page (and MLflow's own "View run" lines are not)."""

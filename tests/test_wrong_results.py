@@ -214,6 +214,7 @@ def test_logged_lr_is_the_schedule_formula_at_every_step(name, tmp_path, compose
 
 
 # --- (c) skip_step past a bound ----------------------------------------------------------------------
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_skip_step_fails_past_max_skipped_fraction(tmp_path, run_cli):
     """lr 1.0 on the tape example overflows at step 20; every later step is skipped. Before: exit 0, FINISHED."""
     args = ["experiment=tape_example", "optimizer.lr=1.0", "trainer.max_steps=2000", "trainer.steps_per_loop=50",
@@ -257,6 +258,7 @@ def test_no_metric_name_is_another_followed_by_a_slash(tmp_path, compose_cfg, ml
     assert clashes == []
 
 
+@pytest.mark.slow  # 8-22 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_file_store_holds_every_step_of_every_metric(tmp_path, run_cli, monkeypatch):
     """Before: `train/grad_norm` is a file, so `train/grad_norm/<var>` (a directory under it) could not be written:
     282 of the run's points were lost ("Not a directory") and retries stored 55 points for 40 steps, exit 0."""

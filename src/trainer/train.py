@@ -369,7 +369,8 @@ def _build_loop(cfg: DictConfig, step: Step, data: Dataset, strategy: tf.distrib
         )  # fmt: skip
     except (ValueError, tf.errors.InvalidArgumentError) as e:
         if isinstance(e, tf.errors.OpError) and read_error(e) is not None:  # the first batch could not be read
-            raise read_error(e) from None
+            named = data.train.diagnose() if data.streamed and data.train.diagnose else None
+            raise (named or read_error(e)) from None
         model = cfg.get("model") or cfg.step
         raise TrainerError(f"model {model._target_} cannot take inputs of shape {data.x_shape}: "
                            f"{str(e).splitlines()[0]}") from e  # fmt: skip

@@ -158,7 +158,8 @@ def _prepare_examples(ex: Examples, s: DictConfig, name: str) -> Dataset:
         error = read_error(e)
         if error is None:
             raise
-        raise error from None
+        named = ex.diagnose() if ex.diagnose is not None else None  # a stream's error that names no file
+        raise (named or error) from None
 
 
 def _task(s: DictConfig) -> str | None:
