@@ -42,6 +42,7 @@ def test_own_model_from_a_config_dir_and_own_loss_inline(tmp_path):
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])  # it learns: the loss at least halves
 
 
+@pytest.mark.slow  # 8-18 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_own_step_mixup_trains_on_wine_and_logs_its_declared_scalar_every_step(tmp_path):
     """The README's worked step (examples/my_steps.py): real wine data, an MLP, the README's command."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"

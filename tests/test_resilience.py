@@ -76,6 +76,7 @@ def test_sigint_checkpoints_flushes_marks_killed_and_resume_continues_the_same_r
     assert run.data.tags["resumed_at_step"] == str(stopped)
 
 
+@pytest.mark.slow  # 8-18 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_interrupted_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     common = ["model=mlp", "model.dropout=0.1", "data.n_samples=640", "trainer.batch_size=32",
               "trainer.deterministic=true", "trainer.steps_per_loop=7", "tracking.log_model=false"]  # fmt: skip

@@ -90,6 +90,7 @@ def write_csv(path: Path, rows: int, seed: int = 0) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow  # 8-18 s of CLI runs: the fast suite stays under 10 minutes (make test-slow runs it)
 def test_csv_runs_log_training_and_validation_inputs_whose_digest_follows_the_file(tmp_path):
     """Two runs on the same file: the same digests (one dataset in the store); the file edited: new ones."""
     data = tmp_path / "houses.csv"
