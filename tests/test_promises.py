@@ -320,7 +320,7 @@ def test_a_run_killed_inside_its_profile_window_traces_the_rest_when_resumed(tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (
         f"profile: resumed at step {resumed_at}, inside trainer.profile=[100,3000]: tracing steps {resumed_at}..3000"
-        in proc.stdout
+        in proc.stdout + proc.stderr
     )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])

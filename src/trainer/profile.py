@@ -43,9 +43,11 @@ class Profiler(Callback):
             self._begin()
         elif self.start < ctx.step < self.stop:  # a resume inside the window: its first steps' trace was lost
             self.lost = f"{self.start}..{ctx.step}"
-            print(f"profile: resumed at step {ctx.step}, inside trainer.profile=[{self.start},{self.stop}]: tracing "
-                  f"steps {ctx.step}..{self.stop}; the trace of steps {self.lost} was lost with the stopped attempt",
-                  flush=True)  # fmt: skip
+            from trainer.actions import console
+
+            console.print(f"profile: resumed at step {ctx.step}, inside trainer.profile=[{self.start},{self.stop}]: "
+                          f"tracing steps {ctx.step}..{self.stop}; the trace of steps {self.lost} was lost with the "
+                          "stopped attempt", markup=False, soft_wrap=True)  # fmt: skip
             self.start = ctx.step
             self._begin()
 

@@ -42,6 +42,7 @@ from trainer.models import check_fits
 from trainer.optim import Schedule, build_optimizer
 from trainer.process import process_settings
 from trainer.profile import check_profile
+from trainer.secrets import redact
 from trainer.steps import Step, Supervised
 from trainer.tracking import QuietRun, Run, stored_through
 from trainer.tracking.lineage import log_data
@@ -273,10 +274,10 @@ def _resumed_config(resume: checkpoint.Resume, overrides: Sequence[str], own: Di
         key, _, value = override.partition("=")
         if key in ("trainer.max_steps", "trainer.epochs"):
             OmegaConf.update(resume.config, key, yaml.safe_load(value))
-        elif key not in ("resume", TRUST_KEY, ACCEPT_KEY, "data.cache"):  # data.cache: _check_written_paths
+        elif key not in ("resume", TRUST_KEY, ACCEPT_KEY, "data.cache", "tracking.uri"):  # read: see below
             ignored.append(override)
     if ignored:
-        console.print(f"[yellow]resume: the run's own config is used; ignoring {' '.join(ignored)}")
+        console.print(f"[yellow]resume: the run's own config is used; ignoring {redact(' '.join(ignored))}")
     for unused in ("launcher", "hparams_search", "experiment"):  # how it was launched: a resume does not use them
         resume.config.pop(unused, None)
     stored = with_current_defaults(resume.config)  # keys its run.json predates

@@ -15,6 +15,7 @@ the metric names are exactly those of the built-in step (`train/loss`, `train/lr
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,7 +161,17 @@ class Ops:
         self.accumulate_steps, self.replicas, self.distributed = accumulate_steps, replicas, distributed
         self._by_id = {id(slot.optimizer): slot for slot in layout.slots}
         self._tape_fn = tf.function(self._tape, jit_compile=True) if jit else self._tape
-        self._values: dict[int, tf.Tensor] = {}
+        # A step's values while it is traced: per thread, as MirroredStrategy traces each replica's step in a
+        # thread of its own, at once (shared, two replicas' traces saw each other's apply)
+        self._local = threading.local()
+
+    @property
+    def _values(self) -> dict[int, tf.Tensor]:
+        return self._local.values
+
+    @property
+    def _finite(self) -> list[tf.Tensor]:
+        return self._local.finite
 
     # --- what a step calls ------------------------------------------------------------------------
     def variables(self, optimizer: Any) -> list[tf.Variable]:
@@ -254,7 +265,7 @@ class Ops:
 
     # --- the loop's side -------------------------------------------------------------------------
     def begin(self) -> None:
-        self._values, self._finite = {}, []
+        self._local.values, self._local.finite = {}, []
 
     def end(self, returned: Mapping[str, tf.Tensor] | None, skipped: tf.Variable) -> tf.Tensor:
         """The step's row, after checking at trace time that it kept the contract."""

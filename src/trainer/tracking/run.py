@@ -258,7 +258,7 @@ class Run:
         else:
             logging.getLogger(__name__).warning(
                 "resume: %s cannot delete metric points; steps after %d logged before the stop may appear twice",
-                self.uri, step,
+                redact(self.uri), step,
             )  # fmt: skip
         if self.sink.windows is not None:  # the part of its first window that an earlier attempt ran
             start = step - step % self.sink.windows.every
