@@ -290,46 +290,6 @@ def test_a_damaged_image_is_named_when_streamed_as_when_held(tmp_path, mlflow_te
         )
 
 
-@pytest.mark.slow
-def test_a_run_killed_inside_its_profile_window_traces_the_rest_when_resumed(tmp_path):
-    """Before: killed inside trainer.profile=[a,b] and resumed, the trace was lost without a word."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    common = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "trainer.progress=false", "model=mlp",
-              "trainer.max_steps=3000", "tracking.log_model=false"]  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-m", "trainer", *common, "trainer.profile=[100,3000]",
-                              "trainer.checkpoint_every=100", "trainer.steps_per_loop=20", "hydra.run.dir=run"],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    durable = tmp_path / "run" / "checkpoints" / "durable.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (
-        durable.exists() and json.loads(durable.read_text() or "{}").get("step", 0) >= 300
-    ):
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.communicate(timeout=60)
-    resumed_at = json.loads(durable.read_text())["step"]
-    assert 100 < resumed_at < 3000
-    proc = subprocess.run([sys.executable, "-m", "trainer", *common, "resume=run"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (
-        f"profile: resumed at step {resumed_at}, inside trainer.profile=[100,3000]: tracing steps {resumed_at}..3000"
-        in proc.stdout + proc.stderr
-    )
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
-    assert run.data.tags["profile.steps"] == f"{resumed_at}..3000"
-    assert run.data.tags["profile.lost_steps"] == f"100..{resumed_at}"
-    traces = [a.path for a in client.list_artifacts(run.info.run_id, "profile")]
-    assert traces, "the rest of the window was traced and logged"
-
-
 def test_read_errors_deep_in_a_stream_are_one_line_naming_the_file(tmp_path):
     """Before: a file deleted mid-run, a source failing in its generator or a leftover cache lockfile gave 44-81-line
     tracebacks, and the run's `error` tag `Graph execution error:`."""

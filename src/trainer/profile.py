@@ -36,19 +36,9 @@ class Profiler(Callback):
         self.start, self.stop, self.logdir = start, stop, logdir
         self.boundaries = (start, stop)  # fit._until ends a chunk on each
         self.active = False
-        self.lost = ""  # steps of the window a stopped attempt traced and lost (a resume inside the window)
 
     def on_train_begin(self, ctx: Context) -> None:
         if ctx.step == self.start:
-            self._begin()
-        elif self.start < ctx.step < self.stop:  # a resume inside the window: its first steps' trace was lost
-            self.lost = f"{self.start}..{ctx.step}"
-            from trainer.actions import console
-
-            console.print(f"profile: resumed at step {ctx.step}, inside trainer.profile=[{self.start},{self.stop}]: "
-                          f"tracing steps {ctx.step}..{self.stop}; the trace of steps {self.lost} was lost with the "
-                          "stopped attempt", markup=False, soft_wrap=True)  # fmt: skip
-            self.start = ctx.step
             self._begin()
 
     def on_chunk_end(self, ctx: Context, step: int, arrays: StepArrays) -> None:
@@ -71,8 +61,6 @@ class Profiler(Callback):
         tf.profiler.experimental.stop()
         self.active = False
         ctx.run.set_tag("profile.steps", f"{self.start}..{self.stop}")
-        if self.lost:
-            ctx.run.set_tag("profile.lost_steps", self.lost)
         for path in sorted(self.logdir.rglob("*")):  # plugins/profile/<timestamp>/<host>.xplane.pb
             if path.is_file():
                 ctx.run.log_artifact(path, f"{ARTIFACT_DIR}/{path.parent.relative_to(self.logdir).as_posix()}")
