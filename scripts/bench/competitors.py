@@ -131,7 +131,16 @@ def run_bare(ctx: JobContext, steps: int) -> float:
     return timed(lambda: bare_loop(ctx, steps))
 
 
-def bare_loop(ctx: JobContext, steps: int) -> float:
+def plain_update(model, loss_fn, optimizer, variables, xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
+    """One GradientTape step, nothing else: bare's step."""
+    with tf.GradientTape() as tape:
+        loss = loss_fn(yb, model(xb, training=True))
+    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+    return loss
+
+
+def bare_loop(ctx: JobContext, steps: int, update: Callable = plain_update) -> float:
+    """`update(model, loss_fn, optimizer, variables, x, y) -> loss`: the step, hand-written (bench --step: SAM)."""
     model, loss_fn = fresh_model(ctx), build(ctx.cfg.loss)
     optimizer = fresh_optimizer(ctx, steps)
     variables = model.trainable_variables
@@ -158,9 +167,7 @@ def bare_loop(ctx: JobContext, steps: int) -> float:
                 new_epoch_order()
             pos = step % per_epoch
             idx = order[pos * b : pos * b + b]
-            with tf.GradientTape() as tape:
-                loss = loss_fn(tf.gather(y, idx), model(tf.gather(x, idx), training=True))
-            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+            loss = update(model, loss_fn, optimizer, variables, tf.gather(x, idx), tf.gather(y, idx))
             step.assign_add(1)
         return loss
 

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from bench.competitors import BARE_STEPS_PER_CALL, run_ours
-from bench.harness import MLP, Competitor, Job, JobContext, compose, fresh_model, fresh_optimizer, log, timed
+from bench.competitors import bare_loop, run_ours
+from bench.harness import MLP, Competitor, Job, JobContext, compose, log, timed
 from bench.race import race
 from bench.report import Check
-from trainer.config import build
 from trainer.data.prepare import load as load_data
-from trainer.loop import MIN_EPOCH_FOR_CUTS, epoch_order
 
 RHO = 0.05
 STEP_FLOOR = 0.95
@@ -70,46 +68,22 @@ def run_sam_loop(ctx: JobContext, steps: int) -> float:
 
 def sam_loop(ctx: JobContext, steps: int) -> float:
     """SAM as a user would hand-write it: the bench's bare loop with SAM's step, no metrics, no store."""
-    model, loss_fn = fresh_model(ctx), build(ctx.cfg.loss)
-    optimizer = fresh_optimizer(ctx, steps)
-    variables = model.trainable_variables
-    optimizer.build(variables)
-    x, y = tf.constant(ctx.data.x_train), tf.constant(ctx.data.y_train)
-    n, b, seed = len(ctx.data.x_train), ctx.batch, ctx.seed
-    per_epoch = n // b
-    step = tf.Variable(0, dtype=tf.int32, trainable=False)
-    order = tf.Variable(epoch_order(n, seed, 0), trainable=False)
-    cut = per_epoch >= MIN_EPOCH_FOR_CUTS
+    return bare_loop(ctx, steps, update=sam_update)
 
-    def gradients(xb: tf.Tensor, yb: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+
+def sam_update(model, loss_fn, optimizer, variables, xb: tf.Tensor, yb: tf.Tensor) -> tf.Tensor:
+    def gradients() -> tuple[tf.Tensor, list[tf.Tensor]]:
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
         return loss, tape.gradient(loss, variables)
 
-    @tf.function
-    def chunk(k: tf.Tensor) -> tf.Tensor:
-        loss = tf.constant(0.0)
-        if cut and step % per_epoch == 0:
-            order.assign(epoch_order(n, seed, step // per_epoch))
-        for _ in tf.range(k):
-            pos = step % per_epoch
-            idx = order[pos * b : pos * b + b]
-            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
-            loss, grads = gradients(xb, yb)
-            norm = tf.linalg.global_norm(grads)
-            saved = [tf.identity(v) for v in variables]
-            for v, g in zip(variables, grads, strict=True):
-                v.assign_add(RHO * g / (norm + 1e-12))
-            _, sharp = gradients(xb, yb)
-            for v, w in zip(variables, saved, strict=True):
-                v.assign(w)
-            optimizer.apply_gradients(zip(sharp, variables, strict=True))
-            step.assign_add(1)
-        return loss
-
-    done, last = 0, tf.constant(0.0)
-    while done < steps:
-        k = min(BARE_STEPS_PER_CALL, steps - done, per_epoch - done % per_epoch if cut else steps)
-        last = chunk(tf.constant(k, tf.int32))
-        done += k
-    return float(last)
+    loss, grads = gradients()
+    norm = tf.linalg.global_norm(grads)
+    saved = [tf.identity(v) for v in variables]
+    for v, g in zip(variables, grads, strict=True):
+        v.assign_add(RHO * g / (norm + 1e-12))
+    _, sharp = gradients()
+    for v, w in zip(variables, saved, strict=True):
+        v.assign(w)
+    optimizer.apply_gradients(zip(sharp, variables, strict=True))
+    return loss

@@ -1044,11 +1044,6 @@ def _strings(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:
         yield from _strings(value, where)
 
 
-def _interpolations(tree: Any, path: str = "") -> Iterator[str]:
+def _interpolations(tree: Any) -> Iterator[str]:
     """Keys of a plain container whose values OmegaConf would take for interpolations, at any depth."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    for key, value in items:
-        where = f"{path}.{key}" if path else str(key)
-        if isinstance(value, str) and "${" in value:
-            yield where
-        yield from _interpolations(value, where)
+    return (key for key, value in _strings(tree) if "${" in value)

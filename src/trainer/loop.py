@@ -121,7 +121,7 @@ class StepLoop:
                 slot.optimizer.build(slot.variables)  # its slots exist before the trace: one trace, not two
         self.variables = [v for slot in self.layout.slots for v in slot.variables]
         self.variable_names = self.layout.variable_names
-        self.ops = Ops(self.step_name, self.layout, self.step, seed, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
+        self.ops = Ops(self.layout, self.step, seed, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
                        accumulate_steps=accumulate_steps, replicas=self.replicas, distributed=self.distributed,
                        jit=jit)  # fmt: skip
         # Outside the strategy's scope: written and read only in cross-replica context, one copy is enough

@@ -154,9 +154,9 @@ class Ops:
     Built once per loop; `begin()` and `end()` bracket each traced step (Python bookkeeping at trace time:
     the values it gathers are graph tensors, written as one row by the loop)."""
 
-    def __init__(self, step_name: str, layout: Layout, step: tf.Variable, seed: int, *, clip_norm: float | None,
+    def __init__(self, layout: Layout, step: tf.Variable, seed: int, *, clip_norm: float | None,
                  on_nonfinite: str, accumulate_steps: int, replicas: int, distributed: bool, jit: bool):  # fmt: skip
-        self.step_name, self.layout, self.step = step_name, layout, step
+        self.layout, self.step = layout, step
         self._seed, self.clip_norm, self.on_nonfinite = seed, clip_norm, on_nonfinite
         self.accumulate_steps, self.replicas, self.distributed = accumulate_steps, replicas, distributed
         self._by_id = {id(slot.optimizer): slot for slot in layout.slots}
