@@ -295,3 +295,17 @@ def test_an_error_raised_by_a_built_target_has_an_acyclic_chain(tmp_path):
         assert not any(error is s for s in seen)
         seen.append(error)
         error = error.__cause__ or error.__context__
+
+
+def test_a_store_that_stalls_after_the_probe_is_recognized_as_the_store_failing(silent_server, monkeypatch):
+    """The probe passed, then the server stopped answering a set-up call (log_params): that gave Hydra's
+    traceback and no `error:` line (a CI run's stalled-server test). `store_failed` tells the trainer's CLI
+    to print one line instead; anything else (a bug) still shows its traceback."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(Exception) as stalled:
+        MlflowClient(silent_server).log_param("0" * 32, "a", 1)
+    assert tracking.store_failed(stalled.value)
+    assert not tracking.store_failed(ValueError("a bug")) and not tracking.store_failed(TypeError("another"))

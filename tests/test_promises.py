@@ -290,6 +290,47 @@ def test_a_damaged_image_is_named_when_streamed_as_when_held(tmp_path, mlflow_te
         )
 
 
+@pytest.mark.slow
+def test_a_run_killed_inside_its_profile_window_traces_the_rest_when_resumed(tmp_path):
+    """Before: killed inside trainer.profile=[a,b] and resumed, the trace was lost without a word."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    common = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "trainer.progress=false", "model=mlp",
+              "trainer.max_steps=3000", "tracking.log_model=false"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "trainer", *common, "trainer.profile=[100,3000]",
+                              "trainer.checkpoint_every=100", "trainer.steps_per_loop=20", "hydra.run.dir=run"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    durable = tmp_path / "run" / "checkpoints" / "durable.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (
+        durable.exists() and json.loads(durable.read_text() or "{}").get("step", 0) >= 300
+    ):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "trainer", *common, "resume=run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    resumed_at = int(run.data.tags["resumed_at_step"])  # the newest intact checkpoint the store holds all before
+    traces = [a.path for a in client.list_artifacts(run.info.run_id, "profile")]
+    assert traces, "the window (or the rest of it) was traced and logged"
+    if resumed_at == 100:  # restored at START itself (the durability record lags the profiled run): all of it
+        assert run.data.tags["profile.steps"] == "100..3000" and "profile.lost_steps" not in run.data.tags
+        return
+    assert 100 < resumed_at < 3000
+    line = f"profile: resumed at step {resumed_at}, inside trainer.profile=[100,3000]: tracing steps {resumed_at}..3000"
+    assert line in proc.stderr
+    assert run.data.tags["profile.steps"] == f"{resumed_at}..3000"
+    assert run.data.tags["profile.lost_steps"] == f"100..{resumed_at}"
+
+
 def test_read_errors_deep_in_a_stream_are_one_line_naming_the_file(tmp_path):
     """Before: a file deleted mid-run, a source failing in its generator or a leftover cache lockfile gave 44-81-line
     tracebacks, and the run's `error` tag `Graph execution error:`."""
@@ -343,7 +384,8 @@ def test_a_tracking_server_that_stops_answering_gets_bounded_time_and_one_line(t
     (tmp_path / "server").mkdir()
     server = Server(tmp_path / "server", free_port())
     server.start()
-    env = {**ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}  # the test's own, shorter bound (the trainer's: 20 s)
+    env = {**ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}  # the test's own, shorter bound (the trainer's: 20 s); 3 s
+    # failed a loaded CI machine's set-up requests (a traceback then, now one line: test below)
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "trainer", f"tracking.uri={server.uri}", "model=mlp",
@@ -351,17 +393,21 @@ def test_a_tracking_server_that_stops_answering_gets_bounded_time_and_one_line(t
                                  "tracking.log_model=false", "hydra.run.dir=run"], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         durable = tmp_path / "run" / "checkpoints" / "durable.json"
-        while time.perf_counter() - t0 < 120 and not (
-            durable.exists() and json.loads(durable.read_text() or "{}").get("step", 0) >= 1000
+        while (
+            proc.poll() is None
+            and time.perf_counter() - t0 < 180
+            and not (durable.exists() and json.loads(durable.read_text() or "{}").get("step", 0) >= 1000)
         ):
             time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]  # still training when the server stops
         os.killpg(server.proc.pid, signal.SIGSTOP)
         _, err = proc.communicate(timeout=400)
         elapsed = time.perf_counter() - t0
         assert proc.returncode == 1, err[-2000:]
-        [line] = [x for x in err.splitlines() if x.startswith("error: ")]
-        assert "metric points could not be written" in line and "Traceback" not in err
-        assert elapsed < 300, elapsed
+        lines = [x for x in err.splitlines() if x.startswith("error: ")]
+        assert len(lines) == 1, err[-3000:]
+        assert "metric points could not be written" in lines[0] and "Traceback" not in err, err[-3000:]
+        assert elapsed < 200, elapsed  # 100 s here (with the 8-s timeout); 290 s before the closing calls were bounded
         stopped_at = json.loads(durable.read_text())["step"]
         os.killpg(server.proc.pid, signal.SIGCONT)
         client = MlflowClient(server.uri)

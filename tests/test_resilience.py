@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -206,3 +207,62 @@ def test_unwritable_tracking_store_fails_before_training(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(TrainerError, match="cannot open the MLflow store"):
         train(cfg_for(tmp_path, f"tracking.uri=sqlite:///{tmp_path}/file/m.db"), output_dir=tmp_path)
+
+
+BLOCKING_CALLBACK = '''
+import pathlib
+import tensorflow as tf
+from trainer.callbacks import Callback
+
+
+@tf.function
+def spin(seconds):
+    start = tf.timestamp()
+    _, x = tf.while_loop(lambda i, x: tf.timestamp() - start < seconds,
+                         lambda i, x: (i + 1, tf.tanh(tf.matmul(x, x) / 64.0)), (0, tf.ones((64, 64))))
+    return x
+
+
+class Block(Callback):
+    """At step >= 40: one compiled call of 300 s, as a huge model's chunk or validation pass is."""
+
+    every = 20
+
+    def on_chunk_end(self, ctx, step, arrays):
+        if step >= 40:
+            pathlib.Path("blocking").write_text(str(step))
+            spin(tf.constant(300.0, tf.float64)).numpy()
+'''
+
+
+@pytest.mark.slow  # a 25-60 s CLI run
+def test_sigterm_inside_one_long_compiled_call_ends_the_process_within_the_grace_period(tmp_path):
+    """Before: Python's handler waits for the main thread to leave TensorFlow's call, so a 610,368-class model
+    took 295 s to exit after SIGTERM, printing nothing, the run left RUNNING. Now a thread hears the signal at
+    once, says so, and after STOP_GRACE_SECONDS without the round's end marks the run KILLED and exits; the
+    resume starts from the newest durable checkpoint."""
+    from trainer.process import STOP_GRACE_SECONDS
+
+    (tmp_path / "blocker.py").write_text(BLOCKING_CALLBACK)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "trainer", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "model=mlp",
+           "trainer.max_steps=100000", "trainer.checkpoint_every=20", "trainer.progress=false",
+           "trainer.callbacks=[{_target_: blocker.Block}]", "hydra.run.dir=run"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "blocking").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the call
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 143, err[-3000:]
+    assert STOP_GRACE_SECONDS <= elapsed < STOP_GRACE_SECONDS + 10, elapsed
+    assert "SIGTERM: stopping after this chunk" in err and "Traceback" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if x.startswith("stopped: SIGTERM")]
+    assert f"did not end within {STOP_GRACE_SECONDS:g} s" in line and f"resume={tmp_path / 'run'}" in line
+    _, run = only_run(tmp_path)
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["stopped_by"]
+    durable = int(json.loads((tmp_path / "run" / "checkpoints" / "durable.json").read_text())["step"])
+    assert durable >= 20 and f"durable checkpoint is at step {durable}" in line

@@ -128,7 +128,10 @@ def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
     startup.before_training(cfg)  # quiet libraries, the store opened, TensorFlow imported (its chatter dropped)
 
     from trainer.fit import Interrupted
+    from trainer.process import stop_within
     from trainer.train import train
+
+    stop_within()  # a signal ends this process within seconds, whatever the model's size
 
     try:
         return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir, tags=tags)
@@ -136,13 +139,20 @@ def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
         print(f"stopped: {e}; continue with: python -m trainer resume={Path(e.directory).parent}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except Exception as e:
-        from trainer.tracking import disk_full
+        from trainer.secrets import redact
+        from trainer.tracking import disk_full, store_failed
 
-        if not disk_full(e):
-            raise
-        raise TrainerError(f"no space left on the device ({_last_line(e)}); what was stored is kept: free space, "
-                           f"then resume: python -m trainer resume={cfg.get('resume') or hc.runtime.output_dir}"
-                           ) from e  # fmt: skip
+        resume = f"python -m trainer resume={cfg.get('resume') or hc.runtime.output_dir}"
+        if disk_full(e):
+            raise TrainerError(f"no space left on the device ({_last_line(e)}); what was stored is kept: free space, "
+                               f"then resume: {resume}") from e  # fmt: skip
+        if store_failed(e) and not isinstance(e, TrainerError):
+            import mlflow
+
+            store = redact(mlflow.get_tracking_uri())
+            raise TrainerError(f"the tracking store {store} failed ({_last_line(e)[:300]}); what was stored is "
+                               f"kept: once it works again, resume: {resume}") from e  # fmt: skip
+        raise
 
 
 def _last_line(error: BaseException) -> str:

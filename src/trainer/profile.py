@@ -10,6 +10,7 @@ training starts), stop at the round ending on STOP. TensorFlow writes `<logdir>/
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,19 @@ class Profiler(Callback):
         self.start, self.stop, self.logdir = start, stop, logdir
         self.boundaries = (start, stop)  # fit._until ends a chunk on each
         self.active = False
+        self.lost = ""  # steps of the window a stopped attempt traced and lost (a resume inside the window)
 
     def on_train_begin(self, ctx: Context) -> None:
+        """A resume inside the window (a kill -9 there: the trace in progress dies with the process) traces the
+        rest of it, says so in one line and tags the steps lost. Before: the trace was lost without a word."""
         if ctx.step == self.start:
+            self._begin()
+        elif self.start < ctx.step < self.stop:
+            self.lost = f"{self.start}..{ctx.step}"
+            print(f"profile: resumed at step {ctx.step}, inside trainer.profile=[{self.start},{self.stop}]: tracing "
+                  f"steps {ctx.step}..{self.stop}; the trace of steps {self.lost} was lost with the stopped attempt",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            self.start = ctx.step
             self._begin()
 
     def on_chunk_end(self, ctx: Context, step: int, arrays: StepArrays) -> None:
@@ -61,6 +72,8 @@ class Profiler(Callback):
         tf.profiler.experimental.stop()
         self.active = False
         ctx.run.set_tag("profile.steps", f"{self.start}..{self.stop}")
+        if self.lost:
+            ctx.run.set_tag("profile.lost_steps", self.lost)
         for path in sorted(self.logdir.rglob("*")):  # plugins/profile/<timestamp>/<host>.xplane.pb
             if path.is_file():
                 ctx.run.log_artifact(path, f"{ARTIFACT_DIR}/{path.parent.relative_to(self.logdir).as_posix()}")

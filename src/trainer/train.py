@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -40,7 +42,7 @@ from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
 from trainer.models import check_fits
 from trainer.optim import Schedule, build_optimizer
-from trainer.process import process_settings
+from trainer.process import STOP_GRACE_SECONDS, process_settings
 from trainer.profile import check_profile
 from trainer.secrets import redact
 from trainer.steps import Step, Supervised
@@ -100,6 +102,7 @@ def train(
             run_id = resume.run_id if resume else None
             with Run(cfg, overrides, tags=tags, run_id=run_id) if chief else QuietRun() as run:
                 run.sink.on_durable = checkpoints.mark_durable if chief else None
+                stop.on_overdue = partial(_stopped_overdue, run, checkpoints)
                 if resume:
                     checkpoints.rewind(start)  # first: a kill from here on resumes from `start` again
                     run.resume_at(start, finished=start >= total_steps)
@@ -122,6 +125,20 @@ def train(
         finally:
             checkpoints.release()
     return result.objective
+
+
+def _stopped_overdue(run: Run | QuietRun, checkpoints: Checkpoints, signum: int) -> None:
+    """A signal's round did not end in time (process.StopFlag): say so, and mark the run KILLED, before the exit.
+    What a resume starts from is the newest durable checkpoint, as after kill -9."""
+    import signal as signals
+
+    durable, name = checkpoints.durable_step(), signals.Signals(signum).name
+    print(f"stopped: {name} and the round did not end within {STOP_GRACE_SECONDS:g} s (a long compiled call, "
+          f"evaluation or checkpoint); stopped at once. The newest durable checkpoint is at step {durable}; continue "
+          f"with: python -m trainer resume={checkpoints.directory.parent}", file=sys.stderr, flush=True)  # fmt: skip
+    if isinstance(run, Run):
+        run.client.set_tag(run.run_id, "stopped_by", f"{name}, after {STOP_GRACE_SECONDS:g} s without a round's end")
+        run.client.set_terminated(run.run_id, "KILLED")
 
 
 def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, total_steps: int,

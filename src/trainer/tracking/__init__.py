@@ -31,15 +31,16 @@ _HOMES = {
     "probe": "connect",
     "check_readable": "connect",
     "PROBE_TIMEOUT_S": "connect",
+    "store_failed": "connect",
     "log_model": "models",
 }
 __all__ = [  # noqa: RUF022  (grouped by module, as _HOMES)
     "Run", "QuietRun", "flatten", "open_store", "Chunk", "MetricSink", "disk_full", "LogBatchWriter", "SqlBulkWriter",
-    "stored_through", "probe", "check_readable", "PROBE_TIMEOUT_S", "log_model",
+    "stored_through", "probe", "check_readable", "PROBE_TIMEOUT_S", "store_failed", "log_model",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from trainer.tracking.connect import PROBE_TIMEOUT_S, check_readable, probe
+    from trainer.tracking.connect import PROBE_TIMEOUT_S, check_readable, probe, store_failed
     from trainer.tracking.models import log_model
     from trainer.tracking.run import QuietRun, Run, flatten, open_store
     from trainer.tracking.sink import Chunk, MetricSink, disk_full

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+from collections.abc import Iterator
 
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +22,7 @@ DATABASE_TIMEOUT_S = 5  # libpq's connect_timeout for the PostgreSQL probe
 
 
 HTTP_TIMEOUT_S = 20  # MLflow's per-request timeout for a tracking server (its default: 120 s)
+CLOSING_TIMEOUT_S = 3  # each closing call (tags, status) to a server the sink found away: one try, this long
 HTTP_RETRIES = 2  # and its retries (default 7): a stalled server held the trainer for MLflow's minutes of retries
 
 
@@ -29,11 +32,28 @@ def bound_http(uri: str) -> None:
     its close_timeout, after which the run ends with one line counting the points not written. Before: training
     was done in ~10 s, then the trainer sat in 120-s retries until killed at 9.5 min, no `error:` line, the run
     RUNNING. Settings of your own (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES) win."""
-    import os
-
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
+
+
+@contextlib.contextmanager
+def brief_http() -> Iterator[None]:
+    """MLflow's HTTP calls made inside: one try of CLOSING_TIMEOUT_S. For closing a run whose server the sink found
+    away: its four closing calls (the lost count, the error, the status, the fluent end) each waited MLflow's
+    timeout three times: 290 s to exit with an 8-s timeout, minutes more at the default 20 s. MLflow reads both
+    settings on every request."""
+    keys = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(CLOSING_TIMEOUT_S), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_readable(uri: str) -> None:
@@ -117,6 +137,18 @@ def _network_reason(error: BaseException) -> str:
     if "timed out" in text.lower():
         return f"no connection within {PROBE_TIMEOUT_S:g} s or no answer within {PROBE_READ_S:g} s"
     return first_line(error)[:300]
+
+
+def store_failed(error: BaseException) -> bool:
+    """True when `error` came from talking to the store: MLflow's own errors (a server's answer included), the
+    HTTP layer's (a timeout, a refused connection) or the database's. A store that stalls or fails during the
+    run's set-up (params, tags, artifacts) gave a Hydra traceback and no `error:` line."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    kinds = (MlflowException, requests.RequestException, SQLAlchemyError, sqlite3.Error)
+    return any(isinstance(e, kinds) for e in causes(error))
 
 
 def open_error(uri: str, experiment: str, error: BaseException) -> str:

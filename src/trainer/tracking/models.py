@@ -29,9 +29,17 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
     by reference (this module), so loading needs `trainer` installed; the model itself is a `.keras` file
     loaded with Keras' safe_mode, after importing the modules its classes come from."""
 
-    def __init__(self, task: str, names: Sequence[str] | None, from_logits: bool, dtype: str, modules: Sequence[str]):
+    def __init__(
+        self,
+        task: str,
+        names: Sequence[str] | None,
+        from_logits: bool,
+        dtype: str,
+        modules: Sequence[str],
+        columns: int | None = None,
+    ):
         self.task, self.names, self.from_logits = task, list(names) if names else None, from_logits
-        self.dtype, self.modules = dtype, list(modules)
+        self.dtype, self.modules, self.columns = dtype, list(modules), columns
         self._model = None
 
     def load_context(self, context: Any) -> None:
@@ -52,18 +60,24 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         return self.outputs(np.asarray(self._model.predict(self.cast(model_input), verbose=0)))
 
     def cast(self, model_input: Any) -> np.ndarray:
-        """The input as the model's dtype; NaN and infinity are refused (an MlflowException of
-        INVALID_PARAMETER_VALUE: `mlflow models serve` answers 400), where they were answered 200 with a label."""
+        """The input as the model's dtype (any numeric dtype pandas reads: int64 too). Refused, as an
+        MlflowException of INVALID_PARAMETER_VALUE (`mlflow models serve` answers 400): NaN and infinity, and a
+        table with more or fewer columns than the model takes. Both were answered 200 with a label; MLflow's own
+        column schema keeps a table's first columns and drops the rest, so a table's model is logged without an
+        input schema (log_model) and its column count is checked here."""
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
-        values = np.asarray(values, dtype=self.dtype)
+        columns = getattr(self, "columns", None)  # None: a model logged before the check
+        if columns is not None and (np.ndim(values) != 2 or np.shape(values)[1] != columns):
+            got = f"{np.shape(values)[1]} columns" if np.ndim(values) == 2 else f"shape {np.shape(values)}"
+            raise _invalid(f"input has {got}: the model takes rows of {columns} columns, in training order")
+        try:
+            values = np.asarray(values, dtype=self.dtype)
+        except (TypeError, ValueError) as e:
+            raise _invalid(f"input is not numeric ({e}): the model takes numbers") from None
         if values.dtype.kind == "f" and not np.isfinite(values).all():
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
             row, *column = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
             where = f"row {row}" + (f", column {column[0]}" if values.ndim == 2 else "")
-            raise MlflowException(f"input {where} is {values[(row, *column)]}: the model takes finite numbers only",
-                                  error_code=INVALID_PARAMETER_VALUE)  # fmt: skip
+            raise _invalid(f"input {where} is {values[(row, *column)]}: the model takes finite numbers only")
         return values
 
     def outputs(self, out: np.ndarray) -> Any:
@@ -83,6 +97,14 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame({name: probs[:, i] for i, name in enumerate(names)})
         frame[LABEL_COLUMN] = np.asarray(names, dtype=object)[probs.argmax(axis=1)]
         return frame
+
+
+def _invalid(message: str) -> Exception:
+    """A bad request: MLflow's server answers it with 400 and the message."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -106,10 +128,11 @@ def log_model(
 ) -> str:
     """Log the Keras `model` as an MLflow pyfunc model (KerasPyfunc) of the active run; returns its URI.
 
-    `input_example` (a few raw rows) is logged and gives the signature. A table's inputs are unnamed double
-    columns: MLflow upcasts float32 and int columns to them, takes a DataFrame's columns by position and an
-    array as one, where a tensor signature demands its dtype exactly (float32: float64 refused; float64:
-    float32 refused). Images and other tensors keep the tensor signature of the raw data. `task`, `labels`
+    `input_example` (a few raw rows) is logged and gives the signature. A table's signature has outputs and no
+    input schema: MLflow's column schema keeps a table's first columns and silently drops extra ones (10 columns
+    sent to an 8-column model got 200), and its double columns refused int64 (pandas' dtype for whole numbers),
+    so KerasPyfunc.cast checks the column count and casts any numeric dtype itself. Images and other tensors
+    keep the tensor signature of the raw data, whose shape MLflow checks. `task`, `labels`
     (class names by id) and `from_logits` (the loss's) turn a classifier's logits into probabilities and
     labels. `registered_model_name`: also a new version of that registered model. Requirements are given,
     not inferred: inference loads the model again in a subprocess (~25 s). The model's `.keras` file sits
@@ -117,23 +140,23 @@ def log_model(
     pickled `python_model.pkl` beside it, which is code.
     """
     import keras
-    from mlflow.models import infer_signature
-    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.models import ModelSignature, infer_signature
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_model logs into the active MLflow run; call it inside trainer.tracking.Run")
     if not isinstance(model, keras.Model):
         raise TypeError(f"log_model logs Keras models; got {type(model).__name__}")
     dtype = str(model.inputs[0].dtype) if getattr(model, "inputs", None) else "float32"
-    wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model))
-    signature, example = None, None
-    if input_example is not None:
-        example = np.asarray(input_example[:2])
+    example = None if input_example is None else np.asarray(input_example[:2])
+    table = example is not None and example.ndim == 2
+    wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), example.shape[1] if table else None)
+    signature = None
+    if example is not None:
         out = wrapper.outputs(np.asarray(model(wrapper.cast(example), training=False)))
         signature = infer_signature(example, out)
-        if example.ndim == 2:  # a table: unnamed double columns, taken by position (see above)
+        if table:  # checked by KerasPyfunc.cast (see above)
             example = example.astype(np.float64)
-            signature.inputs = Schema([ColSpec(DataType.double) for _ in range(example.shape[1])])
+            signature = ModelSignature(inputs=None, outputs=signature.outputs)
     with tempfile.TemporaryDirectory(prefix="trainer-model-") as tmp, _quiet_pyfunc():
         path = Path(tmp) / "model.keras"
         model.save(path)

@@ -27,7 +27,7 @@ from trainer.lifecycle import retry_busy
 from trainer.secrets import redact, redact_tree
 from trainer.store import index_for_charts
 from trainer.tracking import curves, ui
-from trainer.tracking.connect import open_error, probe
+from trainer.tracking.connect import brief_http, open_error, probe
 from trainer.tracking.lineage import code_tags
 from trainer.tracking.sink import Chunk, MetricSink
 from trainer.tracking.writers import SqlBulkWriter
@@ -174,11 +174,17 @@ class Run:
                 self.client.delete_tag(self.run_id, key)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        lost = 0
         if getattr(self, "monitor", None) is not None:
             self.monitor.finish()  # its last samples written before the run's status
         if self.sink is not None:
             self.sink.close()
+        away = self.sink is not None and self.sink.points_lost > 0  # the store did not take them: the closing
+        with brief_http() if away else contextlib.nullcontext():  # calls get one short try each (brief_http)
+            self._close(exc_type, exc)
+
+    def _close(self, exc_type, exc) -> None:
+        lost = 0
+        if self.sink is not None:
             lost = self._report_delivery()
             if not lost:  # the store took everything: the long-curve extras are cheap and safe to add
                 self._finish_curves(ended=exc_type is None)
