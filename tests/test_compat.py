@@ -266,6 +266,7 @@ def test_importing_the_tracking_package_costs_no_mlflow_import():
 
 
 HOOKS = {("optim.py", "_backend_update_step")}  # the fused Adam's override of Keras' hook: compat.keras_reason
+STDLIB_PUBLIC = {("os", "_exit")}  # documented, public: the process ends without unwinding (process.StopFlag)
 OWN_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}  # Hydra's public config keys
 
 
@@ -275,7 +276,8 @@ def private_reaches(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         name = None
         if isinstance(node, ast.Attribute) and not (
-            isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            isinstance(node.value, ast.Name)
+            and (node.value.id in ("self", "cls") or (node.value.id, node.attr) in STDLIB_PUBLIC)
         ):
             name = node.attr
         elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("getattr", "hasattr", "setattr"):
