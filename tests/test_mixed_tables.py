@@ -16,6 +16,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from conftest import option_kwargs
 from trainer import evaluate as ev
 from trainer.config import TrainerError
 from trainer.data import csv
@@ -121,8 +122,7 @@ def test_bad_columns_are_one_line_naming_the_column_and_the_fix(tmp_path, pengui
     path = str(tmp_path / "tagged.csv")
 
     def read(**kwargs):
-        settings = {"features": None, "missing": "auto", "one_hot": False, "val_fraction": 0.2, "seed": 0}
-        return csv(path, "species", **{**settings, **kwargs})
+        return csv(**option_kwargs("data", "csv", path=path, target="species", val_fraction=0.2, **kwargs))
 
     cases = [
         (
@@ -161,3 +161,24 @@ def test_a_text_column_gets_tf_idf_like_scikit_learns(tmp_path):
     theirs = TfidfVectorizer(min_df=2).fit(docs.review)
     order = [schema.columns[0].values.index(t) for t in theirs.get_feature_names_out()]
     np.testing.assert_allclose(ours[:, order], theirs.transform(docs.review).toarray(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_source_of_your_own_returning_strings_is_one_line_in_every_form():
+    """Before: three raw tracebacks, by how the strings were held (`data type 'string' not understood`,
+    `Cast string to float`, `bad operand type for abs(): 'bytes'`)."""
+    import tensorflow as tf
+
+    from trainer.data.prepare import prepare, shared_defaults
+
+    settings = OmegaConf.create(shared_defaults())
+    words = np.array([["a review", "b"], ["c", "d"]] * 10)
+    for result in (
+        (words, np.arange(20.0)),
+        (np.ones((20, 2)), np.array([b"yes", b"no"] * 10)),
+        tf.data.Dataset.from_tensor_slices((tf.constant(words), tf.range(20.0))),
+        tf.data.Dataset.from_tensor_slices((tf.ones((20, 2)), tf.constant(["yes", "no"] * 10))),
+    ):
+        with pytest.raises(TrainerError) as e:
+            prepare(result, settings, "data._target_=my.source")
+        text = str(e.value)
+        assert text.startswith("data._target_=my.source returned") and "must be numbers" in text and "\n" not in text

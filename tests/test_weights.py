@@ -15,6 +15,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from conftest import option_kwargs
 from trainer import losses
 from trainer.config import TrainerError
 from trainer.data import csv
@@ -91,7 +92,20 @@ def test_class_weights_from_the_training_split_and_bad_settings_in_one_line(tmp_
     frame["diagnosis"] = np.where(frame.pop("target") == 0, "malignant", "benign")
     frame.to_csv(tmp_path / "cancer.csv", index=False)
     settings = OmegaConf.create({**shared_defaults(), "val_fraction": 0.2, "normalize": "standard"})
-    data = prepare(csv(str(tmp_path / "cancer.csv"), "diagnosis", None, "error", False), settings)
+    data = prepare(
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "cancer.csv"),
+                target="diagnosis",
+                features=None,
+                missing="error",
+                one_hot=False,
+            )
+        ),
+        settings,
+    )
     counts = np.bincount((data.y_train.reshape(-1) > 0.5).astype(int), minlength=2)
     np.testing.assert_allclose(class_weights(data, "balanced"), counts.sum() / (2 * counts), rtol=1e-6)
     by_label = class_weights(data, OmegaConf.create({"malignant": 4}))
@@ -107,7 +121,20 @@ def test_class_weights_from_the_training_split_and_bad_settings_in_one_line(tmp_
         with pytest.raises(TrainerError) as e:
             class_weights(data, OmegaConf.create(setting) if isinstance(setting, dict) else setting)
         assert message in str(e.value) and "\n" not in str(e.value)
-    regression = prepare(csv(str(tmp_path / "cancer.csv"), "mean radius", ["mean texture"], "error", False), settings)
+    regression = prepare(
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "cancer.csv"),
+                target="mean radius",
+                features=["mean texture"],
+                missing="error",
+                one_hot=False,
+            )
+        ),
+        settings,
+    )
     with pytest.raises(TrainerError, match=r"data\.class_weight=balanced: the data is a regression task"):
         class_weights(regression, "balanced")
     with pytest.raises(TrainerError, match=r"needs a loss that takes sample_weight; loss my\.loss does not"):

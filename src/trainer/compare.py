@@ -443,8 +443,10 @@ def compare(opts: Options) -> None:
     elif folds:
         for g in folds:
             shown_stats = ", ".join(f"{k} {m:.6g} ± {s:.3g}" for k, (m, s) in g.stats.items())
-            print(f"cross-validation ({len(g.done)} of {g.folds} folds) {shown(g.overrides)}: {shown_stats}",
-                  file=sys.stderr)  # fmt: skip  (stdout holds the machine-readable table)
+            print(
+                f"cross-validation ({len(g.done)} of {g.folds} folds) {shown(g.overrides)}: {shown_stats}",
+                file=sys.stderr,
+            )  # fmt: skip  (stdout holds the machine-readable table)
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     if parent is not None:
         tail = f"; best {shown(best.info.run_name)} ({best.info.run_id})" if best else ""

@@ -364,8 +364,10 @@ def evaluate(
 def _with_schema(node: DictConfig, client: MlflowClient, run: Run, uri: str, dst: Path) -> DictConfig:
     """A typed table's run (its `table_schema.json`): the file is read through the run's fitted column types,
     never types fitted on the file at hand (its categories would be other columns)."""
-    if "schema" not in node or node.get("schema") or not any(
-        a.path == "table_schema.json" for a in client.list_artifacts(run.info.run_id)
+    if (
+        "schema" not in node
+        or node.get("schema")
+        or not any(a.path == "table_schema.json" for a in client.list_artifacts(run.info.run_id))
     ):
         return node
     path = download_artifacts(run_id=run.info.run_id, artifact_path="table_schema.json", dst_path=str(dst),

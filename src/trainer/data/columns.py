@@ -35,7 +35,7 @@ MAX_CATEGORIES = 64  # a categorical column's values kept (most frequent first);
 MAX_TOKENS = 5000  # a text column's vocabulary (most frequent tokens of the training split)
 MIN_TEXT_TOKENS = 5  # a string column averaging this many tokens a cell is text, not categories
 ID_SHARE = 0.5  # a short-string column with more distinct values than this share of rows: an ID, not categories
-NUMERIC_SHARE = 0.9  # of a string column's distinct values parse as numbers: a numeric column with text cells
+NUMERIC_SHARE = 0.5  # of a string column's distinct values parse as numbers: a numeric column with text cells
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern, lower-cased first
 
 
@@ -137,11 +137,11 @@ def infer_kind(values: pd.Series, name: str, source: str) -> str:
     text = present.astype(str)
     distinct = text.unique()
     numbers = sum(_is_number(v) for v in distinct[:1000])
-    if len(distinct) > 5 and numbers >= NUMERIC_SHARE * min(len(distinct), 1000):
+    if numbers and numbers >= NUMERIC_SHARE * min(len(distinct), 1000):
         first = next(i for i, v in enumerate(values) if isinstance(v, str) and not _is_number(v))
-        raise TrainerError(f"{source}: column {name!r} is numeric but row {_row(values, first)} holds "
-                           f"{values.iloc[first]!r}: "
-                           "fix or remove that cell")  # fmt: skip
+        raise TrainerError(f"{source}: column {name!r} is not numeric: row {_row(values, first)} holds "
+                           f"{values.iloc[first]!r}; fix the cell, or declare the column's type: "
+                           f"data.columns={{{name}: categorical}} (or ignore)")  # fmt: skip
     if text.map(lambda v: len(TOKEN.findall(v.lower()))).mean() >= MIN_TEXT_TOKENS:
         return "text"
     if len(distinct) > ID_SHARE * len(present) and len(present) > 20:
@@ -260,4 +260,3 @@ def columns_setting(columns: Any) -> dict[str, str] | None:
     if not isinstance(columns, Mapping):
         raise TrainerError(f"data.columns={columns!r}: expected a mapping {{column: {' | '.join(KINDS)}}}")
     return {str(k): str(v) for k, v in columns.items()}
-

@@ -82,8 +82,10 @@ def _check_folds(s: DictConfig, result: Any, accepted: set[str] | None, name: st
     own_val = own_val or (isinstance(result, dict) and "val" in result)
     own_val = own_val or (isinstance(result, Examples) and result.val is not None)
     if split_itself or own_val:
-        raise TrainerError(f"data.folds={s.folds}: {name} gives its own validation split, so folds would change "
-                           "nothing; remove data.folds, or return the examples unsplit (README: Your own data)")
+        raise TrainerError(
+            f"data.folds={s.folds}: {name} gives its own validation split, so folds would change "
+            "nothing; remove data.folds, or return the examples unsplit (README: Your own data)"
+        )
 
 
 def _accepted(fn: Any) -> set[str] | None:
@@ -151,6 +153,11 @@ def _from_tf(ds: Any, name: str) -> Examples:
     spec = ds.element_spec
     if not (isinstance(spec, tuple) and len(spec) == 2):
         raise TrainerError(f"{name} returned a tf.data.Dataset of {spec}; expected (x, y) pairs")
+    for part, what in ((spec[0], "x"), (spec[1], "y")):  # strings: one line, as for arrays (core.check_numbers)
+        if not (part.dtype.is_floating or part.dtype.is_integer or part.dtype.is_bool):
+            raise TrainerError(f"{name} returned a tf.data.Dataset whose {what} is {part.dtype.name}; x and y must be "
+                               "numbers (text: write a CSV or Parquet file and use data=csv or data=parquet, whose "
+                               "typed columns encode it; class names: map them to ids 0..k-1)")  # fmt: skip
     if spec[0].shape.rank and spec[0].shape[0] is None and spec[1].shape.rank and spec[1].shape[0] is None:
         ds, spec = ds.unbatch(), ds.unbatch().element_spec  # batched: the trainer batches itself
     count = int(ds.cardinality())

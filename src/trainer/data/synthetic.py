@@ -7,9 +7,7 @@ import numpy as np
 from trainer.data.core import Dataset, split
 
 
-def tape_example(
-    x: float, y: float, val_fraction: float, seed: int, folds: int | None = None, fold: int = 0
-) -> Dataset:
+def tape_example(x: float, y: float, val_fraction: float, seed: int, folds: int | None, fold: int) -> Dataset:
     """The one example of TensorFlow's GradientTape introduction."""
     return split(
         np.array([[x]]),
@@ -31,8 +29,8 @@ def regression(
     kind: str,
     val_fraction: float,
     seed: int,
-    folds: int | None = None,
-    fold: int = 0,
+    folds: int | None,
+    fold: int,
 ) -> Dataset:
     """y = x @ W + b (+ a smooth nonlinearity for kind=nonlinear) + Gaussian noise; x ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
@@ -52,8 +50,8 @@ def classification(
     separation: float,
     val_fraction: float,
     seed: int,
-    folds: int | None = None,
-    fold: int = 0,
+    folds: int | None,
+    fold: int,
 ) -> Dataset:
     """Gaussian blobs around random class centres `separation` apart on average; one-hot targets."""
     rng = np.random.default_rng(seed)
@@ -71,8 +69,8 @@ def ring(
     std: float,
     val_fraction: float,
     seed: int,
-    folds: int | None = None,
-    fold: int = 0,
+    folds: int | None,
+    fold: int,
 ) -> Dataset:
     """Points around `modes` Gaussians evenly spaced on a circle of `radius` (a GAN's target); y: the mode."""
     rng = np.random.default_rng(seed)
@@ -83,7 +81,7 @@ def ring(
 
 
 def oscillator(n_samples: int, t_max: float, omega: float, u0: float, v0: float, val_fraction: float,
-               seed: int, folds: int | None = None, fold: int = 0) -> Dataset:  # fmt: skip
+               seed: int, folds: int | None, fold: int) -> Dataset:  # fmt: skip
     """Times on [0, t_max] (x) and the harmonic oscillator's solution at them (y), for a physics-informed step."""
     t = np.random.default_rng(seed).uniform(0.0, t_max, (n_samples, 1))
     y = u0 * np.cos(omega * t) + v0 / omega * np.sin(omega * t)

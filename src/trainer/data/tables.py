@@ -38,9 +38,8 @@ INDEX_NAMES = ("", "Unnamed: 0")  # a leading column with no name: the index pan
 
 
 def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool,
-        columns: Any = None, schema: str | None = None, val_fraction: float = 0.0, seed: int = 0,
-        in_memory: str = "auto", memory_limit_mb: float = 1024, folds: int | None = None,
-        fold: int = 0) -> Examples:  # fmt: skip
+        columns: Any, schema: str | None, val_fraction: float, seed: int, in_memory: str,
+        memory_limit_mb: float, folds: int | None, fold: int) -> Examples:  # fmt: skip
     """A CSV file with a header row; `target` one column name or a list; `features` null: every other column.
 
     An unnamed leading column (pandas' index) is never a feature. Errors name the file, the row, its line and
@@ -58,7 +57,9 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
     feats, targets = _choose(usable, target, features, str(path))
     raw = dict(zip(names, header, strict=True))
     typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold))
-    if typed.wanted(_csv_kinds(file, [raw[c] for c in feats]), file.stat().st_size, in_memory, memory_limit_mb):
+    kinds = _csv_kinds(file, [raw[c] for c in feats])
+    gaps = lambda: _csv_gaps(file, [raw[c] for c in feats], [raw[c] for c in targets])  # noqa: E731
+    if typed.wanted(kinds, file.stat().st_size, in_memory, memory_limit_mb, gaps):
         try:
             frame = pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(
                 include_columns=[raw[c] for c in [*feats, *targets]], strings_can_be_null=True))  # fmt: skip
@@ -93,9 +94,8 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
 
 
 def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool,
-            columns: Any = None, schema: str | None = None, val_fraction: float = 0.0, seed: int = 0,
-            in_memory: str = "auto", memory_limit_mb: float = 1024, folds: int | None = None,
-            fold: int = 0) -> Examples:  # fmt: skip
+            columns: Any, schema: str | None, val_fraction: float, seed: int, in_memory: str,
+            memory_limit_mb: float, folds: int | None, fold: int) -> Examples:  # fmt: skip
     """One Parquet file, a directory of them (every *.parquet below it) or a glob; files in sorted path order.
 
     The row count comes from the files' metadata. Columns that are not numbers are typed as for CSV (csv).
@@ -106,7 +106,9 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
     feats, targets = _choose(list(file_schema.names), target, features, str(path))
     typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold))
     kinds = [file_schema.field(name).type for name in feats]
-    if typed.wanted(kinds, sum(Path(f).stat().st_size for f in files), in_memory, memory_limit_mb):
+    size = sum(Path(f).stat().st_size for f in files)
+    gaps = lambda: any(_gaps(pq.read_table(f, columns=[*feats, *targets])) for f in files)  # noqa: E731
+    if typed.wanted(kinds, size, in_memory, memory_limit_mb, gaps):
         parts = [pq.read_table(f, columns=[*feats, *targets]).to_pandas() for f in files]
         return typed.examples(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0])
     text = any(_text(file_schema.field(t).type) for t in targets)
@@ -355,14 +357,18 @@ class _Typed:
         self.declared = columns_setting(columns)
         self.fitted = _read_schema(schema) if schema else None
 
-    def wanted(self, kinds: Sequence[pa.DataType], size: int, in_memory: str, memory_limit_mb: float) -> bool:
+    def wanted(self, kinds: Sequence[pa.DataType], size: int, in_memory: str, memory_limit_mb: float,
+               gaps: Callable[[], bool]) -> bool:  # fmt: skip
         """Typed when a feature is not a number, types are declared or given, or missing cells are filled (the
-        fill is the training split's, inside the model); such a table is read whole (not streamed)."""
-        words = [k for k in kinds if not _numeric(k) or pa.types.is_boolean(k)]
-        if not (words or self.declared or self.fitted or self.missing == "mean"):
-            return False
+        fill is the training split's, inside the model); such a table is read whole (not streamed).
+        `gaps()`: whether a feature cell is missing (asked only for data.missing=auto on a held table)."""
         held = str(in_memory).lower()
-        if held == "true" or (held == "auto" and size <= memory_limit_mb * 2**20):
+        held = held == "true" or (held == "auto" and size <= memory_limit_mb * 2**20)
+        words = [k for k in kinds if not _numeric(k) or pa.types.is_boolean(k)]
+        filled = self.missing == "mean" or (self.missing == "auto" and held and not words and gaps())
+        if not (words or self.declared or self.fitted or filled):
+            return False
+        if held:
             return True
         if words or self.declared or self.fitted:
             raise TrainerError(f"{self.source}: a table with categorical or text columns is read whole, and this one "
@@ -373,6 +379,10 @@ class _Typed:
 
     def examples(self, frame: pd.DataFrame) -> Examples:
         y, labels, keep = self._targets(frame[self.targets])
+        if not keep.all() and self.missing == "error":
+            row = int(np.flatnonzero(~keep)[0]) + 1
+            raise TrainerError(f"{self.source}: row {row} has no target value; data.missing=error refuses it: fill "
+                               "it, or data.missing=auto (rows without a target are left out, counted)")  # fmt: skip
         if not keep.all():
             from trainer.cli import notice_console
 
@@ -421,8 +431,10 @@ class _Typed:
             raise TrainerError(f"{self.source}: target column {self.targets[0]!r} holds numbers but row "
                                f"{names.index[at] + 1} holds {names.iloc[at]!r}: fix or remove that cell")  # fmt: skip
         if len(labels) > MANY_CLASSES and len(labels) > IMPLAUSIBLE_SHARE * len(names):
-            raise TrainerError(f"{self.source}: target column {self.targets[0]!r} has {len(labels):,} distinct values "
-                               f"in {len(names):,} rows: implausible as classes; pick the target column you meant")
+            raise TrainerError(
+                f"{self.source}: target column {self.targets[0]!r} has {len(labels):,} distinct values "
+                f"in {len(names):,} rows: implausible as classes; pick the target column you meant"
+            )
 
 
 def _numbers_only(missing: str) -> str:
@@ -438,6 +450,25 @@ def _read_schema(path: str) -> TableSchema:
         return TableSchema.from_dict(json.loads(Path(path).read_text()))
     except (OSError, ValueError) as e:
         raise TrainerError(f"data.schema={path!r}: cannot be read as a table schema ({e})") from None
+
+
+def _csv_gaps(file: Path, features: Sequence[str], targets: Sequence[str]) -> bool:
+    """Whether a feature or target cell of the CSV is empty or NaN; a feature that does not read as numbers is
+    left to the numeric reader, whose error names the cell."""
+    try:
+        table = pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(
+            include_columns=[*features, *targets], column_types=dict.fromkeys(features, pa.float64()),
+            strings_can_be_null=True))  # fmt: skip
+    except pa.ArrowInvalid:
+        return False
+    return _gaps(table)
+
+
+def _gaps(table: pa.Table) -> bool:
+    """Whether a column of `table` holds a null, or a floating one a NaN."""
+    return any(
+        col.null_count or (pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py()) for col in table.columns
+    )
 
 
 def _csv_kinds(file: Path, columns: Sequence[str]) -> list[pa.DataType]:
