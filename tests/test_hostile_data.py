@@ -48,11 +48,37 @@ def test_a_streamed_column_of_class_ids_is_class_ids(tmp_path):
     validation accuracy compared a logit > 0 with y > 0.5 (0.13 at val loss 0.06; held: 0.98)."""
     d = load_digits(as_frame=True).frame
     d.to_csv(tmp_path / "digits.csv", index=False)
-    data = prepare(csv(str(tmp_path / "digits.csv"), "target", None, "error", False), _settings(in_memory="false"))
+    data = prepare(
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "digits.csv"),
+                target="target",
+                features=None,
+                missing="error",
+                one_hot=False,
+            )
+        ),
+        _settings(in_memory="false"),
+    )
     assert data.task == "multiclass" and data.n_classes == 10 and data.y_shape == () and data.y_dtype == "int32"
     _, y = next(iter(data.val.read().batch(400)))
     assert y.dtype == tf.int32 and y.shape == (359,)
-    held = prepare(csv(str(tmp_path / "digits.csv"), "target", None, "error", False), _settings(in_memory="true"))
+    held = prepare(
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "digits.csv"),
+                target="target",
+                features=None,
+                missing="error",
+                one_hot=False,
+            )
+        ),
+        _settings(in_memory="true"),
+    )
     np.testing.assert_array_equal(y.numpy(), held.y_val)
 
 
@@ -64,14 +90,24 @@ def test_parquet_files_may_store_a_column_as_different_number_types(tmp_path):
     frame.iloc[:200].to_parquet(tmp_path / "shards" / "a.parquet")
     frame.iloc[200:].astype({"age": "int64"}).to_parquet(tmp_path / "shards" / "b.parquet")
     for in_memory in ("true", "false"):
-        source = parquet(str(tmp_path / "shards"), "target", None, "error", False)
+        source = parquet(
+            **option_kwargs(
+                "data",
+                "parquet",
+                path=str(tmp_path / "shards"),
+                target="target",
+                features=None,
+                missing="error",
+                one_hot=False,
+            )
+        )
         data = prepare(source, _settings(in_memory=in_memory, val_fraction=0.0))
         x = data.x_train if in_memory == "true" else next(iter(data.train.read().batch(1000)))[0].numpy()
         np.testing.assert_array_equal(x, frame.drop(columns="target").to_numpy(np.float32))
     text = frame.iloc[200:].copy()
     text["sex"] = np.where(text.sex == 1, "m", "f")
     text.to_parquet(tmp_path / "shards" / "b.parquet")
-    message = _one_line(parquet, str(tmp_path / "shards"), "target", None, "error", False)
+    message = _one_line(parquet, **option_kwargs("data", "parquet", path=str(tmp_path / "shards"), target="target"))
     assert message == (
         f"data.path='{tmp_path / 'shards'}': column 'sex' holds large_string values in {tmp_path / 'shards/b.parquet'} "
         f"but double in {tmp_path / 'shards/a.parquet'}; write it with one type in every file"
@@ -100,7 +136,9 @@ def test_a_key_no_built_in_reader_takes_is_an_error(tmp_path):
     node = OmegaConf.create({"_target_": "trainer.data.csv", **option_kwargs("data", "csv", path="x.csv", target="y")})
     node.augment = {"flip": "horizontal"}
     message = _one_line(load, node)
-    assert message.startswith("data.augment is no setting of data._target_=trainer.data.csv (it takes features, ")
+    assert message.startswith(
+        "data.augment is no setting of data._target_=trainer.data.csv (it takes columns, features, "
+    )
     assert message.endswith("); remove it")
 
 
@@ -242,9 +280,23 @@ def test_a_fifo_where_data_should_be_is_named_not_read(tmp_path):
         pipe.parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(pipe)
     calls = {
-        "rows.csv": lambda: csv(str(pipes["rows.csv"]), "y", None, "drop", False),
+        "rows.csv": lambda: csv(
+            **option_kwargs(
+                "data", "csv", path=str(pipes["rows.csv"]), target="y", features=None, missing="drop", one_hot=False
+            )
+        ),
         "x.npy": lambda: numpy(str(pipes["x.npy"]), str(tmp_path / "y.npy"), "x", "y", None),
-        "p/b.parquet": lambda: parquet(str(tmp_path / "p" / "*.parquet"), "y", None, "drop", False),
+        "p/b.parquet": lambda: parquet(
+            **option_kwargs(
+                "data",
+                "parquet",
+                path=str(tmp_path / "p" / "*.parquet"),
+                target="y",
+                features=None,
+                missing="drop",
+                one_hot=False,
+            )
+        ),
         "t/b.tfrecord": lambda: tfrecord(
             str(tmp_path / "t" / "*.tfrecord"), DIGIT_FEATURES, "image", "label", "auto", None
         ),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_config, new_store
+from conftest import compose_config, new_store, option_kwargs
 from trainer.config import TrainerError
 from trainer.train import train
 
@@ -227,7 +227,17 @@ def test_a_bad_cell_in_a_glob_of_shards_names_the_shard_and_its_own_row(tmp_path
         pd.DataFrame(part).to_parquet(tmp_path / f"part-{i}.parquet", index=False)
     before = sum(len(p) for p in parts[:2])
     with pytest.raises(TrainerError) as caught:
-        parquet(str(tmp_path / "part-*.parquet"), "target", None, "error", False).arrays()
+        parquet(
+            **option_kwargs(
+                "data",
+                "parquet",
+                path=str(tmp_path / "part-*.parquet"),
+                target="target",
+                features=None,
+                missing="error",
+                one_hot=False,
+            )
+        ).arrays()
     column = frame.columns[3]
     assert str(caught.value).startswith(
         f"data.path='{tmp_path / 'part-*.parquet'}': row {before + 10} ({tmp_path / 'part-2.parquet'}, its row 10), "
@@ -248,20 +258,50 @@ def test_one_bad_cell_in_a_numeric_column_is_named_by_row_and_class_names_must_b
     target.loc[299, "target"] = "abc"  # data row 300
     target.to_csv(tmp_path / "target.csv", index=False)
     with pytest.raises(TrainerError) as caught:
-        csv(str(tmp_path / "target.csv"), "target", None, "drop", False)
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "target.csv"),
+                target="target",
+                features=None,
+                missing="drop",
+                one_hot=False,
+            )
+        )
     assert "target column 'target' holds numbers but row 300 holds 'abc': fix or remove that cell" in str(caught.value)
 
     feature = frame.copy()
     feature.loc[199, "bmi"] = "oops"
     feature.to_csv(tmp_path / "feature.csv", index=False)
     with pytest.raises(TrainerError) as caught:
-        csv(str(tmp_path / "feature.csv"), "target", None, "drop", False)
-    assert "column 'bmi' is not numeric: row 200 (line 201) holds" in str(caught.value)
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "feature.csv"),
+                target="target",
+                features=None,
+                missing="drop",
+                one_hot=False,
+            )
+        )
+    assert "column 'bmi' is not numeric: row 200 holds 'oops'; fix the cell, or declare" in str(caught.value)
 
     ids = frame.assign(patient=[f"p{i}" for i in range(len(frame))])
     pd.DataFrame(ids).to_csv(tmp_path / "ids.csv", index=False)
     with pytest.raises(TrainerError, match="target column 'patient' has 442 distinct values in 442 rows: implausible"):
-        csv(str(tmp_path / "ids.csv"), "patient", ["age", "bmi"], "drop", False)
+        csv(
+            **option_kwargs(
+                "data",
+                "csv",
+                path=str(tmp_path / "ids.csv"),
+                target="patient",
+                features=["age", "bmi"],
+                missing="drop",
+                one_hot=False,
+            )
+        )
 
 
 def test_a_damaged_image_is_named_when_streamed_as_when_held(tmp_path, mlflow_template):

@@ -5,6 +5,7 @@ is one line naming the file (and the row, column or feature) and the fix."""
 from __future__ import annotations
 
 import gzip
+import inspect
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+from hydra.utils import get_method
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_breast_cancer
@@ -28,8 +30,9 @@ SHARED = tuple(shared_defaults())  # conf/data_defaults.yaml: the keys prepare.l
 
 
 def reader_kwargs(name: str, **changes) -> dict:
-    """The YAML option's own keys (the shared data settings are prepare's, not the reader's)."""
-    return {k: v for k, v in option_kwargs("data", name, **changes).items() if k not in SHARED}
+    """The YAML option's keys that the reader takes (the shared data settings it does not take are prepare's)."""
+    takes = inspect.signature(getattr(data, name)).parameters
+    return {k: v for k, v in option_kwargs("data", name, **changes).items() if k not in SHARED or k in takes}
 
 
 def arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +105,8 @@ def test_options_build_through_hydra_from_command_line_values(digits):
     for overrides in cases:
         cfg = compose_config(overrides)
         check(cfg)
-        node = OmegaConf.create({k: v for k, v in cfg.data.items() if k not in SHARED})
+        takes = inspect.signature(get_method(cfg.data._target_)).parameters
+        node = OmegaConf.create({k: v for k, v in cfg.data.items() if k not in SHARED or k in takes})
         ex = build(node)
         assert ex.count == 1797, overrides
         assert np.array_equal(np.ravel(arrays(ex)[1]), digits["y"]), overrides
@@ -184,38 +188,49 @@ TABLE = "a,b,y\n1,2,10\n3,,20\n\n5,6,30\n7,nan,40\n"  # data rows 2 and 4 miss b
 
 
 @pytest.mark.parametrize(
-    ("missing", "x", "y"),
+    ("missing", "held", "stream", "y"),
     [
-        ("drop", [[1, 2], [5, 6]], [10, 30]),
-        ("mean", [[1, 2], [3, 4], [5, 6], [7, 4]], [10, 20, 30, 40]),
+        ("drop", [[1, 2], [5, 6]], [[1, 2], [5, 6]], [10, 30]),
+        # held: the training split's mean and a missing-flag column, inside the model; a stream: the whole file's
+        ("mean", [[1, 2, 0], [3, 4, 1], [5, 6, 0], [7, 4, 1]], [[1, 2], [3, 4], [5, 6], [7, 4]], [10, 20, 30, 40]),
     ],
 )
-def test_missing_cells_are_dropped_or_filled(tmp_path, missing, x, y):
+def test_missing_cells_are_dropped_or_filled(tmp_path, missing, held, stream, y):
     (tmp_path / "t.csv").write_text(TABLE)
     pq.write_table(
         pa.table({"a": [1.0, 3, 5, 7], "b": [2.0, None, 6, float("nan")], "y": [10.0, 20, 30, 40]}),
         tmp_path / "t.parquet",
     )
     for reader, name in ((data.csv, "t.csv"), (data.parquet, "t.parquet")):
-        ex = reader(**reader_kwargs(name.split(".")[1], path=str(tmp_path / name), target="y", missing=missing))
-        assert ex.count == len(x)
-        for got in (arrays(ex), streamed(ex)):
-            np.testing.assert_array_equal(got[0], np.array(x, np.float32))
-            np.testing.assert_array_equal(got[1], np.array(y, np.float32)[:, None])
+        kw = reader_kwargs(name.split(".")[1], path=str(tmp_path / name), target="y", missing=missing, val_fraction=0)
+        ex = reader(**kw)
+        assert ex.count == len(y)
+        np.testing.assert_array_equal(arrays(ex)[0], np.array(held, np.float32))
+        np.testing.assert_array_equal(arrays(ex)[1], np.array(y, np.float32)[:, None])
+        got = streamed(reader(**{**kw, "in_memory": "false"}))
+        np.testing.assert_array_equal(got[0], np.array(stream, np.float32))
+        np.testing.assert_array_equal(got[1], np.array(y, np.float32)[:, None])
 
 
-def test_a_missing_cell_is_an_error_naming_row_line_and_column(tmp_path):
+def test_missing_cells_under_missing_error_are_named_and_by_default_filled_or_left_out(tmp_path, capfd):
     (tmp_path / "t.csv").write_text(TABLE)
     with pytest.raises(TrainerError) as info:
-        data.csv(**reader_kwargs("csv", path=str(tmp_path / "t.csv"), target="y"))
+        data.csv(**reader_kwargs("csv", path=str(tmp_path / "t.csv"), target="y", missing="error"))
     path = tmp_path / "t.csv"
     assert str(info.value) == (
         f"data.path='{path}': row 2 (line 3), column 'b' is not finite (nan); set data.missing=drop or mean, or "
         "fill such cells before training"
     )
+    held = data.csv(**reader_kwargs("csv", path=str(tmp_path / "t.csv"), target="y", val_fraction=0))  # auto: filled
+    np.testing.assert_array_equal(arrays(held)[0], [[1, 2, 0], [3, 4, 1], [5, 6, 0], [7, 4, 1]])
     (tmp_path / "u.csv").write_text("a,y\n1,2\n3,4\n5,\n")
-    with pytest.raises(TrainerError, match=r"row 3 \(line 4\), target column 'y' is missing; data.missing=mean"):
-        data.csv(**reader_kwargs("csv", path=str(tmp_path / "u.csv"), target="y", missing="mean"))
+    kept = data.csv(**reader_kwargs("csv", path=str(tmp_path / "u.csv"), target="y"))
+    assert kept.count == 2 and list(arrays(kept)[1][:, 0]) == [2, 4]
+    assert "data: 1 rows without a target value left out" in capfd.readouterr().err
+    with pytest.raises(TrainerError, match=r"row 3 \(line 4\), column 'y' is not finite"):
+        data.csv(**reader_kwargs("csv", path=str(tmp_path / "u.csv"), target="y", missing="error"))
+    with pytest.raises(TrainerError, match=r"row 2 \(line 3\), column 'b' is not finite"):  # a stream: unfilled
+        streamed(data.csv(**reader_kwargs("csv", path=str(tmp_path / "t.csv"), target="y", in_memory="false")))
 
 
 def test_a_large_csv_streams_in_batches_with_errors_naming_the_far_row(tmp_path):
@@ -253,13 +268,17 @@ def _csv(tmp_path, text: str, **kw) -> Examples:
         (
             "a,b,y\n1,2,3\n1,x,3\n",
             {},
-            "column 'b' is not numeric: row 2 (line 3) holds 'x'; a feature must be numeric: fix the cell, encode the "
-            "column as numbers or leave it out with data.features=[...]",
+            "column 'b' is not numeric: row 2 holds 'x'; fix the cell, or declare the column's type: "
+            "data.columns={b: categorical} (or ignore)",
         ),
         ("a,y\n", {}, "no rows to train on"),
         ("a,,y\n1,2,3\n", {}, "column 2 has no name in the header; name it"),
         ("a,y\n1,1e308\n", {"missing": "drop"}, "row 1 (line 2), column 'y' is 1e+308, beyond 1.84e+19"),
-        ("a,y\n1,2\n", {"missing": "sometimes"}, "data.missing='sometimes' is invalid: expected drop | mean | error"),
+        (
+            "a,y\n1,2\n",
+            {"missing": "sometimes"},
+            "data.missing='sometimes' is invalid: expected auto | drop | mean | error",
+        ),
         ("a,y\n1,2\n", {"features": ["y"]}, "column 'y' is both a feature and a target"),
     ],
 )
@@ -280,13 +299,10 @@ def test_bad_csv_paths(tmp_path):
 def test_parquet_bad_input(tmp_path):
     pq.write_table(pa.table({"city": ["a", "b"], "rooms": [1, 2], "price": [1.0, 2.0]}), tmp_path / "h.parquet")
     kw = reader_kwargs("parquet", path=str(tmp_path / "h.parquet"), target="price")
-    with pytest.raises(TrainerError) as info:
-        data.parquet(**kw)
-    assert str(info.value) == (
-        f"data.path='{tmp_path / 'h.parquet'}': column 'city' holds string values; a feature must be numeric: "
-        "encode it as numbers or leave it out with data.features=[...]"
-    )
-    ex = data.parquet(**{**kw, "features": ["rooms"]})  # the fix works
+    typed = data.parquet(**kw)  # a string column is categories: one-hot, with a column for values not seen
+    assert [(c.name, c.kind) for c in typed.schema.columns] == [("city", "categorical"), ("rooms", "numeric")]
+    assert arrays(typed)[0].shape == (2, 1 + 2 + 1 + 1)  # rooms, a, b, <other>, <missing>
+    ex = data.parquet(**{**kw, "features": ["rooms"]})  # numbers only: read as before
     np.testing.assert_array_equal(arrays(ex)[0], [[1.0], [2.0]])
     labels = data.parquet(**{**kw, "features": ["rooms"], "target": "city"})  # strings as a target: class ids
     assert labels.labels == ["a", "b"] and list(arrays(labels)[1]) == [0, 1]

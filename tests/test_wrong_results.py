@@ -59,10 +59,12 @@ def _val_and_train_rows(n: int, val_fraction: float = 0.2, seed: int = 0) -> tup
 
 
 def test_a_nan_in_a_csv_row_is_a_data_error_before_training(tmp_path, run_cli):
-    """Before: a NaN in a validation row gave a finite val/loss and exit 0 (in a training row: "lower optimizer.lr")."""
+    """Before: a NaN in a validation row gave a finite val/loss and exit 0 (in a training row: "lower optimizer.lr").
+    Now a NaN is a missing cell, by default filled inside the model (test_sources); data.missing=error refuses it."""
     val_row, _ = _val_and_train_rows(40)
     (tmp_path / "t.csv").write_text(_table(40, val_row))
-    proc = run_cli(["data=csv", "data.path=t.csv", "data.target=[y]", "trainer.max_steps=20", *QUICK], tmp_path)
+    strict = ["data=csv", "data.path=t.csv", "data.target=[y]", "data.missing=error", "trainer.max_steps=20"]
+    proc = run_cli([*strict, *QUICK], tmp_path)
     assert proc.returncode == 1, proc.stderr
     line = f"error: data.path='t.csv': row {val_row} (line {val_row + 1}), column 'b' is not finite (nan)"
     assert error_line(proc.stderr).startswith(line)
@@ -85,7 +87,8 @@ def test_csv_values_float32_cannot_train_on_name_the_row_and_column(tmp_path, ce
     path = tmp_path / "t.csv"
     path.write_text("\n" + _table(40, row, cell).replace("\n", "\n\n", 3))  # blank lines: lines != rows + 1
     with pytest.raises(TrainerError) as info:
-        data.csv(**option_kwargs("data", "csv", path=str(path), target=["y"]))
+        strict = {"missing": "error"} if cell == "nan" else {}  # by default a NaN is a missing cell, filled
+        data.csv(**option_kwargs("data", "csv", path=str(path), target=["y"], **strict))
     line = 1 + 1 + 3 + row  # the leading blank line, the header, the 3 blank lines after the first rows
     assert str(info.value).startswith(f"data.path='{path}': row {row} (line {line}), column 'b' {what}")
 
@@ -130,7 +133,7 @@ def test_one_hot_targets_are_checked_before_reading_class_ids(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a,c\n1,0\n2,nan\n3,1\n")
     with pytest.raises(TrainerError, match=r"row 2 \(line 3\), column 'c' is not finite \(nan\)"):
-        data.csv(**option_kwargs("data", "csv", path=str(path), target=["c"], one_hot=True))
+        data.csv(**option_kwargs("data", "csv", path=str(path), target=["c"], one_hot=True, missing="error"))
 
 
 # --- (b) schedules ---------------------------------------------------------------------------------

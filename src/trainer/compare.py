@@ -341,6 +341,72 @@ def log_best(client: MlflowClient, parent_id: str, runs: Sequence[Run]) -> Run |
     return best
 
 
+# --- cross-validation ----------------------------------------------------------------------------
+@dataclass
+class Folds:
+    """One configuration of a fold sweep: its finished folds and each val metric's mean and std across them."""
+
+    overrides: str  # the runs' overrides but data.fold
+    folds: int  # data.folds (K)
+    done: list[int]  # the folds that finished
+    stats: dict[str, tuple[float, float]]  # metric -> (mean, std over the finished folds, numpy's ddof=0)
+
+
+def cross_validation(runs: Sequence[Run]) -> list[Folds] | None:
+    """A sweep whose every run has `data.folds` set: its runs grouped by their overrides less `data.fold`, each
+    group's val/* and objective summarized over its folds (no best fold: the folds are one estimate). None when
+    the runs are no fold sweep."""
+    ks = {r.data.params.get("data.folds") for r in runs}
+    if not runs or len(ks) != 1 or next(iter(ks)) in (None, "None"):
+        return None
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        key = " ".join(o for o in r.data.tags.get("overrides", "").split() if not o.startswith("data.fold="))
+        groups.setdefault(key, [])
+        if r.info.status == "FINISHED":
+            groups[key].append(r)
+    out = []
+    for key, members in groups.items():
+        names = sorted({k for r in members for k in r.data.metrics if k.startswith("val/") or k == FALLBACK})
+        stats = {}
+        for name in names:
+            values = np.array([r.data.metrics[name] for r in members if name in r.data.metrics], dtype=np.float64)
+            stats[name] = (float(values.mean()), float(values.std()))
+        done = sorted(int(r.data.params.get("data.fold", -1)) for r in members)
+        out.append(Folds(key, int(next(iter(ks))), done, stats))
+    return out
+
+
+def log_folds(client: MlflowClient, parent_id: str, groups: Sequence[Folds]) -> Folds | None:
+    """The fold sweep's summary on its parent: metrics `cv/<metric>/mean` and `cv/<metric>/std` and `cv/folds`
+    (the folds that finished) of its configuration; with several configurations (say lr x fold), of the one
+    with the lowest mean objective, named by tag `cv_overrides`."""
+    scored = [g for g in groups if any(k in g.stats for k in (PRIMARY, FALLBACK))]
+    if not scored:
+        return None
+    chosen = min(scored, key=lambda g: g.stats.get(PRIMARY, g.stats.get(FALLBACK))[0])
+    for name, (mean, std) in chosen.stats.items():
+        client.log_metric(parent_id, f"cv/{name}/mean", mean)
+        client.log_metric(parent_id, f"cv/{name}/std", std)
+    client.log_metric(parent_id, "cv/folds", len(chosen.done))
+    client.set_tag(parent_id, "cv_overrides", chosen.overrides)
+    return chosen
+
+
+def print_folds(groups: Sequence[Folds]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    names = sorted({k for g in groups for k in g.stats})
+    table = Table(title=f"cross-validation: {groups[0].folds} folds, mean ± std across them")
+    for header in ["overrides", "folds done", *names]:
+        table.add_column(Text(header))
+    for g in groups:
+        cells = [f"{g.stats[n][0]:.6g} ± {g.stats[n][1]:.3g}" if n in g.stats else "" for n in names]
+        table.add_row(Text(shown(g.overrides) or "(none)"), Text(f"{len(g.done)} of {g.folds}"), *map(Text, cells))
+    cli.plain_console().print(table)
+
+
 # --- the command -------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """`trainer compare key=value ...`: the exit status (1 after one `error:` line)."""
@@ -358,7 +424,12 @@ def compare(opts: Options) -> None:
     client = MlflowClient(uri)
     experiment = opts.experiment or cli.default_experiment()
     runs, parent = select_runs(client, experiment, opts.parent, opts.latest_sweep)
-    best = log_best(client, parent.info.run_id, runs) if parent else None  # first: it needs no plot
+    folds = cross_validation(runs)  # a fold sweep is one estimate, summarized: it has no best run
+    best = None
+    if parent and folds:
+        log_folds(client, parent.info.run_id, folds)
+    elif parent:
+        best = log_best(client, parent.info.run_id, runs)  # first: it needs no plot
     rows = summarize(client, runs, opts.objective)
     if rows and opts.objective != PRIMARY and all(r.objective is None for r in rows):
         raise TrainerError(f"objective={opts.objective}: no run here logged a finite {opts.objective} (e.g. "
@@ -367,6 +438,15 @@ def compare(opts: Options) -> None:
     for path in files if parent else ():
         client.log_artifact(parent.info.run_id, str(path))
     _print(rows, opts.format, opts.objective)
+    if folds and opts.format == "table":
+        print_folds(folds)
+    elif folds:
+        for g in folds:
+            shown_stats = ", ".join(f"{k} {m:.6g} ± {s:.3g}" for k, (m, s) in g.stats.items())
+            print(
+                f"cross-validation ({len(g.done)} of {g.folds} folds) {shown(g.overrides)}: {shown_stats}",
+                file=sys.stderr,
+            )  # fmt: skip  (stdout holds the machine-readable table)
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     if parent is not None:
         tail = f"; best {shown(best.info.run_name)} ({best.info.run_id})" if best else ""

@@ -179,6 +179,8 @@ class Data:
     _target_: str = MISSING
     val_fraction: float = MISSING
     seed: int = MISSING
+    folds: int | None = MISSING  # K-fold cross-validation: validate on part `fold` of K (core.val_mask)
+    fold: int = MISSING
     task: str = MISSING  # auto | regression | binary | multiclass: auto infers it (data/prepare.infer_task)
     normalize: str = MISSING  # standard | minmax | none: numeric features, training-split statistics
     in_memory: str = MISSING  # auto | true | false: held on the device, or streamed with tf.data
@@ -186,6 +188,8 @@ class Data:
     shuffle: bool = MISSING  # false: the file's order, every epoch
     shuffle_buffer: int = MISSING  # streamed data: tf.data's shuffle buffer, in examples
     cache: str | None = MISSING  # streamed data: None | memory | a file path prefix (tf.data.Dataset.cache)
+    class_weight: Any = MISSING  # None | balanced | {label: weight}: each class's weight in the loss (data/weights.py)
+    target_scale: str = MISSING  # auto | standard | none: regression targets standardized for the loss (scaling.py)
 
     def __post_init__(self) -> None:
         check_data_settings(self)
@@ -194,6 +198,8 @@ class Data:
 def check_data_settings(d: Any) -> None:
     """The shared data settings' ranges: for the built-in options (schemas) and your own (prepare.py)."""
     _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a value in [0, 1)")
+    _require(d.folds is None or d.folds >= 2, "data.folds", d.folds, "null or an integer >= 2")
+    _require(d.folds is None or 0 <= d.fold < d.folds, "data.fold", d.fold, f"an integer in [0, data.folds={d.folds})")
     _require(d.normalize in NORMALIZE, "data.normalize", d.normalize, " | ".join(NORMALIZE))
     _require(d.task in DATA_TASKS, "data.task", d.task, " | ".join(DATA_TASKS))
     _require(str(d.in_memory).lower() in IN_MEMORY, "data.in_memory", d.in_memory, " | ".join(IN_MEMORY))
@@ -273,7 +279,7 @@ class OscillatorData(Data):
         _require(self.omega > 0, "data.omega", self.omega, "a number > 0")
 
 
-MISSING_CELLS = ("drop", "mean", "error")  # tables: what an empty or non-finite cell does
+MISSING_CELLS = ("auto", "drop", "mean", "error")  # tables: what an empty or non-finite cell does
 
 
 @dataclass
@@ -281,8 +287,10 @@ class CsvData(Data):
     path: str = MISSING
     target: Any = MISSING  # a column name, or a list of them
     features: list[str] | None = MISSING  # None: every column that is not a target
-    missing: str = MISSING  # drop | mean | error: rows with an empty or non-finite cell
+    missing: str = MISSING  # auto | drop | mean | error: empty or non-finite cells (data/columns.py)
     one_hot: bool = MISSING  # one class column (ids or names) -> one-hot targets for categorical_crossentropy
+    columns: Any = MISSING  # None | {name: numeric | categorical | text | ignore} (data/columns.py)
+    schema: str | None = MISSING  # None | a run's table_schema.json, fitted types to read the file with
 
     def __post_init__(self) -> None:
         super().__post_init__()

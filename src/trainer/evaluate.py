@@ -323,13 +323,15 @@ def evaluate(
         keras_model, source = load_run_model(client, run, uri, Path(tmp), model_target if trusted_model else None,
                                              found)  # fmt: skip
         labels = logged_labels(client, run, uri, Path(tmp))
-    for group in BUILT:  # the run's config with your overrides, checked as training checks its own
-        check_option(group, cfg[group])
-    from trainer.data.prepare import load as load_data  # TensorFlow: only once the run and its model are found
-    from trainer.data.prepare import relabel
+        for group in BUILT:  # the run's config with your overrides, checked as training checks its own
+            check_option(group, cfg[group])
+        from trainer.data.prepare import load as load_data  # TensorFlow: only once the run and its model are found
+        from trainer.data.prepare import relabel
+
+        node = _with_schema(_run_task(cfg.data, run), client, run, uri, Path(tmp))
+        data = relabel(load_data(node), labels)  # class ids as the model learnt them
     from trainer.metrics import Metrics, default_metrics, evaluate_model
 
-    data = relabel(load_data(_run_task(cfg.data, run)), labels)  # class ids as the model learnt them
     loss_fn = build(cfg.loss)
     split = "validation" if data.has_val else "train"
     batch_size = OmegaConf.select(logged, "trainer.batch_size", default=None, throw_on_resolution_failure=False)
@@ -357,6 +359,22 @@ def evaluate(
         **results,
         "logged_loss": run.data.metrics.get(logged_key),  # the run's own final value, for comparison
     }
+
+
+def _with_schema(node: DictConfig, client: MlflowClient, run: Run, uri: str, dst: Path) -> DictConfig:
+    """A typed table's run (its `table_schema.json`): the file is read through the run's fitted column types,
+    never types fitted on the file at hand (its categories would be other columns)."""
+    if (
+        "schema" not in node
+        or node.get("schema")
+        or not any(a.path == "table_schema.json" for a in client.list_artifacts(run.info.run_id))
+    ):
+        return node
+    path = download_artifacts(run_id=run.info.run_id, artifact_path="table_schema.json", dst_path=str(dst),
+                              tracking_uri=uri)  # fmt: skip
+    node = node.copy()
+    node.schema = str(path)
+    return node
 
 
 def _run_task(node: DictConfig, run: Run) -> DictConfig:

@@ -91,6 +91,7 @@ class StepLoop:
         strategy: tf.distribute.Strategy | None = None,
     ):
         self.step_impl: Step = model if isinstance(model, Step) else Supervised(model, loss_fn, optimizer)
+        self.output_scale: tuple[np.ndarray, np.ndarray] | None = None  # data.target_scale (eval_model)
         self.step_name = type(self.step_impl).__qualname__
         default = tf.distribute.get_strategy()  # outside any scope: the default (no-op) strategy
         self.strategy = strategy or default
@@ -148,7 +149,20 @@ class StepLoop:
 
     @property
     def loss_fn(self) -> LossFn | None:
-        return getattr(self.step_impl, "loss", None)
+        """The loss evaluation reports: unweighted (data.class_weight weighs training only, as in Keras' fit), so
+        val/loss is the one `trainer evaluate` reproduces."""
+        loss = getattr(self.step_impl, "loss", None)
+        return getattr(loss, "evaluated", loss)
+
+    @property
+    def eval_model(self) -> Callable:
+        """The model evaluation scores: with `output_scale` (data.target_scale), its standardized outputs put
+        back in the targets' units, so val/* compare with other tools (data/scaling.py)."""
+        model, scale = self.model, self.output_scale
+        if scale is None:
+            return model
+        mean, std = (tf.constant(a, tf.float32) for a in scale)
+        return lambda x, training=False: tf.cast(model(x, training=training), tf.float32) * std + mean
 
     @property
     def optimizer(self):
@@ -464,10 +478,10 @@ class StepLoop:
         return {k: v / count for k, v in totals.items()}
 
     def _evaluate(self, x: tf.Tensor, y: tf.Tensor, batch: tf.Tensor, metrics: Metrics) -> dict[str, tf.Tensor]:
-        return metrics_over_arrays(self.model, self.loss_fn, x, y, batch, metrics)
+        return metrics_over_arrays(self.eval_model, self.loss_fn, x, y, batch, metrics)
 
     def _evaluate_stream(self, dataset: tf.data.Dataset, metrics: Metrics) -> dict[str, tf.Tensor]:
-        return metrics_over_dataset(self.model, self.loss_fn, dataset, metrics, self.input.features)
+        return metrics_over_dataset(self.eval_model, self.loss_fn, dataset, metrics, self.input.features)
 
 
 def _compiled(method: Callable, **options) -> Callable:

@@ -16,47 +16,61 @@ import tensorflow as tf
 from trainer.config import TrainerError, close_names
 
 
-def squared(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+def _mean(values: tf.Tensor, sample_weight: tf.Tensor | None) -> tf.Tensor:
+    """The mean of elementwise losses ([b] or [b, k]); weighted, each example's mean over its outputs times its
+    weight, summed and divided by the batch size: Keras' `sum_over_batch_size`, so weights of 1 change nothing.
+    (Unweighted, the mean over all elements: the same number, bitwise as before weights existed.)"""
+    if sample_weight is None:
+        return tf.reduce_mean(values)
+    per_example = tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=-1)
+    weights = tf.reshape(tf.cast(sample_weight, per_example.dtype), [-1])
+    return tf.reduce_sum(per_example * weights) / tf.cast(tf.shape(per_example)[0], per_example.dtype)
+
+
+def squared(y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
     """(y - y_pred)^2 summed over outputs, averaged over examples: the GradientTape introduction's loss."""
-    return tf.reduce_mean(tf.reduce_sum(tf.square(y_true - y_pred), axis=-1))
+    return _mean(tf.reduce_sum(tf.square(y_true - y_pred), axis=-1), sample_weight)
 
 
-def mse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tf.square(y_true - y_pred))
+def mse(y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
+    return _mean(tf.square(y_true - y_pred), sample_weight)
 
 
-def mae(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tf.abs(y_true - y_pred))
+def mae(y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
+    return _mean(tf.abs(y_true - y_pred), sample_weight)
 
 
-def huber(y_true: tf.Tensor, y_pred: tf.Tensor, delta: float) -> tf.Tensor:
+def huber(y_true: tf.Tensor, y_pred: tf.Tensor, delta: float, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
     err = tf.abs(y_true - y_pred)
     quadratic = tf.minimum(err, delta)
-    return tf.reduce_mean(0.5 * tf.square(quadratic) + delta * (err - quadratic))
+    return _mean(0.5 * tf.square(quadratic) + delta * (err - quadratic), sample_weight)
 
 
-def binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool) -> tf.Tensor:
+def binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool,
+                        sample_weight: tf.Tensor | None = None) -> tf.Tensor:  # fmt: skip
     if from_logits:
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=y_pred))
+        return _mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=y_pred), sample_weight)
     p = tf.clip_by_value(y_pred, 1e-7, 1.0 - 1e-7)
-    return -tf.reduce_mean(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
+    return _mean(-(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p)), sample_weight)
 
 
-def categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool) -> tf.Tensor:
+def categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool,
+                             sample_weight: tf.Tensor | None = None) -> tf.Tensor:  # fmt: skip
     if from_logits:
-        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=y_true, logits=y_pred))
+        return _mean(tf.nn.softmax_cross_entropy_with_logits(labels=y_true, logits=y_pred), sample_weight)
     p = tf.clip_by_value(y_pred, 1e-7, 1.0)
-    return -tf.reduce_mean(tf.reduce_sum(y_true * tf.math.log(p), axis=-1))
+    return _mean(-tf.reduce_sum(y_true * tf.math.log(p), axis=-1), sample_weight)
 
 
-def sparse_categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool) -> tf.Tensor:
+def sparse_categorical_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, from_logits: bool,
+                                    sample_weight: tf.Tensor | None = None) -> tf.Tensor:  # fmt: skip
     """Integer class ids (shape [b] or [b, 1], any dtype: the data's arrays are floats) against one output per
     class: categorical cross-entropy without a one-hot copy of the labels (what image folders give)."""
     labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
     if from_logits:
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=y_pred))
+        return _mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=y_pred), sample_weight)
     p = tf.clip_by_value(tf.gather(y_pred, labels, batch_dims=1), 1e-7, 1.0)
-    return -tf.reduce_mean(tf.math.log(p))
+    return _mean(-tf.math.log(p), sample_weight)
 
 
 def keras_loss(name: str, settings: dict[str, Any]) -> keras.losses.Loss:

@@ -37,6 +37,8 @@ from trainer.config import (
 from trainer.data import Dataset
 from trainer.data.prepare import load as load_data
 from trainer.data.prepare import preprocessing_layers
+from trainer.data.scaling import scaled_loss, unscale_layer
+from trainer.data.weights import weighted_loss
 from trainer.fit import Result, fit
 from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
@@ -155,6 +157,10 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
         if "loss" in takes:
             parts["loss"] = build(cfg.loss)
             _check_loss_fits_data(cfg, parts["loss"], data)
+            if data.class_weight is not None:
+                parts["loss"] = weighted_loss(parts["loss"], data.class_weight, data, cfg.loss.get("_target_", "?"))
+            if data.target_scale is not None:
+                parts["loss"] = scaled_loss(parts["loss"], data.target_scale)
         if "optimizer" in takes:
             parts["optimizer"] = build_optimizer(cfg.optimizer, cfg.schedule, total_steps, schedule)
         step = build(cfg.step, **parts)
@@ -392,6 +398,7 @@ def _build_loop(cfg: DictConfig, step: Step, data: Dataset, strategy: tf.distrib
         model = cfg.get("model") or cfg.step
         raise TrainerError(f"model {model._target_} cannot take inputs of shape {data.x_shape}: "
                            f"{str(e).splitlines()[0]}") from e  # fmt: skip
+    loop.output_scale = data.target_scale  # evaluation in the targets' units (data/scaling.py)
     if not isinstance(step, Supervised):  # the data's targets are a supervised step's business
         return loop
     model = step.model
@@ -448,6 +455,13 @@ def _log_data_facts(data: Dataset, run: Run) -> None:
     run.set_tag("data.held", "streamed" if data.streamed else "in_memory")
     if data.labels:
         run.log_text(json.dumps({"labels": data.labels}, indent=1), "labels.json")
+    if data.schema is not None:  # what was decided of each column, for a user to read (and evaluate to reuse)
+        run.log_text(json.dumps(data.schema.to_dict(), indent=1), "table_schema.json")
+        run.log_params({f"schema.{kind}": n for kind, n in data.schema.counts().items()})
+    if data.class_weight is not None:  # what data.class_weight came to (balanced: from the training split)
+        names = data.labels or [str(i) for i in range(len(data.class_weight))]
+        weights = {name: float(w) for name, w in zip(names, data.class_weight, strict=True)}
+        run.log_text(json.dumps({"class_weights": weights}, indent=1), "class_weights.json")
 
 
 def _report_gradients(loop: StepLoop, run: Run) -> None:
@@ -469,9 +483,10 @@ def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: D
     model, own_example = loop.model, getattr(loop.step_impl, "export_example", None)
     example = own_example() if own_example else _raw_example(data)
     layers = [] if own_example else preprocessing_layers(data.preprocess)
-    if isinstance(model, keras.Model) and layers:
+    after = [unscale_layer(loop.output_scale)] if loop.output_scale is not None else []  # the targets' units
+    if isinstance(model, keras.Model) and (layers or after):
         model = keras.Sequential(
-            [keras.Input(data.x_shape, dtype=example.dtype), *layers, model], name="with_preprocessing"
+            [keras.Input(data.x_shape, dtype=example.dtype), *layers, model, *after], name="with_preprocessing"
         )
     if isinstance(model, keras.Model):
         path = output_dir / "model.keras"
@@ -484,9 +499,18 @@ def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: D
         from trainer.tracking.models import log_model
 
         task = data.task if isinstance(loop.step_impl, Supervised) else "regression"  # raw outputs otherwise
-        log_model(model, "model", input_example=example, task=task, labels=data.labels if task != "regression"
-                  else None, from_logits=bool((cfg.get("loss") or {}).get("from_logits", True)),
-                  registered_model_name=cfg.tracking.get("register_model"))  # fmt: skip
+        typed = data.schema is not None and not own_example  # raw rows in, through the fitted schema
+        log_model(model, "model", input_example=data.raw_example if typed else example, task=task,
+                  labels=data.labels if task != "regression" else None,
+                  from_logits=bool((cfg.get("loss") or {}).get("from_logits", True)),
+                  registered_model_name=cfg.tracking.get("register_model"),
+                  table=data.schema.to_dict() if typed else None, targets=_targets_of(cfg.data))  # fmt: skip
+
+
+def _targets_of(node: DictConfig) -> list[str]:
+    """A table's target column names: a row sent to the served model may still hold them."""
+    target = node.get("target")
+    return [target] if isinstance(target, str) else [str(t) for t in target or []]
 
 
 def _raw_example(data: Dataset) -> np.ndarray:

@@ -59,6 +59,10 @@ class Examples:
     numeric: bool = True  # features that `data.normalize` may scale (tables); images rescale instead
     rescale: float | None = None  # a constant factor (1/255 for images), inside the logged model
     augment: dict[str, Any] | None = None  # image augmentation for the training split (files.augmentation_layers)
+    table: bool = False  # read from a table file (csv, parquet): data.target_scale=auto standardizes its targets
+    scaled: np.ndarray | None = None  # typed tables: per feature, whether data.normalize scales it (numbers only)
+    schema: Any = None  # typed tables: the fitted columns.TableSchema the logged model applies to raw rows
+    raw_example: Any = None  # typed tables: two raw rows (a pandas DataFrame), the logged model's input example
     val: Examples | None = None
     diagnose: Callable[[], Any] | None = None  # () -> a TrainerError naming the bad file, or None (after a read error)
 
@@ -86,6 +90,10 @@ class Dataset:
     n_classes: int | None = None  # multiclass: the number of classes
     labels: list[str] | None = None  # class names, by class id (string labels in a table)
     preprocess: dict[str, Any] = field(default_factory=dict)  # mean/variance (or min/max), rescale
+    class_weight: np.ndarray | None = None  # data.class_weight: each class id's weight in the loss (weights.py)
+    target_scale: tuple[np.ndarray, np.ndarray] | None = None  # data.target_scale: (mean, std) (scaling.py)
+    schema: Any = None  # typed tables: the columns.TableSchema (Examples.schema)
+    raw_example: Any = None  # typed tables: two raw rows, the logged model's input example
     x_shape: tuple[int, ...] = ()
     y_shape: tuple[int, ...] = ()
     y_dtype: str = "float32"
@@ -205,8 +213,16 @@ def _names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{j}" for j in range(n)]
 
 
-def val_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
-    """True for the validation examples: the first round(n * val_fraction) of a seeded permutation."""
+def val_mask(n: int, val_fraction: float, seed: int, folds: int | None = None, fold: int = 0) -> np.ndarray:
+    """True for the validation examples: the first round(n * val_fraction) of a seeded permutation; with `folds`,
+    part `fold` of that permutation cut into `folds` near-equal parts (np.array_split), so the K folds' validation
+    rows are disjoint and every row is validated exactly once across them."""
+    if folds:
+        if n < folds:
+            raise TrainerError(f"data.folds={folds} needs at least {folds} examples; there are {n}")
+        mask = np.zeros(n, dtype=bool)
+        mask[np.array_split(np.random.default_rng(seed).permutation(n), folds)[fold]] = True
+        return mask
     n_val = round(n * val_fraction)
     if n_val and n_val >= n:
         raise TrainerError(f"data.val_fraction={val_fraction} leaves no training examples out of {n}")
@@ -227,6 +243,8 @@ def split(
     source: str = "data",
     columns: Sequence[str] | None = None,
     lines: Sequence[int] | None = None,
+    folds: int | None = None,
+    fold: int = 0,
 ) -> Dataset:
     """Check every value, then hold out the `val_fraction` of rows `val_mask` picks; both sides keep file order.
 
@@ -240,7 +258,7 @@ def split(
     check_values(y, source, columns[n_x:], lines)
     x = x.astype(np.float32) if x.dtype.kind == "f" or (x.dtype.kind in "iub" and x.ndim == 2) else x
     y = y if y.dtype.kind in "iu" and task == "multiclass" else y.astype(np.float32)
-    mask = val_mask(len(x), val_fraction, seed)
+    mask = val_mask(len(x), val_fraction, seed, folds, fold)
     if not mask.any():
         return Dataset(x, y, None, None, task)
     return Dataset(x[~mask], y[~mask], x[mask], y[mask], task)

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import TrainerError, build, check_data_settings, conf_dir, first_line
 from trainer.data.core import Dataset, Examples, Stream, check_numbers, check_values, split, val_mask
+from trainer.data.scaling import target_scale
+from trainer.data.weights import class_weights
 
 CONTRACT = (
     "expected trainer.data.Examples, a tf.data.Dataset of unbatched (x, y) pairs, a pair (train, val) of "
@@ -60,7 +62,30 @@ def load(node: DictConfig) -> Dataset:
         raise
     except Exception as e:  # a user's reader: one line naming it, as `build` does for the other groups
         raise TrainerError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
-    return prepare(result, settings(node), name)
+    s = settings(node)
+    _check_folds(s, result, accepted, name)
+    data = prepare(result, s, name)
+    data.class_weight = class_weights(data, s.class_weight)
+    table = isinstance(result, Examples) and result.table
+    data.target_scale = target_scale(data, s.target_scale, table)
+    if isinstance(result, Examples) and result.schema is not None:
+        data.schema, data.raw_example = result.schema, result.raw_example
+    return data
+
+
+def _check_folds(s: DictConfig, result: Any, accepted: set[str] | None, name: str) -> None:
+    """data.folds where the source chose the validation rows itself would change nothing: one line instead."""
+    if not s.folds:
+        return
+    split_itself = isinstance(result, Dataset) and accepted is not None and "folds" not in accepted
+    own_val = isinstance(result, tuple | list) and len(result) == 2 and not _is_array(result[0])
+    own_val = own_val or (isinstance(result, dict) and "val" in result)
+    own_val = own_val or (isinstance(result, Examples) and result.val is not None)
+    if split_itself or own_val:
+        raise TrainerError(
+            f"data.folds={s.folds}: {name} gives its own validation split, so folds would change "
+            "nothing; remove data.folds, or return the examples unsplit (README: Your own data)"
+        )
 
 
 def _accepted(fn: Any) -> set[str] | None:
@@ -128,6 +153,11 @@ def _from_tf(ds: Any, name: str) -> Examples:
     spec = ds.element_spec
     if not (isinstance(spec, tuple) and len(spec) == 2):
         raise TrainerError(f"{name} returned a tf.data.Dataset of {spec}; expected (x, y) pairs")
+    for part, what in ((spec[0], "x"), (spec[1], "y")):  # strings: one line, as for arrays (core.check_numbers)
+        if not (part.dtype.is_floating or part.dtype.is_integer or part.dtype.is_bool):
+            raise TrainerError(f"{name} returned a tf.data.Dataset whose {what} is {part.dtype.name}; x and y must be "
+                               "numbers (text: write a CSV or Parquet file and use data=csv or data=parquet, whose "
+                               "typed columns encode it; class names: map them to ids 0..k-1)")  # fmt: skip
     if spec[0].shape.rank and spec[0].shape[0] is None and spec[1].shape.rank and spec[1].shape[0] is None:
         ds, spec = ds.unbatch(), ds.unbatch().element_spec  # batched: the trainer batches itself
     count = int(ds.cardinality())
@@ -153,7 +183,8 @@ def _prepare_examples(ex: Examples, s: DictConfig, name: str) -> Dataset:
 
     try:  # a stream's passes (targets, statistics) read every example: a bad one is one line, as in training
         data = _in_memory(ex, s) if hold else _streamed(ex, s)
-        return _fit_preprocessing(data, s, numeric=ex.numeric, rescale=ex.rescale, augment=ex.augment)
+        return _fit_preprocessing(data, s, numeric=ex.numeric, rescale=ex.rescale, augment=ex.augment,
+                                  scaled=ex.scaled)  # fmt: skip
     except tf.errors.OpError as e:
         error = read_error(e)
         if error is None:
@@ -207,7 +238,7 @@ def _features(x: np.ndarray) -> np.ndarray:
 def _split_arrays(x: np.ndarray, y: np.ndarray, s: DictConfig, task: str, source: str, columns) -> Dataset:
     n_x = int(np.prod(x.shape[1:]))
     names = list(columns) if columns and len(columns) >= n_x else None
-    data = split(x, y, s.val_fraction, s.seed, task, source, names)
+    data = split(x, y, s.val_fraction, s.seed, task, source, names, folds=s.folds, fold=s.fold)
     data.x_train = _features(data.x_train)
     data.x_val = None if data.x_val is None else _features(data.x_val)
     return data
@@ -295,7 +326,7 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
         train = Stream(_in_blocks(read, lambda i, x, y: (x, targets_of(y))), ex.count, ex.diagnose)
         val = Stream(_in_blocks(val_read, lambda i, x, y: (x, targets_of(y))), ex.val.count, ex.val.diagnose)
     else:
-        mask = val_mask(ex.count, s.val_fraction, s.seed)
+        mask = val_mask(ex.count, s.val_fraction, s.seed, s.folds, s.fold)
         n_val = int(mask.sum())
         table = tf.constant(mask)
         del mask
@@ -398,7 +429,7 @@ def _reader_of_arrays(ex: Examples):
 
 # --- preprocessing -------------------------------------------------------------------------------
 def _fit_preprocessing(data: Dataset, s: DictConfig, numeric: bool, rescale: float | None = None,
-                       augment: dict | None = None) -> Dataset:  # fmt: skip
+                       augment: dict | None = None, scaled: np.ndarray | None = None) -> Dataset:  # fmt: skip
     """Statistics of the training split only (mean/variance or min/max per feature), kept on the Dataset:
     the input side applies them before the model, and the logged model carries them in front of it."""
     pre: dict[str, Any] = {}
@@ -412,6 +443,9 @@ def _fit_preprocessing(data: Dataset, s: DictConfig, numeric: bool, rescale: flo
             pre["mean"], pre["variance"] = mean, var
         else:  # minmax: (x - min) / (max - min), as a Normalization layer
             pre["mean"], pre["variance"] = lo, np.square(hi - lo)
+        if scaled is not None:  # a typed table's indicators and encodings stay as they are (columns.TableSchema)
+            pre["mean"] = np.where(scaled, pre["mean"], 0.0).astype(np.float32)
+            pre["variance"] = np.where(scaled, pre["variance"], 1.0).astype(np.float32)
     data.preprocess = pre
     return data
 

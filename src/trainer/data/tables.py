@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -29,17 +30,22 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from trainer.config import MISSING_CELLS, TrainerError
-from trainer.data.core import Examples, check_values, place, regular_files
+from trainer.data.columns import TableSchema, columns_setting, fit_schema
+from trainer.data.core import Examples, check_values, place, regular_files, val_mask
 
 PARQUET_BATCH_ROWS = 65_536  # rows per streamed Parquet batch (a row group may hold millions)
 INDEX_NAMES = ("", "Unnamed: 0")  # a leading column with no name: the index pandas' to_csv() writes
 
 
-def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool) -> Examples:
+def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool,
+        columns: Any, schema: str | None, val_fraction: float, seed: int, in_memory: str,
+        memory_limit_mb: float, folds: int | None, fold: int) -> Examples:  # fmt: skip
     """A CSV file with a header row; `target` one column name or a list; `features` null: every other column.
 
     An unnamed leading column (pandas' index) is never a feature. Errors name the file, the row, its line and
-    the column.
+    the column. Features that are not all numbers, `columns` (types by name), `schema` (a run's fitted one) or
+    `missing=mean` read the table whole and type its columns (data/columns.py); the split's settings say which
+    rows are the training split the types are fitted on.
     """
     file = _csv_file(path)
     source = f"data.path={path!r}"
@@ -50,6 +56,16 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
         raise TrainerError(f"{path}: column {names.index('', 1) + 1} has no name in the header; name it")
     feats, targets = _choose(usable, target, features, str(path))
     raw = dict(zip(names, header, strict=True))
+    typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold))
+    kinds = _csv_kinds(file, [raw[c] for c in feats])
+    gaps = lambda: _csv_gaps(file, [raw[c] for c in feats], [raw[c] for c in targets])  # noqa: E731
+    if typed.wanted(kinds, file.stat().st_size, in_memory, memory_limit_mb, gaps):
+        try:
+            frame = pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(
+                include_columns=[raw[c] for c in [*feats, *targets]], strings_can_be_null=True))  # fmt: skip
+        except pa.ArrowInvalid as e:
+            raise _csv_error(e, file, names) from None
+        return typed.examples(frame.rename_columns([*feats, *targets]).to_pandas())
 
     def options(columns: Sequence[str]) -> pa_csv.ConvertOptions:
         """Features as float64, targets as text (tried as numbers later): a bad cell is named by column."""
@@ -72,29 +88,30 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
             raise _csv_error(e, file, names) from None
         return table.convert(data.combine_chunks(), 0)
 
-    table = _Table(source, feats, targets, missing, one_hot, batches, _CsvLines(file))
+    table = _Table(source, feats, targets, _numbers_only(missing), one_hot, batches, _CsvLines(file))
     table.scan(count=None)
     return table.examples(arrays)
 
 
-def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool) -> Examples:
+def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool,
+            columns: Any, schema: str | None, val_fraction: float, seed: int, in_memory: str,
+            memory_limit_mb: float, folds: int | None, fold: int) -> Examples:  # fmt: skip
     """One Parquet file, a directory of them (every *.parquet below it) or a glob; files in sorted path order.
 
-    The row count comes from the files' metadata; a column of strings cannot be a feature (named before
-    anything is read).
+    The row count comes from the files' metadata. Columns that are not numbers are typed as for CSV (csv).
     """
     source = f"data.path={path!r}"
     files = _parquet_files(path, source)
-    schema = _parquet_schema(files, source)
-    feats, targets = _choose(list(schema.names), target, features, str(path))
-    for name in feats:
-        kind = schema.field(name).type
-        if not _numeric(kind):
-            raise TrainerError(
-                f"{source}: column {name!r} holds {kind} values; a feature must be numeric: encode it as numbers "
-                f"or leave it out with data.features=[...]"
-            )
-    text = any(_text(schema.field(t).type) for t in targets)
+    file_schema = _parquet_schema(files, source)
+    feats, targets = _choose(list(file_schema.names), target, features, str(path))
+    typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold))
+    kinds = [file_schema.field(name).type for name in feats]
+    size = sum(Path(f).stat().st_size for f in files)
+    gaps = lambda: any(_gaps(pq.read_table(f, columns=[*feats, *targets])) for f in files)  # noqa: E731
+    if typed.wanted(kinds, size, in_memory, memory_limit_mb, gaps):
+        parts = [pq.read_table(f, columns=[*feats, *targets]).to_pandas() for f in files]
+        return typed.examples(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0])
+    text = any(_text(file_schema.field(t).type) for t in targets)
 
     def batches(columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         for f in files:
@@ -112,7 +129,7 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
 
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
     shards = _ShardRows(files, counts) if len(files) > 1 else None
-    table = _Table(source, feats, targets, missing, one_hot, batches, shards, text=text)
+    table = _Table(source, feats, targets, _numbers_only(missing), one_hot, batches, shards, text=text)
     table.scan(count=sum(counts))
     return table.examples(arrays)
 
@@ -323,7 +340,147 @@ class _Table:
             labels=self.labels,
             task="multiclass" if self.one_hot else None,
             numeric=True,
+            table=True,
         )
+
+
+class _Typed:
+    """A table read whole, its feature columns typed (data/columns.py): when, and the Examples it makes."""
+
+    def __init__(self, source: str, features: list[str], targets: list[str], missing: str, one_hot: bool,
+                 columns: Any, schema: str | None, holdout: tuple) -> None:  # fmt: skip
+        """`holdout`: val_mask's (val_fraction, seed, folds, fold): which rows the types are fitted on."""
+        self.source, self.features, self.targets = source, features, targets
+        self.missing, self.one_hot, self.holdout = missing, one_hot, holdout
+        if missing not in MISSING_CELLS:
+            raise TrainerError(f"data.missing={missing!r} is invalid: expected {' | '.join(MISSING_CELLS)}")
+        self.declared = columns_setting(columns)
+        self.fitted = _read_schema(schema) if schema else None
+
+    def wanted(self, kinds: Sequence[pa.DataType], size: int, in_memory: str, memory_limit_mb: float,
+               gaps: Callable[[], bool]) -> bool:  # fmt: skip
+        """Typed when a feature is not a number, types are declared or given, or missing cells are filled (the
+        fill is the training split's, inside the model); such a table is read whole (not streamed).
+        `gaps()`: whether a feature cell is missing (asked only for data.missing=auto on a held table)."""
+        held = str(in_memory).lower()
+        held = held == "true" or (held == "auto" and size <= memory_limit_mb * 2**20)
+        words = [k for k in kinds if not _numeric(k) or pa.types.is_boolean(k)]
+        filled = self.missing == "mean" or (self.missing == "auto" and held and not words and gaps())
+        if not (words or self.declared or self.fitted or filled):
+            return False
+        if held:
+            return True
+        if words or self.declared or self.fitted:
+            raise TrainerError(f"{self.source}: a table with categorical or text columns is read whole, and this one "
+                               f"is {size / 2**20:.0f} MB (data.in_memory={in_memory}, data.memory_limit_mb="
+                               f"{memory_limit_mb:g}): raise data.memory_limit_mb or set data.in_memory=true; "
+                               "streaming typed columns is not supported yet")  # fmt: skip
+        return False  # missing=mean on a stream: the whole file's means, as before
+
+    def examples(self, frame: pd.DataFrame) -> Examples:
+        y, labels, keep = self._targets(frame[self.targets])
+        if not keep.all() and self.missing == "error":
+            row = int(np.flatnonzero(~keep)[0]) + 1
+            raise TrainerError(f"{self.source}: row {row} has no target value; data.missing=error refuses it: fill "
+                               "it, or data.missing=auto (rows without a target are left out, counted)")  # fmt: skip
+        if not keep.all():
+            from trainer.cli import notice_console
+
+            notice_console().print(f"data: {int((~keep).sum())} rows without a target value left out "
+                                   f"({self.source})", markup=False)  # fmt: skip
+        x_raw = frame.loc[keep, self.features]
+        if self.missing == "drop":  # rows with a missing feature cell go, before anything is fitted
+            whole = x_raw.notna().all(axis=1).to_numpy()
+            x_raw, y = x_raw[whole], y[whole]
+        train = ~val_mask(len(x_raw), *self.holdout)
+        schema = self.fitted or fit_schema(x_raw, train, self.declared, self.missing, self.source)
+        x = schema.transform(x_raw, self.source)
+        return Examples(
+            count=len(x), x_shape=(x.shape[1],), y_shape=tuple(y.shape[1:]), x_dtype="float32",
+            y_dtype=str(y.dtype), arrays=(x, y), source=self.source, columns=[*schema.features, *self.targets],
+            labels=labels, task="multiclass" if self.one_hot else None, numeric=True, table=True,
+            scaled=schema.scaled, schema=schema, raw_example=x_raw.head(2).reset_index(drop=True),
+        )  # fmt: skip
+
+    def _targets(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str] | None, np.ndarray]:
+        """(y, class names or None, rows that have a target): numbers as float32; a text column's values as class
+        ids (names sorted); one-hot rows with `one_hot`."""
+        keep = frame.notna().all(axis=1).to_numpy()
+        present = frame[keep]
+        numeric = all(pd.api.types.is_numeric_dtype(present[c]) for c in self.targets)
+        if numeric:
+            y = present.to_numpy(dtype=np.float32)
+            if self.one_hot:
+                ids = y.reshape(-1).astype(np.int64)
+                return np.eye(int(ids.max()) + 1, dtype=np.float32)[ids], None, keep
+            return y, None, keep
+        if len(self.targets) > 1:
+            raise TrainerError(f"{self.source}: class names need one target column, not {self.targets}")
+        names = present[self.targets[0]].astype(str)
+        labels = sorted(names.unique())
+        self._check_classes(labels, names)
+        ids = names.map({v: i for i, v in enumerate(labels)}).to_numpy(dtype=np.int64)
+        return (np.eye(len(labels), dtype=np.float32)[ids] if self.one_hot else ids), labels, keep
+
+    def _check_classes(self, labels: list[str], names: pd.Series) -> None:
+        """Class names that look like classes (as _Table._check_class_names): not numbers with a stray word, not
+        one per row."""
+        numbers = sum(1 for label in labels if _is_number(label))
+        if len(labels) > MANY_CLASSES and numbers >= NUMERIC_SHARE * len(labels):
+            at = next(i for i, v in enumerate(names) if not _is_number(v))
+            raise TrainerError(f"{self.source}: target column {self.targets[0]!r} holds numbers but row "
+                               f"{names.index[at] + 1} holds {names.iloc[at]!r}: fix or remove that cell")  # fmt: skip
+        if len(labels) > MANY_CLASSES and len(labels) > IMPLAUSIBLE_SHARE * len(names):
+            raise TrainerError(
+                f"{self.source}: target column {self.targets[0]!r} has {len(labels):,} distinct values "
+                f"in {len(names):,} rows: implausible as classes; pick the target column you meant"
+            )
+
+
+def _numbers_only(missing: str) -> str:
+    """data.missing for an all-number table read as before: auto refuses missing cells."""
+    return "error" if missing == "auto" else missing
+
+
+def _read_schema(path: str) -> TableSchema:
+    """A run's `table_schema.json` (data only: JSON, never code)."""
+    import json
+
+    try:
+        return TableSchema.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        raise TrainerError(f"data.schema={path!r}: cannot be read as a table schema ({e})") from None
+
+
+def _csv_gaps(file: Path, features: Sequence[str], targets: Sequence[str]) -> bool:
+    """Whether a feature or target cell of the CSV is empty or NaN; a feature that does not read as numbers is
+    left to the numeric reader, whose error names the cell."""
+    try:
+        table = pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(
+            include_columns=[*features, *targets], column_types=dict.fromkeys(features, pa.float64()),
+            strings_can_be_null=True))  # fmt: skip
+    except pa.ArrowInvalid:
+        return False
+    return _gaps(table)
+
+
+def _gaps(table: pa.Table) -> bool:
+    """Whether a column of `table` holds a null, or a floating one a NaN."""
+    return any(
+        col.null_count or (pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py()) for col in table.columns
+    )
+
+
+def _csv_kinds(file: Path, columns: Sequence[str]) -> list[pa.DataType]:
+    """The feature columns' types as pyarrow infers them from the file's first block."""
+    try:
+        first = next(iter(pa_csv.open_csv(file, convert_options=pa_csv.ConvertOptions(
+            include_columns=list(columns), strings_can_be_null=True))), None)  # fmt: skip
+    except (pa.ArrowInvalid, StopIteration):
+        return []
+    if first is None:
+        return []
+    return [t if not pa.types.is_null(t) else pa.float64() for t in first.schema.types]
 
 
 class _TextTarget(Exception):

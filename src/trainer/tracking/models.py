@@ -37,9 +37,12 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         dtype: str,
         modules: Sequence[str],
         columns: int | None = None,
+        table: dict[str, Any] | None = None,
+        targets: Sequence[str] = (),
     ):
         self.task, self.names, self.from_logits = task, list(names) if names else None, from_logits
         self.dtype, self.modules, self.columns = dtype, list(modules), columns
+        self.table, self.targets = table, list(targets)
         self._model = None
 
     def load_context(self, context: Any) -> None:
@@ -65,6 +68,8 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         table with more or fewer columns than the model takes. Both were answered 200 with a label; MLflow's own
         column schema keeps a table's first columns and drops the rest, so a table's model is logged without an
         input schema (log_model) and its column count is checked here."""
+        if getattr(self, "table", None) is not None:  # a typed table: raw rows through the fitted schema
+            return self._encoded(model_input)
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input
         columns = getattr(self, "columns", None)  # None: a model logged before the check
         if columns is not None and (np.ndim(values) != 2 or np.shape(values)[1] != columns):
@@ -79,6 +84,25 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
             where = f"row {row}" + (f", column {column[0]}" if values.ndim == 2 else "")
             raise _invalid(f"input {where} is {values[(row, *column)]}: the model takes finite numbers only")
         return values
+
+    def _encoded(self, model_input: Any) -> np.ndarray:
+        """Raw rows (a DataFrame of the file's columns: strings, missing cells, pandas' dtypes) as the model's
+        numbers, by the schema fitted on the training split (data/columns.py). A column it does not know is
+        refused (the target's may come along); one it needs and lacks is named."""
+        from trainer.config import TrainerError
+        from trainer.data.columns import TableSchema
+
+        schema = TableSchema.from_dict(self.table)
+        if not isinstance(model_input, pd.DataFrame):
+            kind = type(model_input).__name__
+            raise _invalid(f"the model takes a table of named columns {schema.inputs}, not a {kind}")
+        known = {c.name for c in schema.columns} | set(self.targets)
+        if unknown := [str(c) for c in model_input.columns if c not in known]:
+            raise _invalid(f"input has column {unknown[0]!r}, which the model does not take; it takes {schema.inputs}")
+        try:
+            return schema.transform(model_input, "input").astype(self.dtype)
+        except TrainerError as e:
+            raise _invalid(str(e)) from None
 
     def outputs(self, out: np.ndarray) -> Any:
         """Raw model outputs as the user reads them; a binary model of several targets: their probabilities."""
@@ -125,6 +149,8 @@ def log_model(
     labels: Sequence[str] | None = None,
     from_logits: bool = True,
     registered_model_name: str | None = None,
+    table: dict[str, Any] | None = None,
+    targets: Sequence[str] = (),
 ) -> str:
     """Log the Keras `model` as an MLflow pyfunc model (KerasPyfunc) of the active run; returns its URI.
 
@@ -147,16 +173,22 @@ def log_model(
     if not isinstance(model, keras.Model):
         raise TypeError(f"log_model logs Keras models; got {type(model).__name__}")
     dtype = str(model.inputs[0].dtype) if getattr(model, "inputs", None) else "float32"
-    example = None if input_example is None else np.asarray(input_example[:2])
-    table = example is not None and example.ndim == 2
-    wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), example.shape[1] if table else None)
-    signature = None
-    if example is not None:
+    if table is not None:  # raw rows of a typed table: the example is a DataFrame, the checks are the wrapper's
+        example = input_example.head(2)
+        wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), None, table, targets)
         out = wrapper.outputs(np.asarray(model(wrapper.cast(example), training=False)))
-        signature = infer_signature(example, out)
-        if table:  # checked by KerasPyfunc.cast (see above)
-            example = example.astype(np.float64)
-            signature = ModelSignature(inputs=None, outputs=signature.outputs)
+        signature = infer_signature(None, out)  # outputs only (see above)
+    else:
+        example = None if input_example is None else np.asarray(input_example[:2])
+        rows = example is not None and example.ndim == 2
+        wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), example.shape[1] if rows else None)
+        signature = None
+        if example is not None:
+            out = wrapper.outputs(np.asarray(model(wrapper.cast(example), training=False)))
+            signature = infer_signature(example, out)
+            if rows:  # checked by KerasPyfunc.cast (see above)
+                example = example.astype(np.float64)
+                signature = ModelSignature(inputs=None, outputs=signature.outputs)
     with tempfile.TemporaryDirectory(prefix="trainer-model-") as tmp, _quiet_pyfunc():
         path = Path(tmp) / "model.keras"
         model.save(path)

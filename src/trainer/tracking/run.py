@@ -281,6 +281,9 @@ class Run:
     def log_text(self, text: str, name: str) -> None:
         retry_busy(mlflow.log_text, text, name)
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        retry_busy(mlflow.log_params, {k: str(v) for k, v in params.items()})
+
     @property
     def where(self) -> str:
         """A line telling the user where to look at this run: the address of its page (ui.run_link)."""
@@ -320,6 +323,8 @@ class QuietRun:
     def log_artifact(self, *args, **kwargs) -> None: ...
 
     def log_text(self, *args, **kwargs) -> None: ...
+
+    def log_params(self, *args, **kwargs) -> None: ...
 
 
 class _NoSink:
