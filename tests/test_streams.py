@@ -29,7 +29,7 @@ def _loop(inputs, seed: int = 0) -> StepLoop:
 
 def test_stream_without_shuffle_trains_exactly_as_the_in_memory_path():
     """shuffle off: both paths see the file's rows in order, so the per-step losses agree over two epochs."""
-    data = regression(1024, 8, 1, 0.1, "linear", 0.25, 3)
+    data = regression(1024, 8, 1, 0.1, "linear", 0.25, 3, None, 0)
     streams = _as_streams(data)
     in_memory = _loop(ArrayInput(data.x_train, data.y_train, 32, 0, shuffle=False))
     streamed = _loop(StreamInput(streams.train, 32, 0, shuffle=False))
@@ -47,7 +47,7 @@ def test_stream_without_shuffle_trains_exactly_as_the_in_memory_path():
 def test_a_stream_that_runs_dry_inside_a_call_ends_its_epoch_there_without_retracing():
     """A source whose real length is below its count (a generator that stops early): the call stops at the last
     batch, its steps are all returned, the next call starts the next epoch, and nothing traces again."""
-    data = regression(640, 8, 1, 0.1, "linear", 0.0, 0)
+    data = regression(640, 8, 1, 0.1, "linear", 0.0, 0, None, 0)
     x, y = data.x_train, data.y_train
     short = Stream(lambda: tf.data.Dataset.from_tensor_slices((x[:480], y[:480])), count=640)  # 15 real batches
     loop = _loop(StreamInput(short, 32, 0, shuffle=False))
@@ -109,7 +109,7 @@ def test_interrupted_and_resumed_streamed_run_ends_bitwise_equal_to_an_uninterru
 
 def test_cached_streams_train_as_the_uncached_one(tmp_path):
     """data.cache: memory, or a file prefix (tf.data writes it on the first epoch, reads it after): same losses."""
-    data = regression(640, 8, 1, 0.1, "linear", 0.0, 1)
+    data = regression(640, 8, 1, 0.1, "linear", 0.0, 1, None, 0)
     streams = _as_streams(data)
     runs = {}
     for cache in (None, "memory", str(tmp_path / "cache")):

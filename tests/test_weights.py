@@ -19,8 +19,9 @@ from conftest import option_kwargs
 from trainer import losses
 from trainer.config import TrainerError
 from trainer.data import csv
+from trainer.data.core import val_mask
 from trainer.data.prepare import prepare, shared_defaults
-from trainer.data.weights import class_weights, weighted_loss
+from trainer.data.weights import class_weights, require_sample_weight, weighted_loss
 from trainer.train import train
 
 
@@ -139,3 +140,72 @@ def test_class_weights_from_the_training_split_and_bad_settings_in_one_line(tmp_
         class_weights(regression, "balanced")
     with pytest.raises(TrainerError, match=r"needs a loss that takes sample_weight; loss my\.loss does not"):
         weighted_loss(lambda y, p: tf.reduce_mean(y - p), class_weights(data, "balanced"), data, "my.loss")
+
+
+def _loss_history(uri: str, run_name: str) -> list[float]:
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id],
+                               f"attributes.run_name = '{run_name}'")  # fmt: skip
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    return [m.value for m in history]
+
+
+def test_a_weight_column_weighs_each_row_as_class_weights_do(tmp_path, compose_cfg):
+    """data.sample_weight names a column of per-row weights. Given each row its class's balanced weight (from
+    the training split, as data.class_weight=balanced computes it), every step's train/loss equals the
+    class-weighted run's bitwise: the same rows, the same weights, the same reduction."""
+    train_rows, _ = _imbalanced(tmp_path)
+    train_rows = train_rows.reset_index(drop=True)
+    held_out = val_mask(len(train_rows), 0.2, 0)
+    counts = np.bincount(train_rows.high[~held_out], minlength=2)
+    balanced = (counts.sum() / (2 * counts)).astype(np.float32)
+    train_rows.assign(w=balanced[train_rows.high]).to_csv(tmp_path / "weighted.csv", index=False)
+    common = ["data=csv", "data.target=high", "model=linear", "loss=binary_crossentropy", "trainer.max_steps=200"]
+    runs = {
+        "by_class": [f"data.path={tmp_path / 'train.csv'}", "data.class_weight=balanced"],
+        "by_row": [f"data.path={tmp_path / 'weighted.csv'}", "data.sample_weight=w"],
+        "unweighted": [f"data.path={tmp_path / 'weighted.csv'}", "data.features=[age,sex,bmi,bp,s1,s2,s3,s4,s5,s6]"],
+    }
+    histories = {}
+    for name, extra in runs.items():
+        overrides = [*common, *extra, f"tracking.run_name={name}"]
+        cfg = compose_cfg(overrides)
+        train(cfg, overrides=overrides, output_dir=tmp_path / name)
+        histories[name] = _loss_history(str(cfg.tracking.uri), name)
+    assert len(histories["by_row"]) == 200
+    assert histories["by_row"] == histories["by_class"]
+    assert histories["by_row"] != histories["unweighted"]  # the column is a weight, not ignored (nor a feature)
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("-1", "data.sample_weight column 'w', row 3 holds -1; a weight must be a finite number >= 0: fix the cell"),
+        ("", "data.sample_weight column 'w', row 3 is empty; a weight must be a finite number >= 0"),
+        ("heavy", "data.sample_weight column 'w', row 3 holds 'heavy'; a weight must be a finite number >= 0"),
+    ],
+)
+def test_a_bad_weight_is_one_line_naming_the_row(tmp_path, cell, message):
+    rows = ["a,y,w", "1,0,1", "2,1,2", f"3,0,{cell}", "4,1,1"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(TrainerError) as e:
+        csv(**option_kwargs("data", "csv", path=str(tmp_path / "t.csv"), target="y", sample_weight="w"))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sample_weight_settings_that_cannot_work_are_one_line(tmp_path, compose_cfg):
+    (tmp_path / "t.csv").write_text("a,y,w\n" + "".join(f"{i},{i % 2},0\n" for i in range(40)))
+    kw = option_kwargs("data", "csv", path=str(tmp_path / "t.csv"), target="y")
+    for changes, message in (
+        ({"sample_weight": "weight"}, "no column 'weight'; columns are a, y, w"),
+        ({"sample_weight": "w", "features": ["a", "w"]}, "column 'w' is data.sample_weight and a feature or target"),
+        ({"sample_weight": "w", "in_memory": "false"}, "data.sample_weight is read whole"),
+    ):
+        with pytest.raises(TrainerError) as e:
+            csv(**{**kw, **changes})
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    overrides = ["data=csv", f"data.path={tmp_path / 't.csv'}", "data.target=y", "data.sample_weight=w"]
+    with pytest.raises(TrainerError, match=r"data\.sample_weight: every weight of the training split is 0"):
+        train(compose_cfg([*overrides, "trainer.max_steps=2"]), output_dir=tmp_path / "zero")
+    with pytest.raises(TrainerError, match=r"data\.sample_weight needs a loss that takes sample_weight; loss my\.loss"):
+        require_sample_weight(lambda y_true, y_pred: y_pred, "data.sample_weight", "my.loss")

@@ -291,6 +291,7 @@ class CsvData(Data):
     one_hot: bool = MISSING  # one class column (ids or names) -> one-hot targets for categorical_crossentropy
     columns: Any = MISSING  # None | {name: numeric | categorical | text | ignore} (data/columns.py)
     schema: str | None = MISSING  # None | a run's table_schema.json, fitted types to read the file with
+    sample_weight: str | None = MISSING  # None | a column of per-row weights in the loss (not a feature)
 
     def __post_init__(self) -> None:
         super().__post_init__()

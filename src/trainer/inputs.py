@@ -78,12 +78,14 @@ class ArrayInput:
     streamed = False
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 preprocess: dict | None = None, accumulate_steps: int = 1):  # fmt: skip
+                 preprocess: dict | None = None, accumulate_steps: int = 1,
+                 sample_weight: np.ndarray | None = None):  # fmt: skip
         self.transform = Transform(preprocess, tuple(x.shape[1:]), seed)
         upfront = x.dtype.kind == "f" and not self.transform.augment  # tables: once, here; images: per batch
         self.x = self.transform(tf.constant(x)) if upfront and self.transform.layers else tf.constant(x)
         self.per_batch = not upfront and (bool(self.transform.layers) or x.dtype != np.float32)
         self.y = tf.constant(y)
+        self.w = None if sample_weight is None else tf.constant(sample_weight, tf.float32)  # a third batch part
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.n = int(x.shape[0])
         self.steps_per_epoch = self.n // batch_size  # the ragged last batch is dropped: shapes stay fixed
@@ -116,14 +118,15 @@ class ArrayInput:
         if self.cut_at_epochs and step % self.steps_per_epoch == 0:
             self.order.assign(self._epoch_order(step // self.steps_per_epoch))
 
-    def batch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def batch(self, index: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """Batch number `index` of the run: a slice of its epoch's seeded order (resumable from the step)."""
         position = index % self.steps_per_epoch
         if not self.cut_at_epochs and position == 0:  # the Python flag short-circuits at trace time
             self.order.assign(self._epoch_order(index // self.steps_per_epoch))
         start = tf.cast(position, tf.int32) * self.batch_size
         idx = self.order[start : start + self.batch_size]
-        return self._features(tf.gather(self.x, idx), training=True), tf.gather(self.y, idx)
+        x, y = self._features(tf.gather(self.x, idx), training=True), tf.gather(self.y, idx)
+        return (x, y) if self.w is None else (x, y, tf.gather(self.w, idx))
 
     @_plain_graph
     def _epoch_order(self, epoch: tf.Tensor) -> tf.Tensor:

@@ -199,7 +199,8 @@ class StepLoop:
         if self.input.streamed:
             x, y = next(iter(self.input.stream.read().batch(n)))
             return self.input.features(x), y
-        return self.input.example(n), self.input.y[:n]
+        weight = getattr(self.input, "w", None)
+        return (self.input.example(n), self.input.y[:n], *([] if weight is None else [weight[:n]]))
 
     # --- the step ------------------------------------------------------------------------------
     def check_step(self) -> None:
@@ -232,7 +233,7 @@ class StepLoop:
         if n == 1:
             return self.input.batch(index)
         parts = [self.input.batch(index * n + j) for j in range(n)]
-        return tuple(tf.concat([p[i] for p in parts], 0) for i in range(2))
+        return tuple(tf.concat([p[i] for p in parts], 0) for i in range(len(parts[0])))
 
     def _row(self, batch, replica_share: bool = False) -> tf.Tensor:
         """The step's row; under tf.distribute each replica runs the step on its share and Ops all-reduces."""
@@ -450,7 +451,7 @@ class StepLoop:
         """Batch means of `fn((x, y))` over a split, weighted by batch size."""
         batch = eval_batch(self.batch_size)
         if self._eval_keys is None:  # the names it gives, from one eager call (the loops need them up front)
-            self._eval_keys = sorted(fn(self.example_batch(min(2, self.n))))
+            self._eval_keys = sorted(fn(self.example_batch(min(2, self.n))[:2]))  # (x, y): validation is unweighted
         if self.input.streamed:
             with reading(x or self.input.stream):
                 return self._step_eval_stream(fn, self.input.eval_dataset(x, batch))

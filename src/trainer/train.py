@@ -38,7 +38,7 @@ from trainer.data import Dataset
 from trainer.data.prepare import load as load_data
 from trainer.data.prepare import preprocessing_layers
 from trainer.data.scaling import scaled_loss, unscale_layer
-from trainer.data.weights import weighted_loss
+from trainer.data.weights import require_sample_weight, weighted_loss
 from trainer.fit import Result, fit
 from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
@@ -157,6 +157,8 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
         if "loss" in takes:
             parts["loss"] = build(cfg.loss)
             _check_loss_fits_data(cfg, parts["loss"], data)
+            if data.sample_weight is not None:
+                require_sample_weight(parts["loss"], "data.sample_weight", cfg.loss.get("_target_", "?"))
             if data.class_weight is not None:
                 parts["loss"] = weighted_loss(parts["loss"], data.class_weight, data, cfg.loss.get("_target_", "?"))
             if data.target_scale is not None:
@@ -167,6 +169,10 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
         if not isinstance(step, Step):
             raise TrainerError(f"step._target_={cfg.step._target_!r} is a {type(step).__name__}, not a "
                                "trainer.steps.Step: subclass it (README: Your own step)")  # fmt: skip
+        if data.sample_weight is not None and not step.weighted:
+            raise TrainerError(f"data.sample_weight: step {cfg.step._target_} does not take (x, y, sample_weight) "
+                               "batches (Step.weighted is False); weight its loss itself, or drop the "
+                               "setting")  # fmt: skip
         if t.precision == "mixed_float16":  # every optimizer of the step scales its loss
             for name in step.trains:
                 setattr(step, name, keras.optimizers.LossScaleOptimizer(getattr(step, name)))
@@ -384,7 +390,7 @@ def _build_loop(cfg: DictConfig, step: Step, data: Dataset, strategy: tf.distrib
                              d.get("cache"), data.preprocess, strategy)  # fmt: skip
     else:
         inputs = ArrayInput(data.x_train, data.y_train, t.batch_size, t.seed, d.get("shuffle", True), data.preprocess,
-                            t.accumulate_steps)  # fmt: skip
+                            t.accumulate_steps, data.sample_weight)  # fmt: skip
     try:
         loop = StepLoop(
             step, None, None, inputs, None, t.batch_size,

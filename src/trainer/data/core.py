@@ -63,6 +63,7 @@ class Examples:
     scaled: np.ndarray | None = None  # typed tables: per feature, whether data.normalize scales it (numbers only)
     schema: Any = None  # typed tables: the fitted columns.TableSchema the logged model applies to raw rows
     raw_example: Any = None  # typed tables: two raw rows (a pandas DataFrame), the logged model's input example
+    weights: np.ndarray | None = None  # data.sample_weight: each row's weight in the loss (float32), rows as arrays
     val: Examples | None = None
     diagnose: Callable[[], Any] | None = None  # () -> a TrainerError naming the bad file, or None (after a read error)
 
@@ -92,6 +93,7 @@ class Dataset:
     preprocess: dict[str, Any] = field(default_factory=dict)  # mean/variance (or min/max), rescale
     class_weight: np.ndarray | None = None  # data.class_weight: each class id's weight in the loss (weights.py)
     target_scale: tuple[np.ndarray, np.ndarray] | None = None  # data.target_scale: (mean, std) (scaling.py)
+    sample_weight: np.ndarray | None = None  # data.sample_weight: the training split's row weights (float32)
     schema: Any = None  # typed tables: the columns.TableSchema (Examples.schema)
     raw_example: Any = None  # typed tables: two raw rows, the logged model's input example
     x_shape: tuple[int, ...] = ()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TrainerError, build, check_data_settings, conf_dir, first_line
 from trainer.data.core import Dataset, Examples, Stream, check_numbers, check_values, split, val_mask
 from trainer.data.scaling import target_scale
-from trainer.data.weights import class_weights
+from trainer.data.weights import class_weights, sample_weights
 
 CONTRACT = (
     "expected trainer.data.Examples, a tf.data.Dataset of unbatched (x, y) pairs, a pair (train, val) of "
@@ -66,6 +66,7 @@ def load(node: DictConfig) -> Dataset:
     _check_folds(s, result, accepted, name)
     data = prepare(result, s, name)
     data.class_weight = class_weights(data, s.class_weight)
+    data.sample_weight = sample_weights(result.weights if isinstance(result, Examples) else None, data, s)
     table = isinstance(result, Examples) and result.table
     data.target_scale = target_scale(data, s.target_scale, table)
     if isinstance(result, Examples) and result.schema is not None:

@@ -38,7 +38,7 @@ INDEX_NAMES = ("", "Unnamed: 0")  # a leading column with no name: the index pan
 
 
 def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool,
-        columns: Any, schema: str | None, val_fraction: float, seed: int, in_memory: str,
+        columns: Any, schema: str | None, sample_weight: str | None, val_fraction: float, seed: int, in_memory: str,
         memory_limit_mb: float, folds: int | None, fold: int) -> Examples:  # fmt: skip
     """A CSV file with a header row; `target` one column name or a list; `features` null: every other column.
 
@@ -54,18 +54,19 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
     usable = names[1:] if names[0] in INDEX_NAMES else names
     if "" in usable:
         raise TrainerError(f"{path}: column {names.index('', 1) + 1} has no name in the header; name it")
-    feats, targets = _choose(usable, target, features, str(path))
+    feats, targets = _choose(usable, target, features, str(path), sample_weight)
     raw = dict(zip(names, header, strict=True))
-    typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold))
+    typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold),
+                   sample_weight)  # fmt: skip
     kinds = _csv_kinds(file, [raw[c] for c in feats])
     gaps = lambda: _csv_gaps(file, [raw[c] for c in feats], [raw[c] for c in targets])  # noqa: E731
     if typed.wanted(kinds, file.stat().st_size, in_memory, memory_limit_mb, gaps):
         try:
             frame = pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(
-                include_columns=[raw[c] for c in [*feats, *targets]], strings_can_be_null=True))  # fmt: skip
+                include_columns=[raw[c] for c in typed.read], strings_can_be_null=True))  # fmt: skip
         except pa.ArrowInvalid as e:
             raise _csv_error(e, file, names) from None
-        return typed.examples(frame.rename_columns([*feats, *targets]).to_pandas())
+        return typed.examples(frame.rename_columns(typed.read).to_pandas())
 
     def options(columns: Sequence[str]) -> pa_csv.ConvertOptions:
         """Features as float64, targets as text (tried as numbers later): a bad cell is named by column."""
@@ -94,7 +95,7 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
 
 
 def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str, one_hot: bool,
-            columns: Any, schema: str | None, val_fraction: float, seed: int, in_memory: str,
+            columns: Any, schema: str | None, sample_weight: str | None, val_fraction: float, seed: int, in_memory: str,
             memory_limit_mb: float, folds: int | None, fold: int) -> Examples:  # fmt: skip
     """One Parquet file, a directory of them (every *.parquet below it) or a glob; files in sorted path order.
 
@@ -103,13 +104,14 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
     source = f"data.path={path!r}"
     files = _parquet_files(path, source)
     file_schema = _parquet_schema(files, source)
-    feats, targets = _choose(list(file_schema.names), target, features, str(path))
-    typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold))
+    feats, targets = _choose(list(file_schema.names), target, features, str(path), sample_weight)
+    typed = _Typed(source, feats, targets, missing, one_hot, columns, schema, (val_fraction, seed, folds, fold),
+                   sample_weight)  # fmt: skip
     kinds = [file_schema.field(name).type for name in feats]
     size = sum(Path(f).stat().st_size for f in files)
     gaps = lambda: any(_gaps(pq.read_table(f, columns=[*feats, *targets])) for f in files)  # noqa: E731
     if typed.wanted(kinds, size, in_memory, memory_limit_mb, gaps):
-        parts = [pq.read_table(f, columns=[*feats, *targets]).to_pandas() for f in files]
+        parts = [pq.read_table(f, columns=typed.read).to_pandas() for f in files]
         return typed.examples(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0])
     text = any(_text(file_schema.field(t).type) for t in targets)
 
@@ -348,9 +350,11 @@ class _Typed:
     """A table read whole, its feature columns typed (data/columns.py): when, and the Examples it makes."""
 
     def __init__(self, source: str, features: list[str], targets: list[str], missing: str, one_hot: bool,
-                 columns: Any, schema: str | None, holdout: tuple) -> None:  # fmt: skip
-        """`holdout`: val_mask's (val_fraction, seed, folds, fold): which rows the types are fitted on."""
-        self.source, self.features, self.targets = source, features, targets
+                 columns: Any, schema: str | None, holdout: tuple, weight: str | None) -> None:  # fmt: skip
+        """`holdout`: val_mask's (val_fraction, seed, folds, fold): which rows the types are fitted on;
+        `weight`: data.sample_weight's column."""
+        self.source, self.features, self.targets, self.weight = source, features, targets, weight
+        self.read = [*features, *targets, *([weight] if weight else [])]  # the columns read, in this order
         self.missing, self.one_hot, self.holdout = missing, one_hot, holdout
         if missing not in MISSING_CELLS:
             raise TrainerError(f"data.missing={missing!r} is invalid: expected {' | '.join(MISSING_CELLS)}")
@@ -366,12 +370,13 @@ class _Typed:
         held = held == "true" or (held == "auto" and size <= memory_limit_mb * 2**20)
         words = [k for k in kinds if not _numeric(k) or pa.types.is_boolean(k)]
         filled = self.missing == "mean" or (self.missing == "auto" and held and not words and gaps())
-        if not (words or self.declared or self.fitted or filled):
+        if not (words or self.declared or self.fitted or filled or self.weight):
             return False
         if held:
             return True
-        if words or self.declared or self.fitted:
-            raise TrainerError(f"{self.source}: a table with categorical or text columns is read whole, and this one "
+        if words or self.declared or self.fitted or self.weight:
+            raise TrainerError(f"{self.source}: a table with categorical or text columns or data.sample_weight is "
+                               "read whole, and this one "
                                f"is {size / 2**20:.0f} MB (data.in_memory={in_memory}, data.memory_limit_mb="
                                f"{memory_limit_mb:g}): raise data.memory_limit_mb or set data.in_memory=true; "
                                "streaming typed columns is not supported yet")  # fmt: skip
@@ -389,9 +394,11 @@ class _Typed:
             notice_console().print(f"data: {int((~keep).sum())} rows without a target value left out "
                                    f"({self.source})", markup=False)  # fmt: skip
         x_raw = frame.loc[keep, self.features]
+        weights = _weights(frame.loc[keep, self.weight], self.source) if self.weight else None
         if self.missing == "drop":  # rows with a missing feature cell go, before anything is fitted
             whole = x_raw.notna().all(axis=1).to_numpy()
             x_raw, y = x_raw[whole], y[whole]
+            weights = weights[whole] if weights is not None else None
         train = ~val_mask(len(x_raw), *self.holdout)
         schema = self.fitted or fit_schema(x_raw, train, self.declared, self.missing, self.source)
         x = schema.transform(x_raw, self.source)
@@ -399,7 +406,7 @@ class _Typed:
             count=len(x), x_shape=(x.shape[1],), y_shape=tuple(y.shape[1:]), x_dtype="float32",
             y_dtype=str(y.dtype), arrays=(x, y), source=self.source, columns=[*schema.features, *self.targets],
             labels=labels, task="multiclass" if self.one_hot else None, numeric=True, table=True,
-            scaled=schema.scaled, schema=schema, raw_example=x_raw.head(2).reset_index(drop=True),
+            scaled=schema.scaled, schema=schema, raw_example=x_raw.head(2).reset_index(drop=True), weights=weights,
         )  # fmt: skip
 
     def _targets(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str] | None, np.ndarray]:
@@ -435,6 +442,19 @@ class _Typed:
                 f"{self.source}: target column {self.targets[0]!r} has {len(labels):,} distinct values "
                 f"in {len(names):,} rows: implausible as classes; pick the target column you meant"
             )
+
+
+def _weights(values: pd.Series, source: str) -> np.ndarray:
+    """data.sample_weight's column as float32: every row's weight a finite number >= 0."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(numbers) | (numbers < 0)
+    if bad.any():
+        at = int(np.flatnonzero(bad)[0])
+        value = values.iloc[at]
+        what = "is empty" if pd.isna(value) else f"holds {value!r}" if isinstance(value, str) else f"holds {value:g}"
+        raise TrainerError(f"{source}: data.sample_weight column {values.name!r}, row {int(values.index[at]) + 1} "
+                           f"{what}; a weight must be a finite number >= 0: fix the cell")  # fmt: skip
+    return numbers.astype(np.float32)
 
 
 def _numbers_only(missing: str) -> str:
@@ -495,18 +515,25 @@ def _matrix(columns: Sequence[pa.Array], rows: int) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def _choose(names: Sequence[str], target: Any, features: Sequence[str] | None, where: str) -> tuple[list, list]:
-    """(features, targets): `target` a name or a list of names; `features` null: every column not a target."""
+def _choose(names: Sequence[str], target: Any, features: Sequence[str] | None, where: str,
+            weight: str | None = None) -> tuple[list, list]:  # fmt: skip
+    """(features, targets): `target` a name or a list of names; `features` null: every column not a target nor
+    the `weight` column (data.sample_weight)."""
     targets = [target] if isinstance(target, str) else list(target) if target is not None else []
     if not targets or not all(isinstance(t, str) for t in targets):
         raise TrainerError(f"data.target={target!r} is invalid: expected a column name or a list of them")
-    unknown = [c for c in [*targets, *(features or [])] if c not in names]
+    if weight is not None and not isinstance(weight, str):
+        raise TrainerError(f"data.sample_weight={weight!r} is invalid: expected a column name, or null")
+    unknown = [c for c in [*targets, *(features or []), *([weight] if weight else [])] if c not in names]
     if unknown:
         raise TrainerError(f"{where}: no column {unknown[0]!r}; columns are {', '.join(names)}")
-    feats = list(features) if features else [c for c in names if c not in targets]
+    feats = list(features) if features else [c for c in names if c not in targets and c != weight]
     both = [c for c in feats if c in targets]
     if both:
         raise TrainerError(f"{where}: column {both[0]!r} is both a feature and a target; drop it from data.features")
+    if weight and (weight in feats or weight in targets):
+        raise TrainerError(f"{where}: column {weight!r} is data.sample_weight and a feature or target; drop it from "
+                           "data.features or data.target")  # fmt: skip
     if not feats:
         raise TrainerError(f"{where}: no feature columns left once the target {targets} is taken out")
     return feats, targets

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainer.config import TrainerError
-from trainer.data.core import Dataset
+from trainer.data.core import Dataset, val_mask
 
 COUNT_BATCH = 4096  # examples per batch of the counting pass over a streamed split
 
@@ -58,6 +58,22 @@ def class_weights(data: Dataset, setting: Any) -> np.ndarray | None:
     return weights
 
 
+def sample_weights(weights: np.ndarray | None, data: Dataset, s: Any) -> np.ndarray | None:
+    """The training split's rows of `weights` (data.sample_weight's column, one per row of the table), cut by
+    the same val_mask as the rows themselves."""
+    if weights is None:
+        return None
+    if data.streamed:
+        raise TrainerError("data.sample_weight needs the table held in memory: set data.in_memory=true or auto")
+    held_out = val_mask(len(weights), s.val_fraction, s.seed, s.folds, s.fold)
+    train = weights[~held_out] if data.has_val else weights
+    if len(train) != len(data.x_train):  # the reader's rows and the split's: a bug here, not the user's
+        raise TrainerError(f"data.sample_weight: {len(train)} weights for {len(data.x_train)} training rows")
+    if not train.any():
+        raise TrainerError("data.sample_weight: every weight of the training split is 0, so nothing would be learned")
+    return train
+
+
 def class_counts(data: Dataset) -> np.ndarray:
     """Examples per class id in the training split (one pass over a stream's targets)."""
     n = 2 if data.task == "binary" else int(data.n_classes or 0)
@@ -81,9 +97,7 @@ def weighted_loss(loss: Callable, weights: np.ndarray, data: Dataset, name: str)
     take: the built-in losses and Keras' do)."""
     import tensorflow as tf
 
-    if not _takes_sample_weight(loss):
-        raise TrainerError(f"data.class_weight needs a loss that takes sample_weight; loss {name} does not: use a "
-                           "built-in loss or loss=keras, or add a sample_weight=None argument to yours")  # fmt: skip
+    require_sample_weight(loss, "data.class_weight", name)
     table = tf.constant(weights, tf.float32)
     task, one_hot = data.task, data.one_hot
 
@@ -93,11 +107,19 @@ def weighted_loss(loss: Callable, weights: np.ndarray, data: Dataset, name: str)
         flat = tf.reshape(y, [-1])
         return tf.cast(flat > 0.5, tf.int32) if task == "binary" else tf.cast(flat, tf.int32)
 
-    def weighted(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        return loss(y_true, y_pred, sample_weight=tf.gather(table, class_ids(y_true)))
+    def weighted(y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
+        weight = tf.gather(table, class_ids(y_true))  # data.sample_weight's, when given, multiplies it
+        return loss(y_true, y_pred, sample_weight=weight if sample_weight is None else weight * sample_weight)
 
     weighted.evaluated = loss  # what evaluation reports (loop.StepLoop.loss_fn)
     return weighted
+
+
+def require_sample_weight(loss: Callable, setting: str, name: str) -> None:
+    """`setting` weights the loss through its sample_weight argument: one the loss must take."""
+    if not _takes_sample_weight(loss):
+        raise TrainerError(f"{setting} needs a loss that takes sample_weight; loss {name} does not: use a built-in "
+                           "loss or loss=keras, or add a sample_weight=None argument to yours")  # fmt: skip
 
 
 def _takes_sample_weight(loss: Callable) -> bool:

@@ -42,6 +42,8 @@ class Step(tf.Module):
     - `build(batch)`: create any variable of your own, eagerly, before the first trace (models are built
       by the framework calling them on `batch`'s inputs).
     - `train_step(batch, ops)`: one update from `batch` (as the data gives it: `x, y = batch`).
+    - `weighted`: True if train_step takes `x, y, sample_weight = batch` when a table names data.sample_weight
+      (the built-in supervised steps do; a step that leaves it False is refused such data in one line).
     - `eval_step(batch)` -> {name: batch mean}: logged as `val/<name>`, weighted by batch size; `loss` is the
       objective a sweep minimises. `eval_results(means)` may turn the means into what is logged.
     - `exports()`: the model that is checkpointed as "the model", logged, served and early-stopped.
@@ -53,6 +55,7 @@ class Step(tf.Module):
 
     trains: Mapping[str, Sequence[str]] = {"optimizer": ("model",)}
     logs: Sequence[str] = ()
+    weighted: bool = False
 
     def build(self, batch: Any) -> None:
         """Create the step's own variables (a step counter, an EMA copy): eagerly, before the trace."""

@@ -16,6 +16,7 @@ class Supervised(Step):
     `fit` computes it; one optimizer. `step=supervised`, the default."""
 
     trains = {"optimizer": ("model",)}
+    weighted = True  # (x, y, sample_weight) batches: data.sample_weight
 
     def __init__(self, model: Any, loss: Callable, optimizer: Any):
         super().__init__()
@@ -25,11 +26,12 @@ class Supervised(Step):
         self.model(batch[0])
 
     def objective(self, batch: Any) -> tf.Tensor:
-        """The data loss of one batch in float32 (mixed precision: the model's float16 output is cast first)."""
-        x, y = batch
+        """The data loss of one batch in float32 (mixed precision: the model's float16 output is cast first),
+        weighted by the batch's third part where the data has one (data.sample_weight)."""
+        x, y, *weight = batch
         pred = self.model(x, training=True)
         pred = tf.cast(pred, y.dtype if y.dtype.is_floating else tf.float32)  # class ids stay integers
-        return self.loss(y, pred)
+        return self.loss(y, pred, sample_weight=weight[0]) if weight else self.loss(y, pred)
 
     def train_step(self, batch: Any, ops: Ops) -> None:
         ops.minimize(self.optimizer, self.objective, batch)
@@ -107,14 +109,14 @@ class Adversarial(Supervised):
         return tf.stop_gradient(adv)
 
     def train_step(self, batch: Any, ops: Ops) -> None:
-        x, y = batch
+        x, y, *weight = batch
         adv = self.perturb(x, y, ops.seed())
-        ops.minimize(self.optimizer, self._mixed_objective, (x, adv, y))
+        ops.minimize(self.optimizer, self._mixed_objective, (x, adv, y, *weight))
 
     def _mixed_objective(self, batch: Any) -> tf.Tensor:
-        x, adv, y = batch
-        clean = self.objective((x, y)) if self.weight < 1 else 0.0
-        return (1.0 - self.weight) * clean + self.weight * self.objective((adv, y))
+        x, adv, y, *weight = batch
+        clean = self.objective((x, y, *weight)) if self.weight < 1 else 0.0
+        return (1.0 - self.weight) * clean + self.weight * self.objective((adv, y, *weight))
 
     def eval_extra(self, batch: Any) -> Mapping[str, tf.Tensor]:
         x, y = batch
