@@ -200,18 +200,22 @@ def test_bench_stream_races_ours_and_keras_on_one_file(tmp_path: Path) -> None:
     proc = bench(tmp_path, "--stream", "--quick", "--stream-gb", "0.01", "--steps", "200", "--stream-dir", str(files),
                  "--json", str(out), "--no-targets", timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (size,) = json.loads(out.read_text())["stream"]
-    assert size["gb"] == 0.01 and size["rows"] == 81_344 and size["steps"] == 200
-    assert [r["steps"] for r in size["ours"]] == [200]
-    assert {spe: [r["steps"] for r in runs] for spe, runs in size["keras"].items()} == {"1": [200], "50": [200]}
-    for run in [*size["ours"], *size["keras"]["1"], *size["keras"]["50"]]:
-        assert run["rate"] > 0
-        assert 300 < run["usage"]["peak_rss_mb"] < 3000  # TensorFlow's own ~0.7 GB, and not the parent's
-        assert run["usage"]["peak_anon_mb"] <= run["usage"]["peak_rss_mb"]
-    row = next(line for line in proc.stdout.splitlines() if "81,344" in line)
-    assert "200 / 200" in row and "(spe=" in row
-    assert "stream 0.01 GiB: ours >= 1x keras-fit best, same pipeline:" in proc.stdout
-    assert "stream 0.01 GiB: ours' peak RSS < 1.5 GB:" in proc.stdout
+    sizes = json.loads(out.read_text())["stream"]
+    assert [size["format"] for size in sizes] == ["numpy", "parquet"]  # the same rows, as .npy and as Parquet
+    for size in sizes:
+        assert size["gb"] == 0.01 and size["rows"] == 81_344 and size["steps"] == 200
+        assert [r["steps"] for r in size["ours"]] == [200]
+        assert {spe: [r["steps"] for r in runs] for spe, runs in size["keras"].items()} == {"1": [200], "50": [200]}
+        for run in [*size["ours"], *size["keras"]["1"], *size["keras"]["50"]]:
+            assert run["rate"] > 0
+            assert 300 < run["usage"]["peak_rss_mb"] < 3000  # TensorFlow's own ~0.7 GB, and not the parent's
+            assert run["usage"]["peak_anon_mb"] <= run["usage"]["peak_rss_mb"]
+    rows = [line for line in proc.stdout.splitlines() if "81,344" in line]
+    assert len(rows) == 2 and all("200 / 200" in row and "(spe=" in row for row in rows)
+    assert "numpy" in rows[0] and "parquet" in rows[1]
+    for name in ("0.01 GiB", "0.01 GiB parquet"):
+        assert f"stream {name}: ours >= 1x keras-fit best, same pipeline:" in proc.stdout
+        assert f"stream {name}: ours' peak RSS < 1.5 GB:" in proc.stdout
     assert not any(files.iterdir())  # no --keep: the size's files are gone, the given directory stays
 
 

@@ -36,6 +36,7 @@ from bench.race import FINAL_RATIOS, SWEEP_RATIOS, measure_job
 from bench.report import Check, Floor
 from bench.sink import SINK_STEPS, measure_sink
 from bench.stream import (
+    FORMATS,
     KERAS_EPOCHS,
     QUICK_STREAM_SPES,
     QUICK_STREAM_STEPS,
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-gb", default=",".join(f"{gb:g}" for gb in STREAM_GB), help="--stream: file sizes, GiB")
     p.add_argument("--stream-dir", type=Path, help="--stream: where the files are written (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="--stream: keep the files written")
+    p.add_argument("--stream-formats", default=",".join(FORMATS), help="--stream: numpy, parquet or both")
     p.add_argument(
         "--threads",
         metavar="INTRA,INTER",
@@ -120,6 +122,11 @@ def parse_stream(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         assert args.stream_gb and min(args.stream_gb) > 0
     except (ValueError, AssertionError):
         p.error(f"--stream-gb {args.stream_gb!r}: give sizes in GiB, e.g. 1,3")
+    args.stream_formats = tuple(args.stream_formats.split(","))
+    if not args.stream_formats or not set(args.stream_formats) <= set(FORMATS):
+        p.error(
+            f"--stream-formats {','.join(args.stream_formats)!r}: give {' and/or '.join(FORMATS)}, e.g. numpy,parquet"
+        )
     if args.threads:  # the Keras children would not get them
         p.error("--threads: not with --stream (each run is its own process, with TensorFlow's default pools)")
     args.spes = QUICK_STREAM_SPES if args.quick else STREAM_SPES
@@ -229,7 +236,8 @@ def run_cost(args: argparse.Namespace) -> list[Check]:
 def run_stream(args: argparse.Namespace) -> list[Check]:
     with workdir([]) as tmp:
         root = args.stream_dir or (Path(tempfile.mkdtemp(prefix="bench-stream-")) if args.keep else tmp / "data")
-        results = measure_stream(args.stream_gb, args.steps, args.spes, args.repeats, tmp, root, args.keep)
+        results = measure_stream(args.stream_gb, args.steps, args.spes, args.repeats, tmp, root, args.keep,
+                                 args.stream_formats)  # fmt: skip
     checks = report.stream_report(results, args.quick)
     if args.json:
         targets = [asdict(c) for c in checks]

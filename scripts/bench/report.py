@@ -230,12 +230,14 @@ def stream_report(results: list[StreamResult], quick: bool) -> list[Check]:
     out = console()
     t = Table(title="streamed from disk: steps/s past warm-up (median), peak RSS of each process (MB)",
               title_justify="left")  # fmt: skip
-    for col in ("file (GiB)", "rows", "steps", "ours", "keras-fit best", "ours/keras", "ours RSS", "keras RSS"):
+    for col in ("file (GiB)", "format", "rows", "steps", "ours", "keras-fit best", "ours/keras", "ours RSS",
+                "keras RSS"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in results:
         best = r.best_spe
         t.add_row(
             f"{r.gb:g}",
+            r.format,
             f"{r.rows:,}",
             f"{r.ours[0]['steps']:,} / {r.keras[best][0]['steps']:,}",
             fmt_rate(r.median("ours")),
@@ -267,7 +269,8 @@ def stream_notes(results: list[StreamResult]) -> Iterator[str]:
     for r in results:
         sweep = ", ".join(f"{spe}: {fmt_rate(r.median(spe))}" for spe in r.keras)
         walls = ", ".join(f"{x['wall_s']:.0f}" for x in r.ours)
-        yield f"{r.gb:g} GiB: written in {r.write_s:.0f} s; keras-fit by spe: {sweep}; ours' whole run (s): {walls}"
+        yield (f"{_named(r)}: written in {r.write_s:.0f} s; keras-fit by spe: {sweep}; ours' whole run (s): "
+               f"{walls}")  # fmt: skip
 
 
 def stream_checks(results: list[StreamResult]) -> Iterator[Check]:
@@ -275,7 +278,12 @@ def stream_checks(results: list[StreamResult]) -> Iterator[Check]:
         yield Check(
             r.ratio >= STREAM_FLOOR,
             True,
-            f"stream {r.gb:g} GiB: ours >= {STREAM_FLOOR:g}x keras-fit best, same pipeline: {fmt_ratio(r.ratio)}",
+            f"stream {_named(r)}: ours >= {STREAM_FLOOR:g}x keras-fit best, same pipeline: {fmt_ratio(r.ratio)}",
         )
         rss = r.peak("ours")
-        yield Check(rss < STREAM_RSS_MB, True, f"stream {r.gb:g} GiB: ours' peak RSS < 1.5 GB: {rss:,.0f} MB")
+        yield Check(rss < STREAM_RSS_MB, True, f"stream {_named(r)}: ours' peak RSS < 1.5 GB: {rss:,.0f} MB")
+
+
+def _named(r: StreamResult) -> str:
+    """A size's name in the notes and checks: `1 GiB` (the .npy files, as before), `1 GiB parquet`."""
+    return f"{r.gb:g} GiB" + ("" if r.format == "numpy" else f" {r.format}")

@@ -1,5 +1,8 @@
 """The third program (`--stream`): ours on a file larger than it should hold, streamed from disk, against Keras
-`fit` on the very same `tf.data` pipeline; steps/s and the peak memory of each, at two file sizes.
+`fit` on the very same `tf.data` pipeline; steps/s and the peak memory of each, at two file sizes, in two formats
+(`--stream-formats`): .npy files, and the same rows as one Parquet file (data=parquet: 33 float32 columns
+f0..f31, y, in row groups of WRITE_ROWS), read with normalization and target scaling off so both sides train
+the same numbers.
 
 The file: the 32-feature regression of `trainer.data.regression` (y = x @ w + b + noise, x ~ N(0, 1)) in float32,
 as x.npy and y.npy, written a block at a time through a fresh memory map per block, so the writer never holds it.
@@ -52,17 +55,19 @@ KERAS_EPOCHS = 4  # Keras' N steps as this many epochs; the first is its warm-up
 FEATURES, TARGETS, NOISE, SEED = 32, 1, 0.1, 0  # conf/data/regression.yaml's noise, the mlp job's 32 features
 WRITE_ROWS = 1 << 18  # rows per block written: 34 MB of x
 POLL_S = 0.05
-STREAM = "model=mlp data=numpy data.in_memory=false trainer.batch_size=256 optimizer=adam optimizer.lr=1e-3"
+STREAM = "model=mlp data.in_memory=false trainer.batch_size=256 optimizer=adam optimizer.lr=1e-3"
+FORMATS = ("numpy", "parquet")
 CHILD_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
 class DataFiles:
-    x: Path
-    y: Path
+    x: Path  # parquet: the one file
+    y: Path | None
     rows: int
     gb: float
     write_s: float
+    format: str = "numpy"
 
 
 @dataclass
@@ -82,6 +87,7 @@ class StreamResult:
     rows: int
     steps: int
     write_s: float
+    format: str = "numpy"
     ours: list[dict[str, Any]] = field(default_factory=list)  # rate, steps, usage, wall_s
     keras: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # spe -> runs: rate, steps, usage
 
@@ -123,6 +129,23 @@ def write_regression(directory: Path, gb: float, seed: int = SEED) -> DataFiles:
     return DataFiles(*paths, rows, gb, time.perf_counter() - t0)
 
 
+def write_parquet(files: DataFiles) -> DataFiles:
+    """The .npy files' rows as one Parquet file beside them (x.parquet), a row group per WRITE_ROWS rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    x, y = np.load(files.x, mmap_mode="r"), np.load(files.y, mmap_mode="r")
+    path = files.x.with_suffix(".parquet")
+    schema = pa.schema([*(pa.field(f"f{i}", pa.float32()) for i in range(FEATURES)), pa.field("y", pa.float32())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, files.rows, WRITE_ROWS):
+            block = slice(start, min(start + WRITE_ROWS, files.rows))
+            columns = [*np.asarray(x[block]).T, np.asarray(y[block])[:, 0]]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+    return DataFiles(path, None, files.rows, files.gb, time.perf_counter() - t0, "parquet")
+
+
 def _create(path: Path, shape: tuple[int, int]) -> int:
     """An .npy file of `shape`, float32, its data still zeros (sparse); returns its data's offset."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
@@ -142,7 +165,11 @@ def _write_block(path: Path, offset: int, start: int, block: np.ndarray) -> None
 
 # --- children ------------------------------------------------------------------------------------
 def job_for(files: DataFiles, steps: int) -> Job:
-    return Job("stream", f"{STREAM} data.path={files.x} data.y={files.y}", steps, 0, "the mlp job's MLP, streamed")
+    if files.format == "parquet":
+        data = f"data=parquet data.path={files.x} data.target=y data.normalize=none data.target_scale=none"
+    else:
+        data = f"data=numpy data.path={files.x} data.y={files.y}"
+    return Job("stream", f"{STREAM} {data}", steps, 0, "the mlp job's MLP, streamed")
 
 
 def run_child(command: list[str], cwd: Path) -> tuple[str, Usage, float]:
@@ -202,7 +229,7 @@ def run_ours(files: DataFiles, steps: int, workdir: Path) -> dict[str, Any]:
 
 def run_keras(files: DataFiles, steps: int, spe: int, workdir: Path) -> dict[str, Any]:
     where = Path(tempfile.mkdtemp(dir=workdir))
-    spec = {"x": str(files.x), "y": str(files.y), "steps": steps, "spe": spe}
+    spec = {"x": str(files.x), "y": str(files.y), "format": files.format, "steps": steps, "spe": spe}
     stdout, usage, wall = run_child([sys.executable, "-m", "bench.stream", json.dumps(spec)], where)
     out = json.loads(stdout.strip().splitlines()[-1])
     return {**out, "usage": usage.__dict__, "wall_s": wall}
@@ -223,7 +250,7 @@ def keras_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     quiet_libraries()
     trainer.config.register()
-    files = DataFiles(Path(spec["x"]), Path(spec["y"]), 0, 0.0, 0.0)
+    files = DataFiles(Path(spec["x"]), Path(spec["y"]), 0, 0.0, 0.0, spec["format"])
     steps, spe = int(spec["steps"]), int(spec["spe"])
     cfg = compose(job_for(files, steps), steps, "sqlite:///unused.db")
     t, d = cfg.trainer, cfg.data
@@ -250,28 +277,35 @@ def keras_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --- the measurement -----------------------------------------------------------------------------
 def measure_stream(sizes: tuple[float, ...], steps: int, spes: tuple[int, ...], repeats: int, workdir: Path,
-                   data_root: Path, keep: bool = False) -> list[StreamResult]:  # fmt: skip
-    """Per size: write the files (under data_root/<size>gib, removed after unless `keep`), then each repeat runs
-    ours and each spe's Keras child, in turn, one at a time."""
+                   data_root: Path, keep: bool = False,
+                   formats: tuple[str, ...] = FORMATS) -> list[StreamResult]:  # fmt: skip
+    """Per size: write the files (under data_root/<size>gib, removed after unless `keep`), then per format each
+    repeat runs ours and each spe's Keras child, in turn, one at a time."""
     results = []
     for gb in sizes:
         where = data_root / f"{gb:g}gib"
         log(f"stream: writing {gb:g} GiB into {where}")
-        files = write_regression(where, gb)
-        log(f"  {files.rows:,} rows in {files.write_s:.1f} s")
-        result = StreamResult(gb, files.rows, steps, files.write_s, keras={spe: [] for spe in spes})
+        numpy_files = write_regression(where, gb)
+        log(f"  {numpy_files.rows:,} rows in {numpy_files.write_s:.1f} s")
         try:
-            for r in range(repeats):
-                result.ours.append(run_ours(files, steps, workdir))
-                log(f"  repeat {r + 1}: ours {_said(result.ours[-1])}")
-                for spe in spes:
-                    result.keras[spe].append(run_keras(files, steps, spe, workdir))
-                    log(f"  repeat {r + 1}: keras-fit spe={spe} {_said(result.keras[spe][-1])}")
+            for fmt in formats:
+                files = write_parquet(numpy_files) if fmt == "parquet" else numpy_files
+                results.append(_race_on(files, steps, spes, repeats, workdir))
         finally:
             if not keep:
                 shutil.rmtree(where, ignore_errors=True)
-        results.append(result)
     return results
+
+
+def _race_on(files: DataFiles, steps: int, spes: tuple[int, ...], repeats: int, workdir: Path) -> StreamResult:
+    result = StreamResult(files.gb, files.rows, steps, files.write_s, files.format, keras={spe: [] for spe in spes})
+    for r in range(repeats):
+        result.ours.append(run_ours(files, steps, workdir))
+        log(f"  {files.format} repeat {r + 1}: ours {_said(result.ours[-1])}")
+        for spe in spes:
+            result.keras[spe].append(run_keras(files, steps, spe, workdir))
+            log(f"  {files.format} repeat {r + 1}: keras-fit spe={spe} {_said(result.keras[spe][-1])}")
+    return result
 
 
 def _said(run: dict[str, Any]) -> str:
