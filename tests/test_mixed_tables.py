@@ -19,7 +19,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from conftest import option_kwargs
 from trainer import evaluate as ev
 from trainer.config import TrainerError
-from trainer.data import csv
+from trainer.data import csv, parquet
 from trainer.data.core import val_mask
 from trainer.train import train
 
@@ -134,7 +134,7 @@ def test_bad_columns_are_one_line_naming_the_column_and_the_fix(tmp_path, pengui
         ({"features": TEXT, "columns": OmegaConf.create({"beak": "numeric"})}, "data.columns names 'beak'"),
         ({"features": TEXT, "columns": OmegaConf.create({"sex": "colour"})}, "data.columns.sex='colour' is no column"),
         ({"features": TEXT, "missing": "error"}, "column 'sex' is missing a value"),
-        ({"features": TEXT, "in_memory": "false"}, "a table with categorical or text columns is read whole"),
+        ({"in_memory": "false", "sample_weight": "year"}, "data.sample_weight needs the table held in memory"),
     ]
     for kwargs, message in cases:
         with pytest.raises(TrainerError) as e:
@@ -236,3 +236,36 @@ def test_a_text_table_matches_tf_idf_and_logistic_regression(tmp_path, compose_c
     rows = table[val].drop(columns="module").reset_index(drop=True)
     served_accuracy = float((served.predict(rows)["label"].to_numpy() == table.module[val].to_numpy()).mean())
     assert served_accuracy == pytest.approx(ours, abs=1e-6)
+
+
+def test_a_typed_table_streams_batch_by_batch_as_it_is_held(tmp_path, compose_cfg):
+    """data.in_memory=false on a mixed table: the schema is fitted in one pass over the training rows (sums,
+    counts, counters) and each batch typed as it streams. 300 copies of palmerpenguins (103,200 rows: several CSV
+    blocks and Parquet batches) give the very schema and the very numbers the held table gives."""
+    frame = pd.concat([load_penguins()] * 300, ignore_index=True)
+    frame.to_csv(tmp_path / "many.csv", index=False)
+    frame.to_parquet(tmp_path / "many.parquet", index=False)
+    for reader, name in ((csv, "many.csv"), (parquet, "many.parquet")):
+        kind = name.split(".")[1]
+        kw = option_kwargs("data", kind, path=str(tmp_path / name), target="species", val_fraction=0.2)
+        held = reader(**{**kw, "in_memory": "true"})
+        streamed = reader(**{**kw, "in_memory": "false"})
+        assert streamed.arrays is None and streamed.read is not None  # not held
+        for ours, whole in zip(streamed.schema.to_dict()["columns"], held.schema.to_dict()["columns"], strict=True):
+            assert ours == {**whole, "mean": pytest.approx(whole["mean"], rel=1e-12)}  # sums in batches: last bits
+        assert streamed.count == held.count == 103_200
+        x, y = held.arrays
+        parts = list(streamed.read().batch(8192).as_numpy_iterator())
+        np.testing.assert_allclose(np.concatenate([p[0] for p in parts]), x, rtol=1e-6)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
+        assert streamed.labels == held.labels == ["Adelie", "Chinstrap", "Gentoo"]
+    overrides = ["data=csv", f"data.path={tmp_path / 'many.csv'}", "data.target=species", "data.in_memory=false",
+                 "model=linear", "loss=sparse_categorical_crossentropy", "trainer.max_steps=600"]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    train(cfg, overrides=overrides, output_dir=tmp_path / "streamed")
+    client = mlflow.MlflowClient(str(cfg.tracking.uri))
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    assert run.data.params["schema.categorical"] == "2" and run.data.metrics["val/accuracy"] > 0.93
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    rows = load_penguins().drop(columns="species")  # raw rows, strings and NaN: the streamed run's model takes them
+    assert (served.predict(rows)["label"] == load_penguins().species).mean() > 0.93

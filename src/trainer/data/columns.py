@@ -107,20 +107,92 @@ def fit_schema(frame: pd.DataFrame, train: np.ndarray, declared: Mapping[str, st
                source: str) -> TableSchema:  # fmt: skip
     """The schema of `frame`'s feature columns: each typed by `declared` or inferred from every row (so errors
     name the file's rows), fitted on the training rows (`train`, a boolean mask) only."""
-    declared = dict(declared or {})
-    if unknown := [name for name in declared if name not in frame.columns]:
-        raise TrainerError(f"data.columns names {unknown[0]!r}, which is no feature column of {source}; its "
-                           f"columns are {list(frame.columns)}")  # fmt: skip
-    if bad := {n: k for n, k in declared.items() if k not in KINDS}:
-        name, kind = next(iter(bad.items()))
-        raise TrainerError(f"data.columns.{name}={kind!r} is no column type: use {' | '.join(KINDS)}")
-    columns = []
-    for name in frame.columns:
-        kind = declared.get(name) or infer_kind(frame[name], name, source)
-        columns.append(_fit(name, kind, frame[name][train], missing, source))
-    if not any(c.kind != "ignore" for c in columns):
-        raise TrainerError(f"{source}: every feature column is ignored; keep at least one")
-    return TableSchema(columns)
+    fit = SchemaFit(declared, missing, source)
+    fit.infer(frame)
+    fit.add(frame[train])
+    return fit.schema()
+
+
+class SchemaFit:
+    """A schema fitted a chunk of training rows at a time: a held table in one chunk (fit_schema), a stream's
+    batches in one pass, keeping only sums, counts and counters (categories, words' document frequencies), so
+    both give the same schema for the same rows. Types are inferred from the rows `infer` sees: a held table's
+    all, a stream's first batch (as pyarrow types a CSV's columns from its first block)."""
+
+    def __init__(self, declared: Mapping[str, str] | None, missing: str, source: str) -> None:
+        self.declared, self.missing, self.source = dict(declared or {}), missing, source
+        if bad := {n: k for n, k in self.declared.items() if k not in KINDS}:
+            name, kind = next(iter(bad.items()))
+            raise TrainerError(f"data.columns.{name}={kind!r} is no column type: use {' | '.join(KINDS)}")
+        self.kinds: dict[str, str] = {}
+        self.numbers: dict[str, list[float]] = {}  # numeric: [sum, count of values, count of missing cells]
+        self.counts: dict[str, Counter] = {}  # categorical: values; text: rows each word is in
+        self.docs: dict[str, int] = {}  # text: rows seen
+
+    def infer(self, frame: pd.DataFrame) -> None:
+        if unknown := [name for name in self.declared if name not in frame.columns]:
+            raise TrainerError(f"data.columns names {unknown[0]!r}, which is no feature column of {self.source}; its "
+                               f"columns are {list(frame.columns)}")  # fmt: skip
+        for name in frame.columns:
+            kind = self.kinds[name] = self.declared.get(name) or infer_kind(frame[name], name, self.source)
+            if kind == "numeric":
+                self.numbers[name] = [0.0, 0, 0]
+            elif kind in ("categorical", "text"):
+                self.counts[name], self.docs[name] = Counter(), 0
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Training rows (their index: the file's row numbers, for errors)."""
+        for name, kind in self.kinds.items():
+            values = frame[name]
+            if kind == "numeric":
+                numbers = _numbers(values, name, self.source)
+                finite = np.isfinite(numbers)
+                if self.missing == "error" and not finite.all():
+                    row = _row(values, int(np.flatnonzero(~finite)[0]))
+                    raise TrainerError(f"{self.source}: column {name!r} is missing a value (row {row}); "
+                                       "data.missing=error refuses it: fill it, or data.missing=mean")  # fmt: skip
+                stats = self.numbers[name]
+                stats[0] += float(numbers[finite].sum())
+                stats[1] += int(finite.sum())
+                stats[2] += int((~finite).sum())
+                continue
+            if kind == "ignore":
+                continue
+            if self.missing == "error" and values.isna().any():
+                row = _row(values, int(np.flatnonzero(values.isna().to_numpy())[0]))
+                raise TrainerError(f"{self.source}: column {name!r} is missing a value (row {row}); data.missing=error "
+                                   "refuses it: fill it, or data.missing=auto (a category of its own)")  # fmt: skip
+            if kind == "categorical":
+                self.counts[name].update(_labels(values).dropna())
+            else:
+                self.counts[name].update(t for v in values for t in set(_tokens(v)))
+                self.docs[name] += len(values)
+
+    def schema(self) -> TableSchema:
+        columns = [self._column(name, kind) for name, kind in self.kinds.items()]
+        if not any(c.kind != "ignore" for c in columns):
+            raise TrainerError(f"{self.source}: every feature column is ignored; keep at least one")
+        return TableSchema(columns)
+
+    def _column(self, name: str, kind: str) -> Column:
+        if kind == "numeric":
+            total, count, gaps = self.numbers[name]
+            if not count:
+                raise TrainerError(f"{self.source}: column {name!r} has no value in the training split to take a mean "
+                                   f"of; leave it out with data.columns={{{name}: ignore}}")  # fmt: skip
+            return Column(name, kind, mean=total / count, indicator=bool(gaps))
+        if kind == "categorical":
+            counts = self.counts[name]
+            return Column(name, kind, values=sorted(sorted(counts, key=lambda v: (-counts[v], v))[:MAX_CATEGORIES]))
+        if kind == "text":
+            df, n = self.counts[name], self.docs[name]
+            often = sorted(((t, k) for t, k in df.items() if k >= 2), key=lambda p: (-p[1], p[0]))[:MAX_TOKENS]
+            vocab = sorted(t for t, _ in often)
+            if not vocab:
+                raise TrainerError(f"{self.source}: text column {name!r} has no word in two rows of the training "
+                                   f"split; declare it data.columns={{{name}: categorical}} or ignore it")  # fmt: skip
+            return Column(name, kind, values=vocab, idf=[math.log((1 + n) / (1 + df[t])) + 1 for t in vocab])
+        return Column(name, "ignore")
 
 
 def infer_kind(values: pd.Series, name: str, source: str) -> str:
@@ -149,41 +221,6 @@ def infer_kind(values: pd.Series, name: str, source: str) -> str:
                            f"{len(present)}): an ID, not categories; leave it out with data.columns={{{name}: "
                            "ignore}")  # fmt: skip
     return "categorical"
-
-
-def _fit(name: str, kind: str, values: pd.Series, missing: str, source: str) -> Column:
-    if kind == "numeric":
-        numbers = _numbers(values, name, source)
-        finite = numbers[np.isfinite(numbers)]
-        if not len(finite):
-            raise TrainerError(f"{source}: column {name!r} has no value in the training split to take a mean of; "
-                               f"leave it out with data.columns={{{name}: ignore}}")  # fmt: skip
-        gaps = not np.isfinite(numbers).all()
-        if gaps and missing == "error":
-            row = _row(values, int(np.flatnonzero(~np.isfinite(numbers))[0]))
-            raise TrainerError(f"{source}: column {name!r} is missing a value (row {row}); "
-                               "data.missing=error refuses it: fill it, or data.missing=mean")  # fmt: skip
-        return Column(name, kind, mean=float(finite.mean()), indicator=bool(gaps))
-    if missing == "error" and kind in ("categorical", "text") and values.isna().any():
-        row = _row(values, int(np.flatnonzero(values.isna().to_numpy())[0]))
-        raise TrainerError(f"{source}: column {name!r} is missing a value (row {row}); data.missing=error refuses "
-                           "it: fill it, or data.missing=auto (a category of its own)")  # fmt: skip
-    if kind == "categorical":
-        counts = Counter(_labels(values).dropna())
-        kept = sorted(counts, key=lambda v: (-counts[v], v))[:MAX_CATEGORIES]
-        return Column(name, kind, values=sorted(kept))
-    if kind == "text":
-        docs = [_tokens(v) for v in values]
-        df = Counter(t for doc in docs for t in set(doc))
-        vocab = sorted(t for t, _ in sorted(((t, n) for t, n in df.items() if n >= 2), key=lambda p: (-p[1], p[0]))
-                       [:MAX_TOKENS])  # fmt: skip
-        if not vocab:
-            raise TrainerError(f"{source}: text column {name!r} has no word in two rows of the training split; "
-                               f"declare it data.columns={{{name}: categorical}} or ignore it")  # fmt: skip
-        n = len(docs)
-        idf = [math.log((1 + n) / (1 + df[t])) + 1 for t in vocab]
-        return Column(name, kind, values=vocab, idf=idf)
-    return Column(name, "ignore")
 
 
 def _encode(c: Column, values: pd.Series, source: str) -> np.ndarray:

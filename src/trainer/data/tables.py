@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from trainer.config import MISSING_CELLS, TrainerError
-from trainer.data.columns import TableSchema, columns_setting, fit_schema
+from trainer.data.columns import SchemaFit, TableSchema, columns_setting, fit_schema
 from trainer.data.core import Examples, check_values, place, regular_files, val_mask
 
 PARQUET_BATCH_ROWS = 65_536  # rows per streamed Parquet batch (a row group may hold millions)
@@ -64,7 +64,10 @@ def csv(path: str, target: Any, features: Sequence[str] | None, missing: str, on
                    sample_weight)  # fmt: skip
     kinds = _csv_kinds(file, [raw[c] for c in feats])
     gaps = lambda: _csv_gaps(file, [raw[c] for c in feats], [raw[c] for c in targets])  # noqa: E731
-    if typed.wanted(kinds, file.stat().st_size, in_memory, memory_limit_mb, gaps):
+    how = typed.wanted(kinds, file.stat().st_size, in_memory, memory_limit_mb, gaps)
+    if how == "streamed":
+        return typed.streamed(lambda columns: _csv_frames(file, columns, raw, names))
+    if how == "held":
         try:
             frame = pa_csv.read_csv(file, convert_options=pa_csv.ConvertOptions(
                 include_columns=[raw[c] for c in typed.read], strings_can_be_null=True))  # fmt: skip
@@ -114,7 +117,10 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
     kinds = [file_schema.field(name).type for name in feats]
     size = sum(Path(f).stat().st_size for f in files)
     gaps = lambda: any(_gaps(pq.read_table(f, columns=[*feats, *targets])) for f in files)  # noqa: E731
-    if typed.wanted(kinds, size, in_memory, memory_limit_mb, gaps):
+    how = typed.wanted(kinds, size, in_memory, memory_limit_mb, gaps)
+    if how == "streamed":
+        return typed.streamed(lambda columns: _parquet_frames(files, columns))
+    if how == "held":
         parts = [pq.read_table(f, columns=typed.read).to_pandas() for f in files]
         return typed.examples(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0])
     text = any(_text(file_schema.field(t).type) for t in targets)
@@ -367,25 +373,26 @@ class _Typed:
         self.fitted = _read_schema(schema) if schema else None
 
     def wanted(self, kinds: Sequence[pa.DataType], size: int, in_memory: str, memory_limit_mb: float,
-               gaps: Callable[[], bool]) -> bool:  # fmt: skip
-        """Typed when a feature is not a number, types are declared or given, or missing cells are filled (the
-        fill is the training split's, inside the model); such a table is read whole (not streamed).
-        `gaps()`: whether a feature cell is missing (asked only for data.missing=auto on a held table)."""
+               gaps: Callable[[], bool]) -> str | None:  # fmt: skip
+        """ "held" (read whole, then typed) when a feature is not a number, types are declared or given, missing
+        cells are filled (the fill is the training split's, inside the model) or rows are weighted, and the table
+        is held in memory; "streamed" (typed batch by batch, `streamed`) when such a table is streamed; None: an
+        all-number table, read as before. `gaps()`: whether a cell is missing (asked only for data.missing=auto
+        on a held table)."""
         held = str(in_memory).lower()
         held = held == "true" or (held == "auto" and size <= memory_limit_mb * 2**20)
         words = [k for k in kinds if not _numeric(k) or pa.types.is_boolean(k)]
         filled = self.missing == "mean" or (self.missing == "auto" and held and not words and gaps())
         if not (words or self.declared or self.fitted or filled or self.weight):
-            return False
+            return None
         if held:
-            return True
-        if words or self.declared or self.fitted or self.weight:
-            raise TrainerError(f"{self.source}: a table with categorical or text columns or data.sample_weight is "
-                               "read whole, and this one "
-                               f"is {size / 2**20:.0f} MB (data.in_memory={in_memory}, data.memory_limit_mb="
-                               f"{memory_limit_mb:g}): raise data.memory_limit_mb or set data.in_memory=true; "
-                               "streaming typed columns is not supported yet")  # fmt: skip
-        return False  # missing=mean on a stream: the whole file's means, as before
+            return "held"
+        if self.weight:
+            raise TrainerError(f"{self.source}: data.sample_weight needs the table held in memory, and this one is "
+                               f"{size / 2**20:.0f} MB (data.in_memory={in_memory}, data.memory_limit_mb="
+                               f"{memory_limit_mb:g}): raise data.memory_limit_mb or set "
+                               "data.in_memory=true")  # fmt: skip
+        return "streamed" if words or self.declared or self.fitted else None  # mean: the whole file's, as before
 
     def examples(self, frame: pd.DataFrame) -> Examples:
         y, labels, keep = self._targets(frame[self.targets])
@@ -414,25 +421,104 @@ class _Typed:
             scaled=schema.scaled, schema=schema, raw_example=x_raw.head(2).reset_index(drop=True), weights=weights,
         )  # fmt: skip
 
-    def _targets(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[str] | None, np.ndarray]:
+    def _targets(self, frame: pd.DataFrame, labels: list[str] | None = None,
+                 n_classes: int | None = None) -> tuple[np.ndarray, list[str] | None, np.ndarray]:  # fmt: skip
         """(y, class names or None, rows that have a target): numbers as float32; a text column's values as class
-        ids (names sorted); one-hot rows with `one_hot`."""
+        ids (names sorted); one-hot rows with `one_hot`. A stream's batch gets the whole file's `labels` (text
+        targets) or `n_classes` (one-hot ids)."""
         keep = frame.notna().all(axis=1).to_numpy()
         present = frame[keep]
-        numeric = all(pd.api.types.is_numeric_dtype(present[c]) for c in self.targets)
-        if numeric:
+        if labels is None and all(pd.api.types.is_numeric_dtype(present[c]) for c in self.targets):
             y = present.to_numpy(dtype=np.float32)
             if self.one_hot:
                 ids = y.reshape(-1).astype(np.int64)
-                return np.eye(int(ids.max()) + 1, dtype=np.float32)[ids], None, keep
+                return np.eye(n_classes or int(ids.max()) + 1, dtype=np.float32)[ids], None, keep
             return y, None, keep
         if len(self.targets) > 1:
             raise TrainerError(f"{self.source}: class names need one target column, not {self.targets}")
         names = present[self.targets[0]].astype(str)
-        labels = sorted(names.unique())
-        self._check_classes(labels, names)
+        if labels is None:
+            labels = sorted(names.unique())
+            self._check_classes(labels, names)
         ids = names.map({v: i for i, v in enumerate(labels)}).to_numpy(dtype=np.int64)
         return (np.eye(len(labels), dtype=np.float32)[ids] if self.one_hot else ids), labels, keep
+
+    def streamed(self, chunks: Callable[[Sequence[str]], Iterator[pd.DataFrame]]) -> Examples:
+        """A typed table too large to hold, batch by batch (`chunks(columns)`: the file's batches of those
+        columns, indexed by file row). Two passes before training: the rows that have a target (their count and
+        class names), then the schema, fitted on the training rows in one pass (columns.SchemaFit: sums, counts
+        and counters only); training then types each batch as it streams."""
+        drop = self.missing == "drop"
+        kept, dropped, labels, largest, text = 0, 0, set(), -1, False
+        for frame in chunks([*self.targets, *(self.features if drop else [])]):
+            keep = self._rows(frame)
+            without = int((~frame[self.targets].notna().all(axis=1)).sum())
+            if without and self.missing == "error":
+                raise TrainerError(f"{self.source}: a row has no target value; data.missing=error refuses it: fill "
+                                   "it, or data.missing=auto (rows without a target are left out, "
+                                   "counted)")  # fmt: skip
+            present = frame.loc[keep, self.targets]
+            if text or not all(pd.api.types.is_numeric_dtype(present[c]) for c in self.targets):
+                text = True
+                labels.update(present[self.targets[0]].astype(str).unique())
+            elif self.one_hot and len(present):
+                largest = max(largest, int(present.to_numpy().max()))
+            kept, dropped = kept + int(keep.sum()), dropped + without
+        if dropped:
+            from trainer.cli import notice_console
+
+            notice_console().print(f"data: {dropped} rows without a target value left out ({self.source})",
+                                   markup=False)  # fmt: skip
+        names = sorted(labels) if text else None
+        if names and len(names) > MANY_CLASSES and len(names) > IMPLAUSIBLE_SHARE * max(kept, 1):
+            raise TrainerError(f"{self.source}: target column {self.targets[0]!r} has {len(names):,} distinct values "
+                               f"in {kept:,} rows: implausible as classes; pick the target column you "
+                               "meant")  # fmt: skip
+        n_classes = (len(names) if names else largest + 1) if self.one_hot else None
+        schema, example = self._fit_streamed(chunks, kept)
+
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for frame in chunks(self.read):
+                keep = self._rows(frame)
+                y, _, _ = self._targets(frame.loc[keep, self.targets], names, n_classes)
+                yield schema.transform(frame.loc[keep, self.features], self.source), y
+
+        y_shape = (n_classes,) if self.one_hot else () if text else (len(self.targets),)
+        y_dtype = "int64" if text and not self.one_hot else "float32"
+        signature = (tf.TensorSpec((None, len(schema.features)), tf.float32), tf.TensorSpec((None, *y_shape), y_dtype))
+        return Examples(
+            count=kept, x_shape=(len(schema.features),), y_shape=y_shape, x_dtype="float32", y_dtype=y_dtype,
+            read=lambda: tf.data.Dataset.from_generator(batches, output_signature=signature).unbatch(),
+            source=self.source, columns=[*schema.features, *self.targets], labels=names,
+            task="multiclass" if self.one_hot else None, numeric=True, table=True, scaled=schema.scaled,
+            schema=schema, raw_example=example,
+        )  # fmt: skip
+
+    def _fit_streamed(self, chunks: Callable[[Sequence[str]], Iterator[pd.DataFrame]],
+                      kept: int) -> tuple[TableSchema, pd.DataFrame]:  # fmt: skip
+        """The schema (fitted on the training rows of `kept`, one pass; or the given one) and two raw rows."""
+        train = ~val_mask(kept, *self.holdout)
+        fit, example, at = SchemaFit(self.declared, self.missing, self.source), None, 0
+        for frame in chunks([*self.features, *self.targets]):
+            x_raw = frame.loc[self._rows(frame), self.features]
+            if example is None:
+                example = x_raw.head(2).reset_index(drop=True)
+                if self.fitted:
+                    return self.fitted, example
+                fit.infer(x_raw)  # types from the first batch, as pyarrow types a CSV's columns
+            fit.add(x_raw[train[at : at + len(x_raw)]])
+            at += len(x_raw)
+        if example is None:
+            raise TrainerError(f"{self.source}: no rows to train on")
+        return fit.schema(), example
+
+    def _rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """A batch's rows that are examples: a target in every target column (and data.missing=drop: no missing
+        feature cell)."""
+        keep = frame[self.targets].notna().all(axis=1).to_numpy()
+        if self.missing == "drop":
+            keep &= frame[self.features].notna().all(axis=1).to_numpy()
+        return keep
 
     def _check_classes(self, labels: list[str], names: pd.Series) -> None:
         """Class names that look like classes (as _Table._check_class_names): not numbers with a stray word, not
@@ -494,6 +580,37 @@ def _gaps(table: pa.Table) -> bool:
     return any(
         col.null_count or (pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py()) for col in table.columns
     )
+
+
+def _csv_frames(file: Path, columns: Sequence[str], raw: dict[str, str], names: list[str]) -> Iterator[pd.DataFrame]:
+    """A CSV's `columns` as pandas frames, a block at a time, indexed by row; each column's type is the one
+    pyarrow infers from the first block (numbers as float64, booleans, the rest text), held to for every block."""
+    wanted = [raw[c] for c in columns]
+    kinds = dict(zip(wanted, _csv_kinds(file, wanted), strict=False))
+    types = {c: pa.float64() if _numeric(k) and not pa.types.is_boolean(k) else k if pa.types.is_boolean(k)
+             else pa.string() for c, k in kinds.items()}  # fmt: skip
+    options = pa_csv.ConvertOptions(include_columns=wanted, column_types=types, strings_can_be_null=True)
+    rows = 0
+    try:
+        for batch in pa_csv.open_csv(file, convert_options=options):
+            frame = batch.to_pandas()
+            frame.columns, frame.index = list(columns), pd.RangeIndex(rows, rows + len(frame))
+            rows += len(frame)
+            yield frame
+    except pa.ArrowInvalid as e:
+        raise _csv_error(e, file, names) from None
+
+
+def _parquet_frames(files: Sequence[str], columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+    """The files' `columns` as pandas frames, PARQUET_BATCH_ROWS rows at a time (unbuffered), indexed by row."""
+    rows = 0
+    for f in files:
+        reader = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns)):
+            frame = batch.to_pandas()
+            frame.index = pd.RangeIndex(rows, rows + len(frame))
+            rows += len(frame)
+            yield frame
 
 
 def _csv_kinds(file: Path, columns: Sequence[str]) -> list[pa.DataType]:
