@@ -269,3 +269,22 @@ def test_a_typed_table_streams_batch_by_batch_as_it_is_held(tmp_path, compose_cf
     served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     rows = load_penguins().drop(columns="species")  # raw rows, strings and NaN: the streamed run's model takes them
     assert (served.predict(rows)["label"] == load_penguins().species).mean() > 0.93
+
+
+def test_a_column_with_more_values_than_a_pass_can_count_is_one_line(tmp_path, monkeypatch, penguins):
+    """The one pass keeps counters of a column's values (categorical) or words (text); past MAX_DISTINCT (a
+    million; 100 here) it stops with one line naming the column and the fix, before training."""
+    from trainer.data import columns
+
+    monkeypatch.setattr(columns, "MAX_DISTINCT", 100)
+    _scipy_docstrings().to_csv(tmp_path / "docs.csv", index=False)
+    cases = [
+        (dict(path=str(tmp_path / "docs.csv"), target="module"), "text column 'doc' has more than 100 distinct words"),
+        (dict(path=str(tmp_path / "penguins.csv"), target="species",
+              columns=OmegaConf.create({"bill_length_mm": "categorical"})),
+         "categorical column 'bill_length_mm' has more than 100 values"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(TrainerError) as e:
+            csv(**option_kwargs("data", "csv", in_memory="false", **kwargs))
+        assert message in str(e.value) and "data.columns={" in str(e.value) and "\n" not in str(e.value)

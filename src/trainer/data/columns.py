@@ -36,6 +36,8 @@ MAX_TOKENS = 5000  # a text column's vocabulary (most frequent tokens of the tra
 MIN_TEXT_TOKENS = 5  # a string column averaging this many tokens a cell is text, not categories
 ID_SHARE = 0.5  # a short-string column with more distinct values than this share of rows: an ID, not categories
 NUMERIC_SHARE = 0.5  # of a string column's distinct values parse as numbers: a numeric column with text cells
+MAX_DISTINCT = 1_000_000  # values (categorical) or words (text) a column may have in the training rows: the counters
+# a stream's one pass keeps are bounded by it (a counter of a million short strings is ~100 MB)
 TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern, lower-cased first
 
 
@@ -167,6 +169,12 @@ class SchemaFit:
             else:
                 self.counts[name].update(t for v in values for t in set(_tokens(v)))
                 self.docs[name] += len(values)
+            if len(self.counts[name]) > MAX_DISTINCT:
+                what = "values" if kind == "categorical" else "distinct words"
+                raise TrainerError(f"{self.source}: {kind} column {name!r} has more than {MAX_DISTINCT:,} {what} "
+                                   "in the training rows, too many to count in memory; leave it out with "
+                                   f"data.columns={{{name}: ignore}}, or shorten it into a column of fewer "
+                                   "values")  # fmt: skip
 
     def schema(self) -> TableSchema:
         columns = [self._column(name, kind) for name, kind in self.kinds.items()]

@@ -280,12 +280,10 @@ class _Table:
                 raise _TextTarget() from None
             y_missing = ~np.isfinite(y).all(axis=1)
         lines = self.lines.at(first_row) if self.lines else None
-        columns = [*self.features[:n_features], *self.targets]
-        values = np.concatenate([x, y_values], axis=1)
-        if self.missing == "error":
+        for values, columns in ((x, self.features[:n_features]), (y_values, self.targets)):  # no joined copy
+            if self.missing != "error":
+                values = np.where(np.isfinite(values), values, 0.0)
             check_values(values, self.source, columns, lines, first_row)
-        else:
-            check_values(np.where(np.isfinite(values), values, 0.0), self.source, columns, lines, first_row)
         if self.missing == "mean" and y_missing.any():
             row = int(np.flatnonzero(y_missing)[0])
             where = f"row {first_row + row + 1}{place(lines, row)}"
@@ -317,7 +315,7 @@ class _Table:
             y = np.eye(self.n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64).reshape(-1)]
         elif not self.text:
             y = y.astype(np.float32)
-        return x[keep].astype(np.float32), y[keep]
+        return np.ascontiguousarray(x[keep], dtype=np.float32), y[keep]
 
     def stream(self) -> Iterator[pa.RecordBatch]:
         return self.batches([*self.features, *self.targets])
@@ -630,11 +628,14 @@ class _TextTarget(Exception):
 
 
 def _matrix(columns: Sequence[pa.Array], rows: int) -> np.ndarray:
-    """Columns as one float64 [rows, columns] array; null cells NaN. Raises ArrowInvalid for text."""
-    if not columns:
-        return np.zeros((rows, 0))
-    out = [pc.cast(c, pa.float64()).to_numpy(zero_copy_only=False) for c in columns]
-    return np.stack(out, axis=1)
+    """Columns as one float64 [rows, columns] array (column-major: each column written whole); null cells NaN.
+    Raises ArrowInvalid for text."""
+    out = np.empty((rows, len(columns)), order="F")
+    for i, column in enumerate(columns):
+        if not pa.types.is_floating(column.type):  # floats convert as they are, nulls as NaN
+            column = pc.cast(column, pa.float64())
+        out[:, i] = column.to_numpy(zero_copy_only=False)
+    return out
 
 
 def _choose(names: Sequence[str], target: Any, features: Sequence[str] | None, where: str,
