@@ -288,3 +288,33 @@ def test_a_column_with_more_values_than_a_pass_can_count_is_one_line(tmp_path, m
         with pytest.raises(TrainerError) as e:
             csv(**option_kwargs("data", "csv", in_memory="false", **kwargs))
         assert message in str(e.value) and "data.columns={" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_categorical_column_of_many_values_is_embedded(tmp_path, compose_cfg):
+    """Above 64 values a categorical column is one column of ids the model embeds (models.Embedded): each
+    docstring's first and last word (417 and 502 values), the submodule to predict. Validation accuracy against
+    scikit-learn's one-hot of every value + LogisticRegression; the served model takes the raw words."""
+    docs = _scipy_docstrings()
+    words = docs.doc.str.lower().str.findall(r"[a-z]+")
+    table = pd.DataFrame({"first": words.str[0], "last": words.str[-1], "module": docs.module})
+    table.to_csv(tmp_path / "words.csv", index=False)
+    overrides = ["data=csv", f"data.path={tmp_path / 'words.csv'}", "data.target=module", "model=mlp",
+                 "loss=sparse_categorical_crossentropy", "trainer.max_steps=1500"]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    train(cfg, overrides=overrides, output_dir=tmp_path / "words")
+    client = mlflow.MlflowClient(str(cfg.tracking.uri))
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    schema = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/table_schema.json")
+    sizes = {c["name"]: len(c["values"]) for c in schema["columns"] if c["embed"]}
+    assert set(sizes) == {"first", "last"} and min(sizes.values()) > 64
+    val = val_mask(len(table), 0.2, 0)
+    sk = make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression(max_iter=5000))
+    sk.fit(table[["first", "last"]][~val], table.module[~val])
+    sk_accuracy = float((sk.predict(table[["first", "last"]][val]) == table.module[val]).mean())
+    ours = run.data.metrics["val/accuracy"]
+    print(f"first/last words ({sizes}), validation accuracy: ours {ours:.4f}, scikit-learn one-hot {sk_accuracy:.4f}")
+    assert ours >= sk_accuracy - 0.05
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    rows = table[val].drop(columns="module").reset_index(drop=True)
+    served_accuracy = float((served.predict(rows)["label"].to_numpy() == table.module[val].to_numpy()).mean())
+    assert served_accuracy == pytest.approx(ours, abs=1e-6)

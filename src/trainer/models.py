@@ -284,6 +284,49 @@ class KerasApp(keras.Model):
 
 
 # --- does the model take the data's examples? --------------------------------------------------
+MAX_EMBEDDING_DIM = 50  # an embedded column's vector: min(50, (ids + 1) // 2) wide, fastai's first rule
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class Embedded(keras.Model):
+    """`inner` behind a typed table's embedded categorical columns (data/columns.py: above MAX_ONE_HOT values):
+    each such column of x holds ids, which become learned vectors (keras.layers.Embedding), joined after the other
+    columns before `inner` sees them. Trained with `inner`, checkpointed and logged with it. Computes in float32
+    whatever the policy: ids above 2,048 are not whole numbers in float16."""
+
+    def __init__(self, inner: Any, positions: Sequence[int], sizes: Sequence[int], width: int, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.inner, self.positions, self.sizes, self.width = inner, list(positions), list(sizes), int(width)
+        self.rest = [i for i in range(self.width) if i not in set(self.positions)]
+        self.tables = [keras.layers.Embedding(n, embedding_dim(n), name=f"embedding_{k}")
+                       for k, n in enumerate(self.sizes)]  # fmt: skip
+
+    @staticmethod
+    def inner_width(width: int, sizes: Sequence[int]) -> int:
+        """What `inner` takes: the other columns, then each embedded column's vector."""
+        return width - len(sizes) + sum(embedding_dim(n) for n in sizes)
+
+    def call(self, x, training: bool = False):
+        x = keras.ops.cast(x, "float32")
+        ids = [keras.ops.cast(x[:, p], "int32") for p in self.positions]
+        rest = keras.ops.take(x, np.asarray(self.rest, dtype="int32"), axis=1)
+        parts = [rest, *(table(i) for table, i in zip(self.tables, ids, strict=True))]
+        return self.inner(keras.ops.concatenate(parts, axis=-1), training=training)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "inner": keras.saving.serialize_keras_object(self.inner),
+                "positions": self.positions, "sizes": self.sizes, "width": self.width}  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict) -> Embedded:
+        config = dict(config)
+        return cls(keras.saving.deserialize_keras_object(config.pop("inner")), **config)
+
+
+def embedding_dim(ids: int) -> int:
+    return min(MAX_EMBEDDING_DIM, (ids + 1) // 2)
+
+
 def check_fits(model: Any, input_shape: Sequence[int]) -> None:
     """Raise a one-line TrainerError when `model` cannot take examples of `input_shape`, naming the first layer that
     cannot and the shape it was given; before any training, on symbolic tensors (no data flows).

@@ -42,7 +42,7 @@ from trainer.data.weights import require_sample_weight, weighted_loss
 from trainer.fit import Result, fit
 from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
-from trainer.models import check_fits
+from trainer.models import Embedded, check_fits
 from trainer.optim import Schedule, build_optimizer
 from trainer.process import STOP_GRACE_SECONDS, process_settings
 from trainer.profile import check_profile
@@ -153,7 +153,12 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
         parts = {}
         if "model" in takes:
             parts["model"] = build(cfg.model, **_from_data(cfg.model, data))
-            check_fits(parts["model"], data.x_shape)  # a layer list that does not fit the data: the layer named
+            embedded = data.schema.embedded if data.schema is not None else []
+            sizes = [n for _, n in embedded]
+            # a layer list that does not fit the data: the layer named (behind embedded columns: their vectors)
+            check_fits(parts["model"], (Embedded.inner_width(data.n_features, sizes),) if sizes else data.x_shape)
+            if sizes:
+                parts["model"] = Embedded(parts["model"], [p for p, _ in embedded], sizes, data.n_features)
         if "loss" in takes:
             parts["loss"] = build(cfg.loss)
             _check_loss_fits_data(cfg, parts["loss"], data)

@@ -5,8 +5,9 @@ A table whose features are not all numbers (or that names types in `data.columns
 only (the split's own seeded permutation, core.val_mask):
 - numeric: the value; a missing cell takes the training mean, and a `<name>=missing` indicator column is added
   when the training split has any missing cell in that column (the data's `normalize` then scales these);
-- categorical (strings, booleans, or a column declared so): one column per value of the training split (the
-  most frequent MAX_CATEGORIES), one for a value it never saw, one for a missing cell;
+- categorical (strings, booleans, or a column declared so): up to MAX_ONE_HOT values in the training split, one
+  column per value, one for a value it never saw, one for a missing cell; above that, one column of ids (the
+  MAX_EMBEDDED most frequent values, then <other> and <missing>) that the model embeds (models.CategoryEmbeddings);
 - text (a string column of long values: MIN_TEXT_TOKENS tokens on average): TF-IDF over the training split's
   MAX_TOKENS most frequent tokens (appearing in >= 2 rows), scikit-learn's smooth idf and L2 rows, so it compares
   with `TfidfVectorizer` + a linear model;
@@ -31,7 +32,8 @@ import pandas as pd
 from trainer.config import TrainerError
 
 KINDS = ("numeric", "categorical", "text", "ignore")
-MAX_CATEGORIES = 64  # a categorical column's values kept (most frequent first); the rest share one column
+MAX_ONE_HOT = 64  # a categorical column with more values in the training split is embedded, not one-hot
+MAX_EMBEDDED = 10_000  # an embedded column's values kept (most frequent first); the rest share <other>
 MAX_TOKENS = 5000  # a text column's vocabulary (most frequent tokens of the training split)
 MIN_TEXT_TOKENS = 5  # a string column averaging this many tokens a cell is text, not categories
 ID_SHARE = 0.5  # a short-string column with more distinct values than this share of rows: an ID, not categories
@@ -51,10 +53,13 @@ class Column:
     indicator: bool = False  # numeric: a <name>=missing column follows
     values: list[str] = field(default_factory=list)  # categorical: one column each; text: the tokens
     idf: list[float] = field(default_factory=list)  # text
+    embed: bool = False  # categorical: one column of ids (values, then <other>, <missing>), embedded by the model
 
     def outputs(self) -> list[str]:
         if self.kind == "numeric":
             return [self.name, *([f"{self.name}=missing"] if self.indicator else [])]
+        if self.kind == "categorical" and self.embed:
+            return [f"{self.name}=id"]
         if self.kind == "categorical":
             return [*(f"{self.name}={v}" for v in self.values), f"{self.name}=<other>", f"{self.name}=<missing>"]
         if self.kind == "text":
@@ -75,6 +80,16 @@ class TableSchema:
     def scaled(self) -> np.ndarray:
         """Per output: True for a numeric value (data.normalize scales it), False for indicators and encodings."""
         return np.array([c.kind == "numeric" and i == 0 for c in self.columns for i in range(len(c.outputs()))])
+
+    @property
+    def embedded(self) -> list[tuple[int, int]]:
+        """(position among the outputs, ids it takes) of each embedded categorical column."""
+        out, at = [], 0
+        for c in self.columns:
+            if c.embed:
+                out.append((at, len(c.values) + 2))
+            at += len(c.outputs())
+        return out
 
     @property
     def inputs(self) -> list[str]:
@@ -191,7 +206,9 @@ class SchemaFit:
             return Column(name, kind, mean=total / count, indicator=bool(gaps))
         if kind == "categorical":
             counts = self.counts[name]
-            return Column(name, kind, values=sorted(sorted(counts, key=lambda v: (-counts[v], v))[:MAX_CATEGORIES]))
+            embed = len(counts) > MAX_ONE_HOT
+            kept = sorted(counts, key=lambda v: (-counts[v], v))[: MAX_EMBEDDED if embed else MAX_ONE_HOT]
+            return Column(name, kind, values=sorted(kept), embed=embed)
         if kind == "text":
             df, n = self.counts[name], self.docs[name]
             often = sorted(((t, k) for t, k in df.items() if k >= 2), key=lambda p: (-p[1], p[0]))[:MAX_TOKENS]
@@ -246,6 +263,8 @@ def _encode(c: Column, values: pd.Series, source: str) -> np.ndarray:
         labels = _labels(values)
         index = {v: i for i, v in enumerate(c.values)}
         slots = np.array([len(c.values) + 1 if pd.isna(v) else index.get(v, len(c.values)) for v in labels])
+        if c.embed:
+            return slots[:, None].astype(np.float64)
         out = np.zeros((n, len(c.values) + 2))
         out[np.arange(n), slots] = 1.0
         return out
