@@ -199,7 +199,7 @@ def test_sample_weight_settings_that_cannot_work_are_one_line(tmp_path, compose_
     for changes, message in (
         ({"sample_weight": "weight"}, "no column 'weight'; columns are a, y, w"),
         ({"sample_weight": "w", "features": ["a", "w"]}, "column 'w' is data.sample_weight and a feature or target"),
-        ({"sample_weight": "w", "in_memory": "false"}, "data.sample_weight is read whole"),
+        ({"sample_weight": "w", "in_memory": "false"}, "data.sample_weight needs the table held in memory"),
     ):
         with pytest.raises(TrainerError) as e:
             csv(**{**kw, **changes})
