@@ -259,6 +259,12 @@ def test_a_typed_table_streams_batch_by_batch_as_it_is_held(tmp_path, compose_cf
         np.testing.assert_allclose(np.concatenate([p[0] for p in parts]), x, rtol=1e-6)
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
         assert streamed.labels == held.labels == ["Adelie", "Chinstrap", "Gentoo"]
+
+
+@pytest.mark.slow
+def test_a_streamed_typed_table_trains_and_its_model_serves_raw_rows(tmp_path, compose_cfg):
+    """The trainer on 300 copies of palmerpenguins streamed (data.in_memory=false), 600 steps."""
+    pd.concat([load_penguins()] * 300, ignore_index=True).to_csv(tmp_path / "many.csv", index=False)
     overrides = ["data=csv", f"data.path={tmp_path / 'many.csv'}", "data.target=species", "data.in_memory=false",
                  "model=linear", "loss=sparse_categorical_crossentropy", "trainer.max_steps=600"]  # fmt: skip
     cfg = compose_cfg(overrides)
