@@ -422,6 +422,29 @@ def test_bad_type_or_key_rejected_at_compose(override, cause, words, compose_cfg
         assert word in message
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+trainer.class_weight={no: 1, yes: 3}", "trainer.class_weight is no setting of trainer (did you mean "
+         "data.class_weight?); remove it"),
+        ("+tracking.tensorboard=true", "tracking.tensorboard is no setting of tracking (one of experiment, "),
+        ("+optimizer.use_ema=true", "optimizer.use_ema is no setting of optimizer (one of amsgrad, beta_1, "),
+        ("+model.trainable=false", "model.trainable is no setting of model ("),
+        ("+trainer.early_stopping.patiense=3", "trainer.early_stopping.patiense is no setting of "
+         "trainer.early_stopping (did you mean patience?); remove it"),
+        ("+data.agument={flip: horizontal}", "data.agument is no setting of data ("),
+        ("+verbos=true", "verbos is no setting (did you mean verbose?); remove it"),
+    ],
+)  # fmt: skip
+def test_a_key_added_with_plus_that_nothing_reads_is_one_line(override, message, compose_cfg):
+    """Before: each was accepted, logged as a param and read by nothing (the runs bitwise the same as without)."""
+    cfg = compose_cfg([override])  # Hydra's `+` adds any key, to any node
+    with pytest.raises(TrainerError) as info:
+        check(cfg)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+    check(compose_cfg([]))  # every key of the defaults is known
+
+
 def test_unknown_option_rejected_at_compose(compose_cfg):
     with pytest.raises(MissingConfigException) as info:
         compose_cfg(["model=transformr"])

@@ -8,6 +8,7 @@ and run in `check()`, still before any TensorFlow work.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import math
@@ -813,10 +814,13 @@ def _check_finite(value: Any, key: str) -> None:
 OPTIONAL_GROUPS = ("model", "loss", "optimizer")  # null where the step takes none (steps.build_step checks)
 
 
+GROUPS = ("model", "loss", "data", "optimizer", "schedule", "step", "trainer", "tracking")
+
+
 def check(cfg: DictConfig) -> None:
     """Run the range checks of every typed group; raises TrainerError naming the first bad key."""
     _check_interpolations(cfg)
-    for group in ("model", "loss", "data", "optimizer", "schedule", "step", "trainer", "tracking"):
+    for group in GROUPS:
         node = cfg.get(group)
         if node is None and group in OPTIONAL_GROUPS:  # a step that builds its own (trainer/steps: GAN)
             continue
@@ -825,11 +829,38 @@ def check(cfg: DictConfig) -> None:
             key = missing[0] if missing[0].startswith(f"{group}.") else f"{group}.{missing[0]}"
             raise TrainerError(f"{key} must be set (e.g. {key}=...)")
         _check_finite(OmegaConf.to_container(node, resolve=True), group)
+        _check_known_keys(cfg, node, group)
         if OmegaConf.get_type(node) not in (dict, None):
             OmegaConf.to_object(node)  # builds the dataclass, so its __post_init__ checks run
     if OmegaConf.get_type(cfg.get("lr_finder")) is LRFinder:  # absent from a run.json older than it
+        _check_known_keys(cfg, cfg.lr_finder, "lr_finder")
         OmegaConf.to_object(cfg.lr_finder)
+    known = {f.name for f in dataclasses.fields(Config)}
+    if unknown := [str(k) for k in cfg if str(k) not in known and not str(k).startswith("_")]:
+        raise TrainerError(f"{unknown[0]} is no setting ({close_names(unknown[0], sorted(known))}); remove it")
     _check_callbacks(cfg.trainer.get("callbacks") or [])
+
+
+def _check_known_keys(cfg: DictConfig, node: DictConfig, key: str) -> None:
+    """Every key of a typed group (and its typed sub-nodes) is one its schema has. Hydra's `+` adds any key to a
+    typed node, and `+trainer.class_weight=...` was logged as a param and read by nothing: bitwise the same run.
+    A key another group has is named there (`did you mean data.class_weight?`)."""
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind):
+        return
+    fields = [f.name for f in dataclasses.fields(kind) if not f.name.startswith("_")]
+    for key_ in node:
+        name = str(key_)
+        if name.startswith("_"):
+            continue
+        if name not in fields:
+            elsewhere = [g for g in GROUPS if g != key.split(".")[0] and isinstance(cfg.get(g), DictConfig)
+                         and name in cfg[g]]  # fmt: skip
+            hint = f"did you mean {elsewhere[0]}.{name}?" if elsewhere else close_names(name, fields)
+            raise TrainerError(f"{key}.{name} is no setting of {key} ({hint}); remove it")
+        value = node.get(name)
+        if isinstance(value, DictConfig):
+            _check_known_keys(cfg, value, f"{key}.{name}")
 
 
 def _check_callbacks(nodes: Sequence[Any]) -> None:
