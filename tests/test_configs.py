@@ -493,3 +493,14 @@ def test_classifier_takes_its_units_from_the_data(compose_cfg):
     assert _from_data(cfg.model, load_data(cfg.data)) == {"units": 1}
     classes = compose_cfg(["model=classifier", "data=classification", "data.n_classes=5"])
     assert _from_data(classes.model, load_data(classes.data)) == {"units": 5}
+
+
+def test_a_key_a_targets_signature_does_not_take_is_one_line_naming_what_it_takes():
+    """Your own `_target_`s: the signature says what a node may hold (before: Hydra's wrapped TypeError)."""
+    node = OmegaConf.create({"model": {"_target_": "fractions.Fraction", "numerator": 3, "denom": 4}}).model
+    with pytest.raises(TrainerError) as info:
+        build(node)
+    assert str(info.value) == (
+        "model.denom is no parameter of fractions.Fraction (it takes numerator, denominator, _normalize); remove it"
+    )
+    assert build(OmegaConf.create({"_target_": "fractions.Fraction", "numerator": 3, "denominator": 4})) == 0.75

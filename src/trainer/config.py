@@ -744,6 +744,8 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    if not kwargs.get("_partial_"):  # a partial (a data option) takes its keys, the shared settings go elsewhere
+        _check_takes(node, kwargs)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -760,6 +762,33 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise TrainerError(unimportable) from error
     target = node.get("_target_", "?")
     raise TrainerError(f"cannot build {target}: {str(cause or error).splitlines()[0]}") from error
+
+
+def _check_takes(node: DictConfig, kwargs: Mapping[str, Any]) -> None:
+    """Every key of a `_target_` node is a parameter of the target, as its signature says (unless it takes
+    **kwargs): a key your own model or loss does not take was passed to nothing and read by nothing. Targets
+    that do not import are left to instantiate, which says why in one line."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except Exception:  # not importable, or no signature to read (a builtin): instantiate tells
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    given = [str(k) for k in node if not str(k).startswith("_")] + [k for k in kwargs if not k.startswith("_")]
+    if unknown := [k for k in given if k not in params]:
+        from trainer.compat import full_key  # OmegaConf's private Node._get_full_key, fenced
+
+        where = full_key(node)
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        takes = ", ".join(p for p in params if p not in ("self", "args")) or "nothing"
+        raise TrainerError(f"{key} is no parameter of {target} (it takes {takes}); remove it")
 
 
 def unimportable_target(error: BaseException, key: str = "") -> str | None:
