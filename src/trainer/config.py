@@ -383,11 +383,14 @@ class Optimizer:
     # `float | str` refuses an int (optimizer.lr=100 "is incompatible with type hint Union[float, str]")
     lr: Any = MISSING
     weight_decay: float | None = MISSING
+    use_ema: bool = MISSING  # a moving average of the weights, which the final evaluation and the model use
+    ema_momentum: float = MISSING
 
     def __post_init__(self) -> None:
         number = isinstance(self.lr, int | float) and not isinstance(self.lr, bool)
         ok = self.lr == "auto" or (number and math.isfinite(self.lr) and self.lr > 0)
         _require(ok, "optimizer.lr", self.lr, "a positive number, or auto (the LR finder's suggestion)")
+        _require(0.0 <= self.ema_momentum < 1.0, "optimizer.ema_momentum", self.ema_momentum, "a value in [0, 1)")
 
 
 @dataclass

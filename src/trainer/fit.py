@@ -171,10 +171,13 @@ def _finish(loop: StepLoop, run: Run, validation: Validation | None, ctx: Contex
         if stopper.restore_best:
             stopper.restore(loop.model)
             restored = True
+    averaged = not restored and loop.use_averages()  # optimizer.use_ema: the weights become their averages
+    if averaged:
+        run.set_tag("weights", "moving average (optimizer.use_ema)")
     from trainer.objective import FALLBACK, objective_key  # val/loss, else train/final_loss: the rule's one home
 
     if validation is not None:
-        val = ctx.val if ctx.val_step == step and not restored else validation.evaluate()
+        val = ctx.val if ctx.val_step == step and not (restored or averaged) else validation.evaluate()
         summary.update({f"val/{k}": v for k, v in val.items()})
     else:  # no held-out split: the objective is the loss over the whole training set
         val, summary[FALLBACK] = {}, float(loop.evaluate()["loss"])

@@ -203,6 +203,19 @@ class StepLoop:
         return (self.input.example(n), self.input.y[:n], *([] if weight is None else [weight[:n]]))
 
     # --- the step ------------------------------------------------------------------------------
+    def use_averages(self) -> bool:
+        """optimizer.use_ema: each such optimizer's moving averages replace the weights it trains (Keras'
+        `finalize_variable_values`, which `fit` calls at its end). The averages are optimizer variables, so they
+        are checkpointed with it and a resume continues them exactly. False when no optimizer keeps any."""
+        used = False
+        for name in self.step_impl.trains:
+            optimizer = getattr(self.step_impl, name)
+            inner = getattr(optimizer, "inner_optimizer", optimizer)  # mixed precision's LossScaleOptimizer
+            if getattr(inner, "use_ema", False):
+                inner.finalize_variable_values(self.ops.variables(optimizer))
+                used = True
+        return used
+
     def check_step(self) -> None:
         """Trace one step on its own, before training, so a step that breaks the contract (or calls .numpy(),
         or is not graph code) fails in one line naming it rather than from inside the chunk's trace."""
