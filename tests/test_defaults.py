@@ -174,3 +174,23 @@ def test_filling_leaves_a_complete_or_malformed_run_json_alone():
     assert OmegaConf.to_container(with_current_defaults(complete)) == plain
     odd = OmegaConf.create({**plain, "trainer": "not a mapping"})
     assert with_current_defaults(odd).trainer == "not a mapping"  # check() refuses it later, naming the key
+
+
+def test_a_run_logged_before_a_data_or_optimizer_key_existed_gets_the_options_value():
+    """A run logged before `data.sample_weight`, `data.class_weight` or `optimizer.use_ema` existed: its resume and
+    `trainer evaluate` take them from the option with its `_target_` (before: `data.class_weight must be set`,
+    then the reader's missing argument); its own values win; your own `_target_`s stay as stored."""
+    from trainer.config import with_current_defaults, with_option_defaults
+
+    plain = OmegaConf.to_container(compose_config(["data=csv", "data.path=x.csv", "data.target=y", "optimizer=adam"]))
+    old = {**plain, "data": dict(plain["data"]), "optimizer": dict(plain["optimizer"])}
+    for key in ("sample_weight", "class_weight", "columns"):
+        del old["data"][key]
+    del old["optimizer"]["use_ema"], old["optimizer"]["ema_momentum"]
+    old["optimizer"]["lr"] = 0.5
+    old["loss"] = {"_target_": "my.loss", "tau": 0.9}
+    for fill in (with_current_defaults, with_option_defaults):
+        cfg = fill(OmegaConf.create(old))
+        assert OmegaConf.to_container(cfg.data) == plain["data"]
+        assert cfg.optimizer.use_ema is False and cfg.optimizer.ema_momentum == 0.99 and cfg.optimizer.lr == 0.5
+        assert OmegaConf.to_container(cfg.loss) == {"_target_": "my.loss", "tau": 0.9}

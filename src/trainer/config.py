@@ -1009,7 +1009,30 @@ def with_current_defaults(stored: DictConfig) -> DictConfig:
     )
     if "step" not in merged:  # a run from before steps: it trained with the supervised one
         merged.step = option("step", "supervised")
-    return merged
+    return with_option_defaults(merged)
+
+
+def with_option_defaults(stored: DictConfig, groups: Sequence[str] = ("data", "optimizer", "loss")) -> DictConfig:
+    """Each of `groups` whose `_target_` a built-in option has, with the keys it lacks from that option's YAML (a
+    run logged before `data.class_weight` or `optimizer.use_ema` existed): its own values win. Nodes of your own
+    `_target_`s, and anything not a mapping, stay as stored."""
+    for group in groups:
+        node = stored.get(group) if group in stored and not OmegaConf.is_interpolation(stored, group) else None
+        if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
+            continue
+        defaults = _option_of(group, node._target_)
+        if defaults is not None:
+            stored[group] = OmegaConf.merge(defaults, node)
+    return stored
+
+
+def _option_of(group: str, target: str) -> DictConfig | None:
+    """The values of the conf/<group>/ option whose `_target_` is `target` (data: over the shared settings)."""
+    for path in sorted((conf_dir() / group).glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            node = option(group, path.stem)
+            return OmegaConf.merge(OmegaConf.load(conf_dir() / "data_defaults.yaml"), node) if group == "data" else node
+    return None
 
 
 def targets(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:

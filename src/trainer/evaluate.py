@@ -42,7 +42,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer import cli, startup
-from trainer.config import TrainerError, build, check_option, first_line, is_trusted, targets, trusted_config
+from trainer.config import (
+    TrainerError,
+    build,
+    check_option,
+    first_line,
+    is_trusted,
+    targets,
+    trusted_config,
+    with_option_defaults,
+)
 from trainer.objective import FALLBACK, PRIMARY
 from trainer.tracking.connect import check_readable
 from trainer.tracking.models import log_model  # noqa: F401  (tests and scripts log a model as trainer.evaluate did)
@@ -102,7 +111,7 @@ def run_config(run: Run, uri: str, overrides: Sequence[str], dst: Path) -> DictC
         raise TrainerError(f"run {run.info.run_id}'s config.yaml is not plain YAML ({first_line(e)})") from None
     if not isinstance(cfg, DictConfig):
         raise TrainerError(f"run {run.info.run_id}'s config.yaml is not a mapping: was it logged by the trainer?")
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(with_option_defaults(cfg), overrides)
 
 
 def named_by(overrides: Sequence[str]) -> set[str]:
