@@ -75,6 +75,18 @@ def test_system_metrics_are_sampled_under_system_when_on_and_absent_when_off(tmp
     assert tags["trainer.versions.hydra"] == hydra.__version__
 
 
+def test_a_run_shorter_than_the_sampling_interval_has_a_sample_at_its_start_and_its_end(tmp_path):
+    """Before: 20 steps in well under the default 10-s interval logged no system metric at all."""
+    store = tmp_path / "store"
+    train(cfg_for(store, *QUICK), output_dir=tmp_path / "short")
+    client, (run,) = runs(store)
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key  # the start's sample, then the end's
+    memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert all(m.value > 100 for m in memory)  # a real reading: this process alone holds TensorFlow
+
+
 def test_a_bad_sampling_interval_is_named():
     with pytest.raises(TrainerError, match=r"tracking.system_metrics_interval=0.0 is invalid"):
         from trainer.config import check
