@@ -80,6 +80,20 @@ def test_classifier_by_run_name_reproduces_loss_and_accuracy(store):
     assert report["accuracy"] == metrics["val/accuracy"]
 
 
+def test_split_all_scores_every_row_with_every_metric(store, capsys):
+    """`split=all`: the whole data (here the run's own 256 rows), no split made, with every metric the task logs.
+    Its loss, over 5x the rows, differs from the validation split's; `logged_loss` has nothing to compare."""
+    whole = ev.evaluate(run_name="clf", uri=store.uri, split="all")
+    val = ev.evaluate(run_name="clf", uri=store.uri)
+    assert whole["split"] == "all" and whole["examples"] == 256 and val["examples"] == VAL_EXAMPLES
+    assert {"loss", "accuracy"} <= set(whole) and whole["logged_loss"] is None
+    assert math.isfinite(whole["loss"]) and whole["loss"] != val["loss"] and 0 < whole["accuracy"] <= 1
+    assert ev.main([f"uri={store.uri}", "run_name=clf", "split=all"]) == 0
+    out = capsys.readouterr().out
+    assert "all (256 examples)" in out and "accuracy" in out
+    assert ev.main([f"uri={store.uri}", "run_name=clf", "split=some"]) == 1
+
+
 def test_cli_json_table_and_errors(store, capsys):
     args = [f"uri={store.uri}", f"run_id={store.regression_id}", "data.n_samples=300", "format=json"]
     assert ev.main(args) == 0

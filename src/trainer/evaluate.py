@@ -72,6 +72,8 @@ class Options:
     experiment: str | None = cli.key(None, "where run_name is looked up; null: tracking.experiment's")
     trusted_targets: tuple[str, ...] = cli.key((), "what the run's config may build beyond the built-ins and your "
                                              "key=values: [my_pkg.my_data,my_pkg.*]")  # fmt: skip
+    split: str = cli.key("validation", "which rows to score: the run's validation split (its training split when it "
+                         "had none), or all of the file's rows:", ("validation", "all"))  # fmt: skip
     format: str = cli.key("table", "what to print on stdout:", ("table", "json"))
     verbose: bool = cli.key(False, "TensorFlow's and MLflow's start-up lines as they print them")
 
@@ -311,11 +313,13 @@ def evaluate(
     experiment: str | None = None,
     trusted_targets: Iterable[str] = (),
     model: str | None = None,
+    split: str = "validation",
 ) -> dict[str, Any]:
     """The run's model on the validation split (the training split when there is none) of its data,
     rebuilt from its config plus `overrides`; a JSON-ready report. The config builds only what
     `trusted_config` lets through: built-ins, targets the overrides name, and `trusted_targets`.
-    `model`: a registered version (models:/<name>/<version>), evaluated on its source run's config and data."""
+    `model`: a registered version (models:/<name>/<version>), evaluated on its source run's config and data.
+    `split="all"`: every row of the data (a new labelled file: `data.path=...`), no split made."""
     uri = uri or mlflow.get_tracking_uri()
     check_readable(uri)  # a server answers, a SQLite file is MLflow's: nothing is made or migrated
     client = MlflowClient(uri)
@@ -338,11 +342,14 @@ def evaluate(
         from trainer.data.prepare import relabel
 
         node = _with_schema(_run_task(cfg.data, run), client, run, uri, Path(tmp))
+        if split == "all":  # no held-out part: every row is scored, as one split
+            node = node.copy()
+            node.val_fraction, node.folds = 0.0, None
         data = relabel(load_data(node), labels)  # class ids as the model learnt them
     from trainer.metrics import Metrics, default_metrics, evaluate_model
 
     loss_fn = build(cfg.loss)
-    split = "validation" if data.has_val else "train"
+    split = "all" if split == "all" else "validation" if data.has_val else "train"
     batch_size = OmegaConf.select(logged, "trainer.batch_size", default=None, throw_on_resolution_failure=False)
     batch_size = batch_size if isinstance(batch_size, int) else 0  # the same cut as the run's own evaluation
     names = OmegaConf.select(logged, "trainer.val_metrics", default=None, throw_on_resolution_failure=False)
@@ -351,13 +358,13 @@ def evaluate(
     if data.streamed:  # the logged model carries the preprocessing: it takes the raw inputs
         from trainer.metrics import eval_batch
 
-        stream = data.val if split == "validation" else data.train
+        stream = data.val if split == "validation" else data.train  # all: the one split there is
         x, y, examples = stream.read().batch(eval_batch(batch_size)), None, stream.count
     else:
         x, y = (data.x_val, data.y_val) if split == "validation" else (data.x_train, data.y_train)
         examples = len(x)
     results = evaluate_model(keras_model, loss_fn, x, y, batch_size, metrics)  # trainer.metrics
-    logged_key = PRIMARY if split == "validation" else FALLBACK  # trainer.objective: what the run logged
+    logged_key = {"validation": PRIMARY, "train": FALLBACK}.get(split)  # trainer.objective: what the run logged
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
@@ -366,7 +373,7 @@ def evaluate(
         "split": split,
         "examples": examples,
         **results,
-        "logged_loss": run.data.metrics.get(logged_key),  # the run's own final value, for comparison
+        "logged_loss": run.data.metrics.get(logged_key) if logged_key else None,  # the run's own, to compare
     }
 
 
@@ -425,8 +432,10 @@ def print_report(report: dict[str, Any]) -> None:
         "split": f"{report['split']} ({report['examples']} examples)",
         "loss": f"{report['loss']:.6g}",
     }
-    if "accuracy" in report:
-        rows["accuracy"] = f"{report['accuracy']:.4f}"
+    skip = {"run_id", "run_name", "model", "overrides", "split", "examples", "loss", "logged_loss"}
+    for name, value in report.items():  # every metric the task logs (trainer.val_metrics)
+        if name not in skip and isinstance(value, int | float):
+            rows[name] = f"{value:.6g}"
     if report["logged_loss"] is not None:
         rows["logged loss"] = f"{report['logged_loss']:.6g}"
     for key, value in rows.items():
@@ -451,7 +460,7 @@ def _evaluate(opts: Options, overrides: list[str]) -> None:
     startup.quiet_libraries(opts.verbose)
     startup.import_tensorflow(opts.verbose)  # the model's loading imports it: its C++ start-up lines dropped
     report = evaluate(opts.run_id, opts.run_name, overrides, opts.uri, opts.experiment, opts.trusted_targets,
-                      opts.model)  # fmt: skip
+                      opts.model, opts.split)  # fmt: skip
     if opts.format == "json":
         print(json.dumps({k: _jsonable(v) for k, v in report.items()}, indent=2))
     else:
