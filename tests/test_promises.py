@@ -448,7 +448,7 @@ def test_a_tracking_server_that_stops_answering_gets_bounded_time_and_one_line(t
         assert len(lines) == 1, err[-3000:]
         # which call meets the stopped server first varies: the metric writer's line or the store's, both with resume
         said = "metric points could not be written" in lines[0] or "the tracking store http" in lines[0]
-        assert said and "resume: python -m trainer resume=" in lines[0] and "Traceback" not in err, err[-3000:]
+        assert said and "resume" in lines[0] and "Traceback" not in err, err[-3000:]  # with the command or how
         assert elapsed < 200, elapsed  # 100 s here (with the 8-s timeout); 290 s before the closing calls were bounded
         stopped_at = json.loads(durable.read_text())["step"]
         os.killpg(server.proc.pid, signal.SIGCONT)
