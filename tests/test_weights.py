@@ -61,6 +61,7 @@ def _balanced_accuracy_of_run(uri: str, run_name: str, test_rows: pd.DataFrame) 
     return balanced_accuracy_score(test_rows.high, predicted)
 
 
+@pytest.mark.slow  # ~10 s each: the fast suite stays under 10 minutes
 def test_balanced_class_weights_raise_balanced_accuracy_as_scikit_learns_do(tmp_path, compose_cfg):
     train_rows, test_rows = _imbalanced(tmp_path)
     scores = {}
@@ -150,6 +151,7 @@ def _loss_history(uri: str, run_name: str) -> list[float]:
     return [m.value for m in history]
 
 
+@pytest.mark.slow  # ~10 s each: the fast suite stays under 10 minutes
 def test_a_weight_column_weighs_each_row_as_class_weights_do(tmp_path, compose_cfg):
     """data.sample_weight names a column of per-row weights. Given each row its class's balanced weight (from
     the training split, as data.class_weight=balanced computes it), every step's train/loss equals the
