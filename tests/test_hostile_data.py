@@ -49,34 +49,14 @@ def test_a_streamed_column_of_class_ids_is_class_ids(tmp_path):
     d = load_digits(as_frame=True).frame
     d.to_csv(tmp_path / "digits.csv", index=False)
     data = prepare(
-        csv(
-            **option_kwargs(
-                "data",
-                "csv",
-                path=str(tmp_path / "digits.csv"),
-                target="target",
-                features=None,
-                missing="error",
-                one_hot=False,
-            )
-        ),
+        csv(**option_kwargs("data", "csv", path=str(tmp_path / "digits.csv"), target="target", missing="error")),
         _settings(in_memory="false"),
     )
     assert data.task == "multiclass" and data.n_classes == 10 and data.y_shape == () and data.y_dtype == "int32"
     _, y = next(iter(data.val.read().batch(400)))
     assert y.dtype == tf.int32 and y.shape == (359,)
     held = prepare(
-        csv(
-            **option_kwargs(
-                "data",
-                "csv",
-                path=str(tmp_path / "digits.csv"),
-                target="target",
-                features=None,
-                missing="error",
-                one_hot=False,
-            )
-        ),
+        csv(**option_kwargs("data", "csv", path=str(tmp_path / "digits.csv"), target="target", missing="error")),
         _settings(in_memory="true"),
     )
     np.testing.assert_array_equal(y.numpy(), held.y_val)
@@ -91,15 +71,7 @@ def test_parquet_files_may_store_a_column_as_different_number_types(tmp_path):
     frame.iloc[200:].astype({"age": "int64"}).to_parquet(tmp_path / "shards" / "b.parquet")
     for in_memory in ("true", "false"):
         source = parquet(
-            **option_kwargs(
-                "data",
-                "parquet",
-                path=str(tmp_path / "shards"),
-                target="target",
-                features=None,
-                missing="error",
-                one_hot=False,
-            )
+            **option_kwargs("data", "parquet", path=str(tmp_path / "shards"), target="target", missing="error")
         )
         data = prepare(source, _settings(in_memory=in_memory, val_fraction=0.0))
         x = data.x_train if in_memory == "true" else next(iter(data.train.read().batch(1000)))[0].numpy()
@@ -281,21 +253,11 @@ def test_a_fifo_where_data_should_be_is_named_not_read(tmp_path):
         os.mkfifo(pipe)
     calls = {
         "rows.csv": lambda: csv(
-            **option_kwargs(
-                "data", "csv", path=str(pipes["rows.csv"]), target="y", features=None, missing="drop", one_hot=False
-            )
+            **option_kwargs("data", "csv", path=str(pipes["rows.csv"]), target="y", missing="drop")
         ),
         "x.npy": lambda: numpy(str(pipes["x.npy"]), str(tmp_path / "y.npy"), "x", "y", None),
         "p/b.parquet": lambda: parquet(
-            **option_kwargs(
-                "data",
-                "parquet",
-                path=str(tmp_path / "p" / "*.parquet"),
-                target="y",
-                features=None,
-                missing="drop",
-                one_hot=False,
-            )
+            **option_kwargs("data", "parquet", path=str(tmp_path / "p" / "*.parquet"), target="y", missing="drop")
         ),
         "t/b.tfrecord": lambda: tfrecord(
             str(tmp_path / "t" / "*.tfrecord"), DIGIT_FEATURES, "image", "label", "auto", None

@@ -228,15 +228,7 @@ def test_a_bad_cell_in_a_glob_of_shards_names_the_shard_and_its_own_row(tmp_path
     before = sum(len(p) for p in parts[:2])
     with pytest.raises(TrainerError) as caught:
         parquet(
-            **option_kwargs(
-                "data",
-                "parquet",
-                path=str(tmp_path / "part-*.parquet"),
-                target="target",
-                features=None,
-                missing="error",
-                one_hot=False,
-            )
+            **option_kwargs("data", "parquet", path=str(tmp_path / "part-*.parquet"), target="target", missing="error")
         ).arrays()
     column = frame.columns[3]
     assert str(caught.value).startswith(
@@ -258,34 +250,14 @@ def test_one_bad_cell_in_a_numeric_column_is_named_by_row_and_class_names_must_b
     target.loc[299, "target"] = "abc"  # data row 300
     target.to_csv(tmp_path / "target.csv", index=False)
     with pytest.raises(TrainerError) as caught:
-        csv(
-            **option_kwargs(
-                "data",
-                "csv",
-                path=str(tmp_path / "target.csv"),
-                target="target",
-                features=None,
-                missing="drop",
-                one_hot=False,
-            )
-        )
+        csv(**option_kwargs("data", "csv", path=str(tmp_path / "target.csv"), target="target", missing="drop"))
     assert "target column 'target' holds numbers but row 300 holds 'abc': fix or remove that cell" in str(caught.value)
 
     feature = frame.copy()
     feature.loc[199, "bmi"] = "oops"
     feature.to_csv(tmp_path / "feature.csv", index=False)
     with pytest.raises(TrainerError) as caught:
-        csv(
-            **option_kwargs(
-                "data",
-                "csv",
-                path=str(tmp_path / "feature.csv"),
-                target="target",
-                features=None,
-                missing="drop",
-                one_hot=False,
-            )
-        )
+        csv(**option_kwargs("data", "csv", path=str(tmp_path / "feature.csv"), target="target", missing="drop"))
     assert "column 'bmi' is not numeric: row 200 holds 'oops'; fix the cell, or declare" in str(caught.value)
 
     ids = frame.assign(patient=[f"p{i}" for i in range(len(frame))])
@@ -293,13 +265,7 @@ def test_one_bad_cell_in_a_numeric_column_is_named_by_row_and_class_names_must_b
     with pytest.raises(TrainerError, match="target column 'patient' has 442 distinct values in 442 rows: implausible"):
         csv(
             **option_kwargs(
-                "data",
-                "csv",
-                path=str(tmp_path / "ids.csv"),
-                target="patient",
-                features=["age", "bmi"],
-                missing="drop",
-                one_hot=False,
+                "data", "csv", path=str(tmp_path / "ids.csv"), target="patient", features=["age", "bmi"], missing="drop"
             )
         )
 

@@ -95,17 +95,7 @@ def test_class_weights_from_the_training_split_and_bad_settings_in_one_line(tmp_
     frame.to_csv(tmp_path / "cancer.csv", index=False)
     settings = OmegaConf.create({**shared_defaults(), "val_fraction": 0.2, "normalize": "standard"})
     data = prepare(
-        csv(
-            **option_kwargs(
-                "data",
-                "csv",
-                path=str(tmp_path / "cancer.csv"),
-                target="diagnosis",
-                features=None,
-                missing="error",
-                one_hot=False,
-            )
-        ),
+        csv(**option_kwargs("data", "csv", path=str(tmp_path / "cancer.csv"), target="diagnosis", missing="error")),
         settings,
     )
     counts = np.bincount((data.y_train.reshape(-1) > 0.5).astype(int), minlength=2)
@@ -132,7 +122,6 @@ def test_class_weights_from_the_training_split_and_bad_settings_in_one_line(tmp_
                 target="mean radius",
                 features=["mean texture"],
                 missing="error",
-                one_hot=False,
             )
         ),
         settings,

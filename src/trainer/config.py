@@ -983,13 +983,18 @@ def check_option(group: str, node: DictConfig) -> None:
 
 def _schema_of(group: str, target: Any) -> type | None:
     """The schema named in the defaults list of the conf/<group>/ option whose _target_ is `target`."""
+    path = _option_path(group, target)
+    for entry in (OmegaConf.load(path).get("defaults") or []) if path else []:
+        if isinstance(entry, str) and entry.startswith(f"/schema/{group}/"):
+            return SCHEMAS[group].get(entry.removeprefix(f"/schema/{group}/").partition("@")[0])
+    return None
+
+
+def _option_path(group: str, target: Any) -> Path | None:
+    """conf/<group>/<name>.yaml of the built-in option whose `_target_` is `target`, or None (your own)."""
     for path in sorted((conf_dir() / group).glob("*.yaml")):
-        raw = OmegaConf.load(path)
-        if raw.get("_target_") != target:
-            continue
-        for entry in raw.get("defaults") or []:
-            if isinstance(entry, str) and entry.startswith(f"/schema/{group}/"):
-                return SCHEMAS[group].get(entry.removeprefix(f"/schema/{group}/").partition("@")[0])
+        if OmegaConf.load(path).get("_target_") == target:
+            return path
     return None
 
 
@@ -1028,11 +1033,11 @@ def with_option_defaults(stored: DictConfig, groups: Sequence[str] = ("data", "o
 
 def _option_of(group: str, target: str) -> DictConfig | None:
     """The values of the conf/<group>/ option whose `_target_` is `target` (data: over the shared settings)."""
-    for path in sorted((conf_dir() / group).glob("*.yaml")):
-        if OmegaConf.load(path).get("_target_") == target:
-            node = option(group, path.stem)
-            return OmegaConf.merge(OmegaConf.load(conf_dir() / "data_defaults.yaml"), node) if group == "data" else node
-    return None
+    path = _option_path(group, target)
+    if path is None:
+        return None
+    node = option(group, path.stem)
+    return OmegaConf.merge(OmegaConf.load(conf_dir() / "data_defaults.yaml"), node) if group == "data" else node
 
 
 def targets(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:

@@ -126,9 +126,7 @@ def parquet(path: str, target: Any, features: Sequence[str] | None, missing: str
     text = any(_text(file_schema.field(t).type) for t in targets)
 
     def batches(columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
-        for f in files:
-            reader = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
-            yield from reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns))
+        return _parquet_batches(files, columns)
 
     def arrays() -> tuple[np.ndarray, np.ndarray]:
         """File by file: files may store a column as different numeric types (int64 in one, double in the next),
@@ -599,16 +597,21 @@ def _csv_frames(file: Path, columns: Sequence[str], raw: dict[str, str], names: 
         raise _csv_error(e, file, names) from None
 
 
-def _parquet_frames(files: Sequence[str], columns: Sequence[str]) -> Iterator[pd.DataFrame]:
-    """The files' `columns` as pandas frames, PARQUET_BATCH_ROWS rows at a time (unbuffered), indexed by row."""
-    rows = 0
+def _parquet_batches(files: Sequence[str], columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The files' `columns`, PARQUET_BATCH_ROWS rows at a time, read unbuffered (PARQUET_READ_BUFFER)."""
     for f in files:
         reader = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
-        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns)):
-            frame = batch.to_pandas()
-            frame.index = pd.RangeIndex(rows, rows + len(frame))
-            rows += len(frame)
-            yield frame
+        yield from reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns))
+
+
+def _parquet_frames(files: Sequence[str], columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+    """The files' `columns` as pandas frames, batch by batch (_parquet_batches), indexed by row."""
+    rows = 0
+    for batch in _parquet_batches(files, columns):
+        frame = batch.to_pandas()
+        frame.index = pd.RangeIndex(rows, rows + len(frame))
+        rows += len(frame)
+        yield frame
 
 
 def _csv_kinds(file: Path, columns: Sequence[str]) -> list[pa.DataType]:
