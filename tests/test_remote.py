@@ -87,7 +87,7 @@ def test_trainer_logs_to_a_remote_server_over_http(tmp_path, server):
 
 @pytest.mark.slow
 def test_training_survives_the_server_going_away_and_delivers_everything_when_it_returns(tmp_path, server):
-    steps = 3000
+    steps = 20_000  # ~3 s of training here: it ends while the server is away, so its closing calls meet the absence
     proc = run_cli(tmp_path, server.uri, f"trainer.max_steps={steps}", "trainer.steps_per_loop=50",
                    "trainer.batch_size=8", "tracking.log_model=false")  # fmt: skip
     client = mlflow.MlflowClient(server.uri)
@@ -98,7 +98,9 @@ def test_training_survives_the_server_going_away_and_delivers_everything_when_it
             break
         time.sleep(0.3)
     server.stop()
-    time.sleep(4)  # training goes on; the sink retries with backoff and holds the points
+    time.sleep(15)  # longer than MLflow's own HTTP retries (~6 s): training ends meanwhile, and its closing
+    # calls wait for the server (lifecycle.AWAY_RETRY_SECONDS) as the sink holds the points (in CI a 4-s absence
+    # plus the server's slow restart failed the run on a closing tag)
     assert proc.poll() is None, "training must not stop because the tracking server is away"
     server.start()  # same port, same store
     _, err = proc.communicate(timeout=300)
@@ -107,3 +109,37 @@ def test_training_survives_the_server_going_away_and_delivers_everything_when_it
     [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(steps))
     assert run.info.status == "FINISHED"
+
+
+def test_a_refusing_server_is_waited_for_once_then_calls_fail_at_once(monkeypatch):
+    """lifecycle.retry_busy: a server that refuses (restarting) is retried; its wait is shared by all calls, so
+    a server that is gone costs AWAY_RETRY_SECONDS once, not once per closing tag; brief_http waits not at all."""
+    from trainer import lifecycle
+    from trainer.tracking.connect import brief_http
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries out of the timing
+    monkeypatch.setattr(lifecycle, "_away", {"patience": 3.0, "since": None})
+    client = mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there: refused
+    start = time.monotonic()
+    with pytest.raises(Exception, match="Connection refused"):
+        lifecycle.retry_busy(client.get_experiment, "0")
+    first = time.monotonic() - start
+    with pytest.raises(Exception, match="Connection refused"):
+        lifecycle.retry_busy(client.get_experiment, "0")
+    second = time.monotonic() - start - first
+    assert 1.5 < first < 6.0 and second < 1.0, (first, second)  # the wait once; then one try (~0.4 s here)
+    calls = []
+
+    def back_on_the_third_try() -> str:  # the server listening again: the wait ends at the first answer
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "answered"
+
+    lifecycle._away.update(since=None)
+    assert lifecycle.retry_busy(back_on_the_third_try) == "answered" and len(calls) == 3
+    assert lifecycle._away["since"] is None  # an answer resets the shared wait
+    calls.clear()
+    with brief_http(), pytest.raises(ConnectionRefusedError):
+        lifecycle.retry_busy(back_on_the_third_try)
+    assert len(calls) == 1

@@ -78,11 +78,12 @@ def sink_run(
 
 
 def count_points(store: Store, steps: int, every: int) -> int:
-    """Metric rows of the store's one run; every logged step must have its train/loss point."""
+    """The sink's metric rows in the store's one run (system/ samples are MLflow's sampler's, not the sink's);
+    every logged step must have its train/loss point."""
     client = MlflowClient(store.uri)
     (run,) = client.search_runs([store.experiment_id])
     logged = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     if logged != set(range(0, steps, every)):
         raise BenchError(f"{store.uri}: train/loss at {len(logged)} steps, expected every {every}-th of {steps}")
     with contextlib.closing(sqlite3.connect(store.dir / "mlflow.db")) as db:
-        return db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ?", (run.info.run_id,)).fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key NOT LIKE 'system/%'", (run.info.run_id,)).fetchone()[0]

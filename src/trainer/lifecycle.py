@@ -32,6 +32,9 @@ from trainer.config import causes
 
 HOST_TAG, PID_TAG, PROCESS_TAG, DIED_TAG = "trainer.host", "trainer.pid", "trainer.process", "trainer.died"
 BUSY_RETRY_SECONDS = 300.0  # how long a write waits out other writers before the run fails
+AWAY_RETRY_SECONDS = 60.0  # how long a write waits for a tracking server that refuses connections (restarting)
+_away = {"patience": AWAY_RETRY_SECONDS, "since": None}  # patience 0 inside without_waiting_for_server(); since:
+# when a server first refused, unanswered since: one shared wait, so a server that is gone costs it once, not per call
 SCHEMA_LOCK_KEY = 0x7461706574726E72  # "tapetrnr": the advisory lock that lines up first migrations (PostgreSQL)
 WAL_SWITCH_SECONDS = 5.0  # the switch needs the file to itself: past this, keep the old journal (writes retry)
 T = TypeVar("T")
@@ -177,20 +180,47 @@ def use_wal(uri: str) -> None:
 
 
 def retry_busy(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Call `fn`, retrying while the store answers that the database is locked or busy."""
-    deadline, wait = time.monotonic() + BUSY_RETRY_SECONDS, 0.05
+    """Call `fn`, retrying while the store answers that the database is locked or busy (BUSY_RETRY_SECONDS), or
+    while a tracking server refuses connections (AWAY_RETRY_SECONDS from its first refusal, for all calls
+    together): a server restarted mid-run takes seconds to listen again, and the closing tags written while it
+    was away failed a run whose sink had held every point (in CI the restart outlasted MLflow's own ~6 s of HTTP
+    retries)."""
+    start, wait = time.monotonic(), 0.05
     while True:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _away["since"] = None
+            return result
         except Exception as e:
-            if not _busy(e) or time.monotonic() + wait > deadline:
+            if _refused(e):
+                _away["since"] = _away["since"] or time.monotonic()
+                deadline = _away["since"] + _away["patience"]
+            else:
+                deadline = start + BUSY_RETRY_SECONDS if _busy(e) else start
+            if time.monotonic() + wait > deadline:
                 raise
             time.sleep(wait)
             wait = min(2 * wait, 5.0)
 
 
+@contextmanager
+def without_waiting_for_server() -> Iterator[None]:
+    """retry_busy inside does not wait for a server that refuses connections: for closing a run whose sink
+    already waited its close_timeout for that server."""
+    saved, _away["patience"] = _away["patience"], 0.0
+    try:
+        yield
+    finally:
+        _away["patience"] = saved
+
+
 def _busy(error: BaseException) -> bool:
     return any("database is locked" in str(e) or "database is busy" in str(e) for e in causes(error))
+
+
+def _refused(error: BaseException) -> bool:
+    """A server that is not listening: MLflow folds requests' error into its own message, so the words are read."""
+    return any(isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e) for e in causes(error))
 
 
 def _identity(pid: int) -> str | None:
