@@ -86,4 +86,5 @@ def count_points(store: Store, steps: int, every: int) -> int:
     if logged != set(range(0, steps, every)):
         raise BenchError(f"{store.uri}: train/loss at {len(logged)} steps, expected every {every}-th of {steps}")
     with contextlib.closing(sqlite3.connect(store.dir / "mlflow.db")) as db:
-        return db.execute("SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key NOT LIKE 'system/%'", (run.info.run_id,)).fetchone()[0]
+        query = "SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key NOT LIKE 'system/%'"
+        return db.execute(query, (run.info.run_id,)).fetchone()[0]
