@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from omegaconf import OmegaConf
 from palmerpenguins import load_penguins
 from sklearn.compose import make_column_transformer
@@ -18,6 +19,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from conftest import option_kwargs
 from trainer import evaluate as ev
+from trainer import export
 from trainer.config import TrainerError
 from trainer.data import csv, parquet
 from trainer.data.core import val_mask
@@ -236,6 +238,15 @@ def test_a_text_table_matches_tf_idf_and_logistic_regression(tmp_path, compose_c
     rows = table[val].drop(columns="module").reset_index(drop=True)
     served_accuracy = float((served.predict(rows)["label"].to_numpy() == table.module[val].to_numpy()).mean())
     assert served_accuracy == pytest.approx(ours, abs=1e-6)
+    exported, tflite = tmp_path / "exported", tmp_path / "docs.tflite"  # TF-IDF in TensorFlow ops, inside the export
+    assert export.main([f"run_id={run.info.run_id}", f"uri={cfg.tracking.uri}", f"output={exported}"]) == 0
+    serve = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    got = serve(doc=tf.constant(rows.doc.fillna("").to_numpy().astype(object)))["probabilities"].numpy()
+    difference = np.abs(got - served.predict(rows).drop(columns="label").to_numpy()).max()
+    print(f"saved_model: docstring probabilities, largest difference {difference:.2e}")
+    assert difference < 1e-5
+    assert export.main([f"run_id={run.info.run_id}", f"uri={cfg.tracking.uri}", "format=tflite",
+                        f"output={tflite}"]) == 1 and not tflite.exists()  # fmt: skip
 
 
 def test_a_typed_table_streams_batch_by_batch_as_it_is_held(tmp_path, compose_cfg):
@@ -324,3 +335,12 @@ def test_a_categorical_column_of_many_values_is_embedded(tmp_path, compose_cfg):
     rows = table[val].drop(columns="module").reset_index(drop=True)
     served_accuracy = float((served.predict(rows)["label"].to_numpy() == table.module[val].to_numpy()).mean())
     assert served_accuracy == pytest.approx(ours, abs=1e-6)
+    exported, tflite = tmp_path / "exported", tmp_path / "docs.tflite"  # TF-IDF in TensorFlow ops, inside the export
+    assert export.main([f"run_id={run.info.run_id}", f"uri={cfg.tracking.uri}", f"output={exported}"]) == 0
+    serve = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    got = serve(doc=tf.constant(rows.doc.fillna("").to_numpy().astype(object)))["probabilities"].numpy()
+    difference = np.abs(got - served.predict(rows).drop(columns="label").to_numpy()).max()
+    print(f"saved_model: docstring probabilities, largest difference {difference:.2e}")
+    assert difference < 1e-5
+    assert export.main([f"run_id={run.info.run_id}", f"uri={cfg.tracking.uri}", "format=tflite",
+                        f"output={tflite}"]) == 1 and not tflite.exists()  # fmt: skip

@@ -1,4 +1,4 @@
-"""One command, one grammar: `trainer` trains, `trainer compare ...` and `trainer evaluate ...` read the store.
+"""One command, one grammar: `trainer` trains; `trainer compare`, `evaluate` and `predict` read the store.
 
 Every argument of every command is a Hydra override (`key=value`, `+key=value`, `~key`), parsed by Hydra's own
 `OverridesParser`, so quoting, lists and nulls mean what they mean in training. A command's keys are the fields
@@ -22,7 +22,12 @@ from typing import Any, TypeVar
 
 from trainer.config import TrainerError, first_line
 
-COMMANDS = {"compare": "trainer.compare", "evaluate": "trainer.evaluate"}  # argv[1] -> the module whose main runs
+COMMANDS = {
+    "compare": "trainer.compare",
+    "evaluate": "trainer.evaluate",
+    "predict": "trainer.predict",
+    "export": "trainer.export",
+}  # argv[1] -> the module whose main runs
 TRAINING = {"lr-find": "lr_find=true"}  # commands that are training with one override more (trainer/lr_find.py)
 Options = TypeVar("Options")
 
@@ -179,6 +184,8 @@ def _convert(command: str, override: Any, key: dataclasses.Field, hint: Any) -> 
         return value
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
     if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         text = value if isinstance(value, str) else override.get_value_string().strip()
         choices = key.metadata.get("choices")
@@ -198,6 +205,8 @@ def _expected(key: dataclasses.Field, base: Any) -> str:
         return "true | false"
     if base is float:
         return "a number"
+    if base is int:
+        return "a whole number"
     if typing.get_origin(base) is tuple:
         return f"a list of names, e.g. {key.name}=[my_pkg.my_data,my_pkg.*]"
     return "a string"

@@ -211,7 +211,7 @@ def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_ta
             ) from None
     if model_target:
         _import_module_of(model_target)
-    return _load_keras(path, f"run {run.info.run_id}'s {source}"), source
+    return load_keras(path, f"run {run.info.run_id}'s {source}"), source
 
 
 def logged_labels(client: MlflowClient, run: Run, uri: str, dst: Path) -> list[str] | None:
@@ -289,7 +289,7 @@ def _import_module_of(target: str) -> None:
         importlib.import_module(module)
 
 
-def _load_keras(path: Path, source: str) -> Any:
+def load_keras(path: Path, source: str) -> Any:
     """Keras' own format with safe_mode: a Lambda's bytecode is refused, and classes are found only among
     Keras' own and the registered ones (trainer.models, trainer.optim), never imported by module name."""
     import keras
@@ -328,7 +328,7 @@ def evaluate(
         run_id, found = registered_version(client, model)
     run = find_run(client, run_id, run_name, experiment or cli.default_experiment())
     trusted = [*trusted_targets, *named_by(overrides)]
-    with tempfile.TemporaryDirectory(prefix="trainer-evaluate-") as tmp, _no_progress_bars():
+    with tempfile.TemporaryDirectory(prefix="trainer-evaluate-") as tmp, no_progress_bars():
         logged = run_config(run, uri, overrides, Path(tmp))
         cfg = trusted_config(logged, trusted, f"run {run.info.run_id}'s config.yaml", keys=BUILT)
         model_target = OmegaConf.select(logged, "model._target_", default=None, throw_on_resolution_failure=False)
@@ -406,7 +406,7 @@ def _run_task(node: DictConfig, run: Run) -> DictConfig:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """MLflow draws a tqdm bar per download ("Downloading artifacts: 100%|...") on stderr, terminal or not: noise
     for the two small files read here. MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true, if you set it, still wins."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"

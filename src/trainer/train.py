@@ -515,7 +515,8 @@ def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: D
                   labels=data.labels if task != "regression" else None,
                   from_logits=bool((cfg.get("loss") or {}).get("from_logits", True)),
                   registered_model_name=cfg.tracking.get("register_model"),
-                  table=data.schema.to_dict() if typed else None, targets=_targets_of(cfg.data))  # fmt: skip
+                  table=data.schema.to_dict() if typed else None, targets=_targets_of(cfg.data),
+                  inputs=None if own_example else data.feature_names)  # fmt: skip
 
 
 def _targets_of(node: DictConfig) -> list[str]:

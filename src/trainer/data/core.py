@@ -96,6 +96,7 @@ class Dataset:
     sample_weight: np.ndarray | None = None  # data.sample_weight: the training split's row weights (float32)
     schema: Any = None  # typed tables: the columns.TableSchema (Examples.schema)
     raw_example: Any = None  # typed tables: two raw rows, the logged model's input example
+    feature_names: list[str] | None = None  # a table's feature columns, in training order (what predict selects)
     x_shape: tuple[int, ...] = ()
     y_shape: tuple[int, ...] = ()
     y_dtype: str = "float32"

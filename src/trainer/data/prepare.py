@@ -71,6 +71,8 @@ def load(node: DictConfig) -> Dataset:
     data.target_scale = target_scale(data, s.target_scale, table)
     if isinstance(result, Examples) and result.schema is not None:
         data.schema, data.raw_example = result.schema, result.raw_example
+    elif table and result.columns and len(result.columns) >= data.n_features:
+        data.feature_names = [str(c) for c in result.columns[: data.n_features]]
     return data
 
 

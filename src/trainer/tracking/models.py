@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 KERAS_ARTIFACT = "keras_model"  # the key of the `.keras` file among the pyfunc model's artifacts (artifacts/)
+SETTINGS_ARTIFACT, SETTINGS_FILE = "settings", "predict.json"  # the wrapper's settings as plain JSON (artifacts/)
 LABEL_COLUMN = "label"  # a classifier's pyfunc output: one probability column per class, then this one
 
 
@@ -39,11 +41,26 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         columns: int | None = None,
         table: dict[str, Any] | None = None,
         targets: Sequence[str] = (),
+        inputs: Sequence[str] | None = None,
+        model: Any = None,
     ):
         self.task, self.names, self.from_logits = task, list(names) if names else None, from_logits
         self.dtype, self.modules, self.columns = dtype, list(modules), columns
         self.table, self.targets = table, list(targets)
-        self._model = None
+        self.inputs = list(inputs) if inputs else None  # a plain table's feature columns, in training order
+        self._model = model  # None when logged (the model is its .keras artifact, loaded by load_context)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything but the model, as plain JSON (`artifacts/predict.json`): what `trainer predict` and
+        `trainer export` read to rebuild this wrapper without unpickling `python_model.pkl`, which is code."""
+        keys = ("task", "names", "from_logits", "dtype", "columns", "table", "targets", "inputs")
+        return {key: getattr(self, key, None) for key in keys}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], model: Any) -> KerasPyfunc:
+        """The wrapper of `settings()` around an already loaded Keras `model` (loaded with safe_mode)."""
+        known = {k: settings.get(k) for k in ("task", "names", "from_logits", "dtype", "columns", "table", "inputs")}
+        return cls(modules=(), targets=settings.get("targets") or (), model=model, **known)
 
     def load_context(self, context: Any) -> None:
         import keras
@@ -151,6 +168,7 @@ def log_model(
     registered_model_name: str | None = None,
     table: dict[str, Any] | None = None,
     targets: Sequence[str] = (),
+    inputs: Sequence[str] | None = None,
 ) -> str:
     """Log the Keras `model` as an MLflow pyfunc model (KerasPyfunc) of the active run; returns its URI.
 
@@ -175,13 +193,14 @@ def log_model(
     dtype = str(model.inputs[0].dtype) if getattr(model, "inputs", None) else "float32"
     if table is not None:  # raw rows of a typed table: the example is a DataFrame, the checks are the wrapper's
         example = input_example.head(2)
-        wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), None, table, targets)
+        wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), None, table, targets, inputs)
         out = wrapper.outputs(np.asarray(model(wrapper.cast(example), training=False)))
         signature = infer_signature(None, out)  # outputs only (see above)
     else:
         example = None if input_example is None else np.asarray(input_example[:2])
         rows = example is not None and example.ndim == 2
-        wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), example.shape[1] if rows else None)
+        wrapper = KerasPyfunc(task, labels, from_logits, dtype, _modules(model), example.shape[1] if rows else None,
+                              targets=targets, inputs=inputs)  # fmt: skip
         signature = None
         if example is not None:
             out = wrapper.outputs(np.asarray(model(wrapper.cast(example), training=False)))
@@ -190,10 +209,12 @@ def log_model(
                 example = example.astype(np.float64)
                 signature = ModelSignature(inputs=None, outputs=signature.outputs)
     with tempfile.TemporaryDirectory(prefix="trainer-model-") as tmp, _quiet_pyfunc():
-        path = Path(tmp) / "model.keras"
+        path, settings = Path(tmp) / "model.keras", Path(tmp) / SETTINGS_FILE
         model.save(path)
+        settings.write_text(json.dumps(wrapper.settings(), indent=1))
+        artifacts = {KERAS_ARTIFACT: str(path), SETTINGS_ARTIFACT: str(settings)}
         info = mlflow.pyfunc.log_model(
-            name=artifact_path, python_model=wrapper, artifacts={KERAS_ARTIFACT: str(path)}, signature=signature,
+            name=artifact_path, python_model=wrapper, artifacts=artifacts, signature=signature,
             input_example=example, pip_requirements=_requirements(), registered_model_name=registered_model_name,
         )  # fmt: skip
     return info.model_uri
