@@ -148,19 +148,19 @@ def test_an_image_tensorflow_cannot_decode_is_named_before_training(tmp_path):
 
 
 def test_image_models_on_a_table_and_layers_on_the_wrong_rank():
-    assert _one_line(check_fits, CNN([8], 3, 2, False, 0.0, [], "relu", 3), (13,)) == (
+    assert _one_line(check_fits, CNN([8], 3, 2, False, 0.0, [], "relu", 3, None), (13,)) == (
         "model=cnn takes images [height, width, channels] (or [height, width]), but the examples have shape (13,): "
         "use model=mlp for a table, or model=sequential"
     )  # was: a hint to move Conv2D "before the layer that flattens", where nothing flattens
-    assert _one_line(KerasApp, "MobileNetV2", None, "avg", 3, [13]) == (
+    assert _one_line(KerasApp, "MobileNetV2", None, "avg", 3, [13], None) == (
         "model=keras_app takes images [height, width, channels] (or [height, width]), but the examples have shape "
         "(13,): use model=mlp for a table, or model=sequential"
     )  # was: "cannot build trainer.models.KerasApp: tuple index out of range"
-    assert _one_line(KerasApp, "MobileNetV2", None, "avg", 10, [8, 8, 1]) == (
+    assert _one_line(KerasApp, "MobileNetV2", None, "avg", 10, [8, 8, 1], None) == (
         "model.name='MobileNetV2' cannot take images of shape (8, 8, 1): Input size must be at least 32x32; "
         "Received: input_shape=(8, 8, 1); resize the images (data=image_folder: data.image_size=[32, 32])"
     )
-    conv_first = Sequential([{"_target_": "keras.layers.Conv2D", "filters": 4, "kernel_size": 3}], 3)
+    conv_first = Sequential([{"_target_": "keras.layers.Conv2D", "filters": 4, "kernel_size": 3}], 3, None)
     assert _one_line(check_fits, conv_first, (13,)).endswith(
         "; it takes inputs of rank 4 and the examples have shape (13,): start model.layers with a keras.layers."
         "Reshape, or use data whose examples have that rank"

@@ -23,7 +23,7 @@ from trainer.train import train
 
 def _loop(inputs, seed: int = 0) -> StepLoop:
     keras.utils.set_random_seed(seed)
-    model = MLP([16], 1, "relu", 0.0)
+    model = MLP([16], 1, "relu", 0.0, None)
     return StepLoop(model, keras.losses.MeanSquaredError(), keras.optimizers.SGD(0.05), inputs, None, 32)
 
 

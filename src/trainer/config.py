@@ -80,6 +80,7 @@ NO_HIDDEN_LAYER = "at least one hidden layer; for none use model=linear"  # MLP(
 @dataclass
 class MLPModel:
     _target_: str = MISSING
+    freeze: list[str] | None = MISSING  # layers kept as they are (finetune.py): names, patterns, backbone
     hidden: list[int] = MISSING
     units: int | None = MISSING  # None: from the data
     activation: str = MISSING
@@ -95,6 +96,7 @@ class MLPModel:
 @dataclass
 class CNNModel:
     _target_: str = MISSING
+    freeze: list[str] | None = MISSING  # layers kept as they are (finetune.py): names, patterns, backbone
     filters: list[int] = MISSING  # one conv block per entry: its number of filters
     kernel_size: int = MISSING
     pool: int | None = MISSING  # max-pool size after each block; None: no pooling
@@ -117,6 +119,7 @@ class CNNModel:
 @dataclass
 class SequentialModel:
     _target_: str = MISSING
+    freeze: list[str] | None = MISSING  # layers kept as they are (finetune.py): names, patterns, backbone
     _recursive_: bool = MISSING  # false: the model builds its layers itself, so an error names model.layers[i]
     layers: list[Any] = MISSING  # Keras layers in order, each {_target_: keras.layers.Conv2D, filters: 32, ...}
     units: int | None = MISSING  # outputs of the dense head after them; None: from the data
@@ -131,6 +134,7 @@ class SequentialModel:
 @dataclass
 class KerasAppModel:
     _target_: str = MISSING
+    freeze: list[str] | None = MISSING  # layers kept as they are (finetune.py): names, patterns, backbone
     name: str = MISSING  # a keras.applications model: MobileNetV3Small, ResNet50, EfficientNetB0, ...
     weights: str | None = MISSING  # None: random (no download); imagenet: pretrained (needs the network)
     pooling: str = MISSING  # avg | max: the backbone's feature map to one vector per example
@@ -514,6 +518,7 @@ class TrainerSettings:
     eval_every: int | None = MISSING  # None: only at the end
     clip_norm: float | None = MISSING  # clip gradients to this global norm
     seed: int = MISSING
+    init_from: str | None = MISSING  # a run id, run directory or models:/name/version: its weights, then train anew
     jit: bool = MISSING  # XLA-compile the step; measure it per job, it is slower on most CPUs
     device: str = MISSING  # auto | cpu | gpu | a TF device string such as /GPU:1
     print_gradients: bool = MISSING  # print each variable's gradient at the first step (a host sync, once)

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import finetune
 from trainer.config import NO_HIDDEN_LAYER, TrainerError, _require, build, causes, close_names, first_line
 
 
@@ -46,13 +47,15 @@ class Linear(keras.Model):
 class MLP(keras.Model):
     """Dense layers with `activation` between them and a linear head; also the classifier (logits head)."""
 
-    def __init__(self, hidden: list[int], units: int | None, activation: str, dropout: float, **kwargs):
+    def __init__(self, hidden: list[int], units: int | None, activation: str, dropout: float,
+                 freeze: Sequence[str] | None, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         _require(len(hidden) >= 1, "model.hidden", list(hidden), NO_HIDDEN_LAYER)  # however it was built
         self.hidden, self.units, self.activation, self.dropout = list(hidden), _known_units(units), activation, dropout
         self.blocks = [keras.layers.Dense(h, activation=activation, name=f"dense_{i}") for i, h in enumerate(hidden)]
         self.drop = keras.layers.Dropout(dropout) if dropout else None
         self.head = keras.layers.Dense(self.units, name="head")
+        self.freeze = finetune.freeze(self, freeze)
 
     def call(self, x, training: bool = False):
         for block in self.blocks:
@@ -67,8 +70,13 @@ class MLP(keras.Model):
             "units": self.units,
             "activation": self.activation,
             "dropout": self.dropout,
+            "freeze": self.freeze,
         }
         return {**super().get_config(), **extra}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None) -> MLP:
+        return cls(**{"freeze": None, **config})  # a model saved before `freeze` existed
 
 
 # --- image and layer-stack models ---------------------------------------------------------------
@@ -129,6 +137,7 @@ class CNN(_Stack):
         hidden: list[int],
         activation: str,
         units: int | None,
+        freeze: Sequence[str] | None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,6 +151,7 @@ class CNN(_Stack):
             if dropout:
                 self.stack.append(keras.layers.Dropout(dropout, name=f"dense_dropout_{i}"))
         self.stack.append(keras.layers.Dense(self.units, name="head"))
+        self.freeze = finetune.freeze(self, freeze)
 
     def _block(self, i: int, filters: int) -> list:
         # A bias before BatchNorm is cancelled by its mean: the conv has none then (as Keras' own applications)
@@ -157,8 +167,12 @@ class CNN(_Stack):
         return layers
 
     def get_config(self) -> dict:
-        keys = ("filters", "kernel_size", "pool", "batch_norm", "dropout", "hidden", "activation", "units")
+        keys = ("filters", "kernel_size", "pool", "batch_norm", "dropout", "hidden", "activation", "units", "freeze")
         return {**super().get_config(), **{k: getattr(self, k) for k in keys}}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None) -> CNN:
+        return cls(**{"freeze": None, **config})  # a model saved before `freeze` existed
 
 
 def _snake(name: str) -> str:
@@ -202,22 +216,23 @@ class Sequential(_Stack):
     where = "model.layers"  # its stack is the config's list, then the head
     images = False  # an LSTM takes [b, T, F] and an Embedding integer ids: the list's first layer says what it takes
 
-    def __init__(self, layers: Sequence[Any], units: int | None, **kwargs):
+    def __init__(self, layers: Sequence[Any], units: int | None, freeze: Sequence[str] | None, **kwargs):
         super().__init__(**kwargs)
         self.units = _known_units(units)
         self.stack = [_layer(node, i) for i, node in enumerate(layers)]
         self.stack.append(keras.layers.Dense(self.units, name="head"))
+        self.freeze = finetune.freeze(self, freeze)
 
     def get_config(self) -> dict:
         layers = [keras.saving.serialize_keras_object(layer) for layer in self.stack[:-1]]
-        return {**super().get_config(), "layers": layers, "units": self.units}
+        return {**super().get_config(), "layers": layers, "units": self.units, "freeze": self.freeze}
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> Sequential:
         """Layers from a saved model through Keras' own deserializer (safe_mode applies), never through Hydra: a
         `.keras` file must not name code to run."""
         layers = [keras.saving.deserialize_keras_object(c, custom_objects=custom_objects) for c in config["layers"]]
-        return cls(**{**config, "layers": layers})
+        return cls(**{"freeze": None, **config, "layers": layers})
 
 
 # --- keras.applications ------------------------------------------------------------------------
@@ -242,6 +257,7 @@ class KerasApp(keras.Model):
         pooling: str,
         units: int | None,
         input_shape: Sequence[int] | None,
+        freeze: Sequence[str] | None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -268,19 +284,20 @@ class KerasApp(keras.Model):
                 f"model.name={name!r} cannot take images of shape {shape}: {first_line(e)}{fix}"
             ) from None
         self.head = keras.layers.Dense(self.units, name="head")
+        self.freeze = finetune.freeze(self, freeze)
 
     def call(self, x, training: bool = False):
         return self.head(self.backbone(_as_input(x, self.compute_dtype), training=training))
 
     def get_config(self) -> dict:
         extra = {"name": self.application, "weights": self.weights_source, "pooling": self.pooling,
-                 "units": self.units, "input_shape": self.app_input_shape}  # fmt: skip
+                 "units": self.units, "input_shape": self.app_input_shape, "freeze": self.freeze}  # fmt: skip
         return {**super().get_config(), **extra}
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> KerasApp:
         """A saved model brings its own weights: nothing to download (weights=imagenet would fetch them again)."""
-        return cls(**{**config, "weights": None})
+        return cls(**{"freeze": None, **config, "weights": None})
 
 
 # --- does the model take the data's examples? --------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -17,7 +18,7 @@ import tensorflow as tf
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import checkpoint, lifecycle, losses
+from trainer import checkpoint, finetune, lifecycle, losses
 from trainer.actions import build_callbacks
 from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpoints, NoCheckpoint
@@ -93,6 +94,7 @@ def train(
     output_dir = Path(output_dir or ".")
     with process_settings(t.precision) as stop, _device(t.device):  # process-wide state, restored on exit
         model, loop, optimizer = _build(cfg, data, strategy, total_steps, schedule)
+        initialized = _init_from(cfg, model) if t.get("init_from") and not resume else None
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
         checkpoints.claim()  # one process per run: a second resume of it is refused here
@@ -115,6 +117,8 @@ def train(
                     if chief:
                         checkpoints.write_run_file(run.run_id, run.uri, cfg)
                         log_data(run, cfg.data, data)  # dataset inputs: which files, which split (tracking/lineage)
+                        if initialized:
+                            run.set_tag("init_from", initialized)
                     checkpoints.save(0)  # a base to resume from, even for a run killed before its first save
                 if t.print_gradients and start == 0:
                     _report_gradients(loop, run)
@@ -185,6 +189,14 @@ def _build(cfg: DictConfig, data: Dataset, strategy: tf.distribute.Strategy, tot
     if type(step) is not Supervised:  # the user's code (or a built-in's): traced once on its own first
         loop.check_step()
     return loop.model, loop, loop.optimizer
+
+
+def _init_from(cfg: DictConfig, model: Any) -> str:
+    """trainer.init_from: the other run's weights in this run's model, before its first step (finetune.py)."""
+    if cfg.get("model") is None:
+        raise TrainerError(f"trainer.init_from: step {cfg.step._target_} builds its own models; init_from loads the "
+                           "weights of model=... only")  # fmt: skip
+    return finetune.init_from(model, str(cfg.trainer.init_from), cfg.tracking.uri)
 
 
 def _step_takes(cfg: DictConfig) -> set[str]:

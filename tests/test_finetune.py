@@ -1,0 +1,107 @@
+"""Fine-tuning on scikit-learn's digits as a PNG folder: phase 1 trains a CNN's head with its conv block frozen
+(`model.freeze`), phase 2 starts from phase 1's weights (`trainer.init_from`) with everything trainable. Frozen
+weights stay bitwise; phase 2 moves them and beats phase 1's accuracy; bad settings are one line."""
+
+from __future__ import annotations
+
+import glob
+
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import finetune
+from trainer.config import TrainerError
+from trainer.train import train
+
+STEPS = 300
+
+
+def _run(tmp_path, compose_cfg, digits, name: str, *extra: str):
+    overrides = ["model=cnn", "model.filters=[8]", "loss=sparse_categorical_crossentropy", "data=image_folder",
+                 f"data.path={digits['root'] / 'png'}", "data.color_mode=grayscale", f"trainer.max_steps={STEPS}",
+                 f"tracking.run_name={name}", "tracking.system_metrics=false", *extra]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    train(cfg, overrides=overrides, output_dir=tmp_path / name)
+    client = mlflow.MlflowClient(str(cfg.tracking.uri))
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id],
+                               f"attributes.run_name = '{name}'")  # fmt: skip
+    return client, run
+
+
+def _checkpoint(tmp_path, name: str, step: int) -> dict[str, np.ndarray]:
+    [index] = glob.glob(str(tmp_path / name / "checkpoints" / f"ckpt-{step}.index"))
+    reader = tf.train.load_checkpoint(index.removesuffix(".index"))
+    return {
+        key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if key.startswith(("non_", "opt"))
+    }
+
+
+def test_frozen_conv_block_stays_bitwise_then_init_from_unfreezes_and_beats_it(tmp_path, compose_cfg, digits):
+    client, phase1 = _run(tmp_path, compose_cfg, digits, "phase1", "model.freeze=[conv_*,bn_*]")
+    before, after = _checkpoint(tmp_path, "phase1", 0), _checkpoint(tmp_path, "phase1", STEPS)
+    frozen = sorted(k for k in before if k.startswith("non_trainable/"))
+    assert len(frozen) == 5  # conv_0's kernel, bn_0's gamma, beta, moving mean and variance
+    for key in frozen:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)  # bitwise: not one ulp moved
+    norms = {k for k in phase1.data.metrics if k.startswith("train/grad_norm_by_var/")}
+    assert norms == {"train/grad_norm_by_var/head/kernel", "train/grad_norm_by_var/head/bias"}  # only the head trains
+
+    _, phase2 = _run(tmp_path, compose_cfg, digits, "phase2", f"trainer.init_from={phase1.info.run_id}")
+    assert phase2.data.tags["init_from"].endswith(f"of run {phase1.info.run_id}")
+    _, fresh = _run(tmp_path, compose_cfg, digits, "fresh")
+    first = {r.info.run_name: client.get_metric_history(r.info.run_id, "train/loss")[0].value
+             for r in (phase1, phase2, fresh)}  # fmt: skip
+    accuracy = {r.info.run_name: r.data.metrics["val/accuracy"] for r in (phase1, phase2, fresh)}
+    print(f"digits CNN, {STEPS} steps each: val accuracy {accuracy}; first-step loss {first}")
+    assert first["phase2"] < 0.75 * first["fresh"]  # it starts where phase 1 ended, not from scratch
+    assert accuracy["phase2"] > accuracy["phase1"] + 0.05
+    one = tf.keras.models.load_model(tmp_path / "phase1" / "model.keras", compile=False)
+    two = tf.keras.models.load_model(tmp_path / "phase2" / "model.keras", compile=False)
+    conv = [w for w in one.weights if "conv_0" in w.path]
+    moved = [w for w in two.weights if "conv_0" in w.path]
+    assert conv and not np.array_equal(conv[0].numpy(), moved[0].numpy())  # unfrozen in phase 2: it trained
+
+
+def test_init_from_a_run_directory_copies_the_weights_exactly(tmp_path, compose_cfg, digits):
+    _run(tmp_path, compose_cfg, digits, "source", "trainer.max_steps=20")
+    logged = tf.keras.models.load_model(tmp_path / "source" / "model.keras", compile=False)
+    inner = next(layer for layer in logged.layers if type(layer).__name__ == "CNN")
+    from trainer.models import CNN
+
+    model = CNN([8], 3, 2, True, 0.0, [], "relu", 10, None)
+    model(np.zeros((1, 8, 8, 1), np.uint8))
+    assert finetune.init_from(model, str(tmp_path / "source"), None).endswith("model.keras")
+    for ours, theirs in zip(model.weights, inner.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["model.freeze=[conv]"], "model.freeze: 'conv' names no layer of the model; its layers: act_0, bn_0, conv_0"),
+        (["model.freeze=[backbone]"], "model.freeze=[backbone] is for model=keras_app; name this model's layers"),
+        (["model.freeze=[conv_*,bn_*,head]"], "optimizer 'optimizer' has no trainable variable"),
+        (["trainer.init_from=nosuchrun"], "trainer.init_from=nosuchrun: no run 'nosuchrun' in sqlite:"),
+        (["model.filters=[4]", "trainer.init_from=SOURCE"], "trainer.init_from=SOURCE: its weights do not fit"),
+    ],
+)
+def test_bad_fine_tuning_settings_are_one_line(tmp_path, compose_cfg, digits, extra, message):
+    if any("SOURCE" in e for e in extra):
+        _run(tmp_path, compose_cfg, digits, "source", "trainer.max_steps=5")
+        extra = [e.replace("SOURCE", str(tmp_path / "source")) for e in extra]
+        message = message.replace("SOURCE", str(tmp_path / "source"))
+    with pytest.raises(TrainerError) as error:
+        _run(tmp_path, compose_cfg, digits, "bad", *extra)
+    assert str(error.value).startswith(message) or message in str(error.value), str(error.value)
+
+
+def test_freeze_backbone_leaves_a_keras_app_its_head_only():
+    from trainer.models import KerasApp
+
+    model = KerasApp("MobileNetV3Small", None, "avg", 10, [32, 32, 3], ["backbone"])
+    model(np.zeros((1, 32, 32, 3), np.uint8))
+    assert [v.path for v in model.trainable_variables] == ["keras_app/head/kernel", "keras_app/head/bias"]
+    assert len(model.non_trainable_variables) > 100  # the whole application, its BatchNorm statistics too
+    assert model.get_config()["freeze"] == ["backbone"]  # saved with the model, so a loaded one is frozen alike
