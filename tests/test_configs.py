@@ -427,7 +427,7 @@ def test_bad_type_or_key_rejected_at_compose(override, cause, words, compose_cfg
     [
         ("+trainer.class_weight={no: 1, yes: 3}", "trainer.class_weight is no setting of trainer (did you mean "
          "data.class_weight?); remove it"),
-        ("+tracking.tensorboard=true", "tracking.tensorboard is no setting of tracking (one of experiment, "),
+        ("+tracking.wandb=true", "tracking.wandb is no setting of tracking (one of experiment, "),
         ("+optimizer.use_emma=true", "optimizer.use_emma is no setting of optimizer (did you mean use_ema?)"),
         ("+model.trainable=false", "model.trainable is no setting of model ("),
         ("+trainer.early_stopping.patiense=3", "trainer.early_stopping.patiense is no setting of "

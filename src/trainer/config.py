@@ -597,6 +597,10 @@ class Tracking:
     # min/max per pixel column; window_extremes=N also logs each N-step window's min and max (train/loss_max, ...).
     log_plots: bool = MISSING
     window_extremes: int | None = MISSING
+    # TensorBoard event files of the points the store took, written by the sink's writer thread (never the training
+    # loop's; tracking/tensorboard.py, README: In TensorBoard); None: <the run's directory>/tensorboard.
+    tensorboard: bool = MISSING
+    tensorboard_dir: str | None = MISSING
 
     def __post_init__(self) -> None:
         _require(self.system_metrics_interval > 0, "tracking.system_metrics_interval", self.system_metrics_interval,
@@ -613,6 +617,10 @@ class Tracking:
         name = self.register_model
         _require(name is None or bool(name.strip()), "tracking.register_model", name, "a model name, or null")
         _require(name is None or self.log_model, "tracking.register_model", name, "null unless tracking.log_model=true")
+        where = self.tensorboard_dir
+        _require(where is None or bool(where.strip()), "tracking.tensorboard_dir", where, "a directory, or null")
+        ok = where is None or self.tensorboard
+        _require(ok, "tracking.tensorboard_dir", where, "null unless tracking.tensorboard=true")
 
 
 # --- steps (trainer/steps): what each built-in takes beside the model, loss and optimizer groups ---------

@@ -157,6 +157,8 @@ def finder_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     t.on_nonfinite, t.max_skipped_fraction = "skip_step", 1.0
     t.steps_per_loop = min(t.steps_per_loop or FINDER_CHUNK, FINDER_CHUNK)
     found.tracking.log_model, found.tracking.register_model = False, None
+    if found.tracking.get("tensorboard_dir"):  # the range test's event files beside the run's, not among them
+        found.tracking.tensorboard_dir = str(Path(found.tracking.tensorboard_dir) / "lr_find")
     shown = [o for o in overrides if not o.startswith(("tracking.", "hydra.", "lr_find", "optimizer.lr="))]
     found.tracking.run_name = f"lr-find {cfg.tracking.run_name or ' '.join(shown)}".strip()[:250]
     return found

@@ -104,7 +104,8 @@ def train(
             start = _restore(checkpoints, resume, cfg, chief, total_steps) if resume else 0
             tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
             run_id = resume.run_id if resume else None
-            with Run(cfg, overrides, tags=tags, run_id=run_id) if chief else QuietRun() as run:
+            home = checkpoints.directory.parent  # the run's directory, a resumed run's too
+            with Run(cfg, overrides, tags=tags, run_id=run_id, directory=home) if chief else QuietRun() as run:
                 run.sink.on_durable = checkpoints.mark_durable if chief else None
                 stop.on_overdue = partial(_stopped_overdue, run, checkpoints)
                 if resume:
@@ -549,9 +550,12 @@ def _summarize(r: Result, run: Run) -> None:
     val = ", ".join(f"val {k} {v:.6g}" for k, v in r.val.items()) or "no validation split"
     from rich.markup import escape
 
+    board = getattr(run, "tensorboard_dir", None)  # tracking.tensorboard=true: where its event files are
     console.print(
         f"[bold]done[/bold]: {r.steps} steps, final train loss {r.train_loss:.6g}, {val}, "
-        f"{r.steps_per_sec:,.0f} steps/s\nMLflow: {escape(run.where)}"
+        f"{r.steps_per_sec:,.0f} steps/s\n"
+        + (f"TensorBoard: tensorboard --logdir {escape(str(board))}\n" if board else "")
+        + f"MLflow: {escape(run.where)}"
     )
 
 

@@ -3,6 +3,7 @@
     run.py      one run: lifecycle (open, resume claim, status at the end), params, artifacts, tags; QuietRun
     sink.py     the metric sink: chunks off the training thread, back-pressure, retries; Chunk, disk_full
     writers.py  the two writers: MLflow's log_batch, and the SQL bulk insert
+    tensorboard.py  the same points as TensorBoard event files (tracking.tensorboard=true), by the sink's thread
     connect.py  reaching a store: the HTTP probe, the one-line reason a store cannot be opened
     compat.py   the fence around MLflow's internals (the bulk writer's), checked once, public fallback
     models.py   logging a trained model in MLflow's own format

@@ -13,9 +13,10 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
@@ -30,7 +31,12 @@ from trainer.tracking import curves, ui
 from trainer.tracking.connect import brief_http, open_error, probe
 from trainer.tracking.lineage import code_tags
 from trainer.tracking.sink import Chunk, MetricSink
-from trainer.tracking.writers import SqlBulkWriter
+from trainer.tracking.writers import Series, SqlBulkWriter
+
+if TYPE_CHECKING:  # TensorFlow's import, only where TensorBoard event files are asked for
+    from trainer.tracking.tensorboard import TensorBoardWriter
+
+TENSORBOARD_TAG = "tensorboard_dir"  # where a run's TensorBoard event files are (tracking.tensorboard=true)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -67,6 +73,8 @@ class Run:
 
     Used as a context manager so the status is right however training ends: FINISHED, FAILED (with the
     error in the `error` tag) or KILLED on Ctrl-C, and the sink is flushed before the status is set.
+    `directory`: the run's own (its checkpoints' parent, a resume's too), home of its TensorBoard event files
+    unless tracking.tensorboard_dir says otherwise; None: the working directory.
     """
 
     def __init__(
@@ -75,8 +83,10 @@ class Run:
         overrides: Sequence[str] = (),
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
+        directory: Path | None = None,
     ):
-        self.cfg, self.overrides = cfg, list(overrides)
+        self.cfg, self.overrides, self.directory = cfg, list(overrides), directory
+        self.tensorboard_dir: Path | None = None  # where its TensorBoard event files are (tracking.tensorboard=true)
         self.tags = {**lifecycle.process_tags(), **(tags or {})}  # who trains it: a kill is found out later
         self.sink: MetricSink | None = None
         self.run_id, self.resumed = run_id or "", run_id is not None
@@ -92,6 +102,7 @@ class Run:
         open_store(self.uri, t.experiment)  # done already before TensorFlow's import (trainer.startup): cheap
         if self.resumed:
             self._claim()
+        tensorboard = self._tensorboard(t) if t.get("tensorboard") else None  # absent: a run.json from before it
         try:
             if self.resumed:  # the same run goes on: params and artifacts are already there
                 run = retry_busy(mlflow.start_run, run_id=self.run_id, tags=self.tags)
@@ -100,6 +111,8 @@ class Run:
                 tags = redact_tree({"overrides": " ".join(self.overrides), **code_tags(), **self.tags})
                 run = retry_busy(mlflow.start_run, run_name=self._name(), tags=tags)
         except Exception as e:
+            if tensorboard is not None:
+                tensorboard.close()
             raise TrainerError(open_error(self.uri, t.experiment, e)) from e
         self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = MlflowClient(self.uri)
@@ -121,7 +134,23 @@ class Run:
         # run resumed from a config written before these keys logs on as it began, every step
         self.sink.recorder = curves.CurveRecorder() if t.get("log_plots") else None
         self.sink.windows = curves.WindowExtremes(t.window_extremes) if t.get("window_extremes") else None
+        if tensorboard is not None:
+            self.sink.tensorboard, self.tensorboard_dir = tensorboard, tensorboard.directory
+            retry_busy(self.client.set_tag, self.run_id, TENSORBOARD_TAG, str(tensorboard.directory))
         return self
+
+    def _tensorboard(self, t: DictConfig) -> TensorBoardWriter:
+        """The event files' writer (tracking/tensorboard.py), opened before the run is: a directory that cannot be
+        written is one line, and no run is left RUNNING. A relative tracking.tensorboard_dir is the working
+        directory's."""
+        from trainer.tracking.tensorboard import TensorBoardWriter
+
+        where = Path(t.get("tensorboard_dir") or Path(self.directory or ".") / "tensorboard").resolve()
+        try:
+            return TensorBoardWriter(where)
+        except Exception as e:
+            key = "tracking.tensorboard_dir" if t.get("tensorboard_dir") else "tracking.tensorboard"
+            raise TrainerError(f"{key}: cannot write TensorBoard event files in {where} ({first_line(e)})") from e
 
     def _system_metrics(self, t: DictConfig) -> Any:
         """MLflow's system-metrics sampler on its own thread (off the training loop), or None when off.
@@ -261,6 +290,7 @@ class Run:
         """Drop points logged past the checkpoint (a crash after it leaves some), so no step appears twice;
         `finished`: the checkpoint is the run's last step, whose summary is written again."""
         self.set_tag("resumed_at_step", str(step))
+        keys = self._non_train_keys() if self.sink.tensorboard is not None else []  # before the deletion below
         if isinstance(self.sink.writer, SqlBulkWriter):
             retry_busy(self.sink.writer.delete_after, step, finished)
         else:
@@ -268,11 +298,31 @@ class Run:
                 "resume: %s cannot delete metric points; steps after %d logged before the stop may appear twice",
                 redact(self.uri), step,
             )  # fmt: skip
+        if self.sink.tensorboard is not None:  # the event files too drop what the earlier attempt logged from here
+            self.sink.tensorboard.restart(step, self._kept_at(step, keys))
         if self.sink.windows is not None:  # the part of its first window that an earlier attempt ran
             start = step - step % self.sink.windows.every
             seen = curves.read_history(self.client, self.run_id, curves.WINDOW_KEYS, step, start)
             for key, (steps, values) in seen.items():
                 self.sink.windows.seed(steps, {key: values})
+
+    def _non_train_keys(self) -> list[str]:
+        """The run's metric keys other than train/* (logged again from the resumed step on) and system/* (never in
+        the event files), from the store's latest values: read before delete_after drops those past the step."""
+        metrics = retry_busy(self.client.get_run, self.run_id).data.metrics
+        return [key for key in metrics if not key.startswith(("train/", "system/"))]
+
+    def _kept_at(self, step: int, keys: Sequence[str]) -> list[Series]:
+        """The points the store keeps at the resumed `step` itself and the resume does not log again (an evaluation
+        at the checkpoint's step): TensorBoard's START record drops what it read at that step too, so the event
+        files get them again after it (tracking/tensorboard.py)."""
+        kept = []
+        for key in keys:
+            at = [m for m in retry_busy(self.client.get_metric_history, self.run_id, key) if m.step == step]
+            if at:
+                values, stamps = np.array([m.value for m in at]), np.array([m.timestamp for m in at], np.int64)
+                kept.append((key, np.full(len(at), step), values, stamps))
+        return kept
 
     def set_tag(self, key: str, value: str) -> None:
         retry_busy(mlflow.set_tag, key, value)

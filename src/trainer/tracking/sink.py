@@ -1,7 +1,8 @@
 """The metric sink: per-step values from the training thread to the store, off the training thread.
 
 The training thread only hands each chunk's device tensors to `MetricSink.submit`; a collector thread turns
-them into numbers and series, and a writer thread writes them in batches (writers.py). The queue between
+them into numbers and series, and a writer thread writes them in batches (writers.py), and with
+tracking.tensorboard each batch the store took to TensorBoard event files too (tensorboard.py). The queue between
 them is bounded: if the store falls behind, the loop waits (back-pressure) instead of memory growing without
 limit; if the store is away, writes are retried with backoff. Whatever has been submitted is written before
 the run is closed, on success, error or Ctrl-C.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import queue
 import threading
@@ -22,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trainer.config import causes
+from trainer.config import causes, first_line
 
 if TYPE_CHECKING:  # MLflow is imported when a sink starts, not with Chunk or disk_full
     from mlflow.tracking import MlflowClient
 
     from trainer.tracking.curves import CurveRecorder, WindowExtremes
+    from trainer.tracking.tensorboard import TensorBoardWriter
     from trainer.tracking.writers import Series
 
 
@@ -102,10 +105,12 @@ class MetricSink:
     on_durable: Callable[[int], None] | None = None  # called with a barrier's step once it is durable
     recorder: CurveRecorder | None = None  # every step's loss, grad norm and lr, for the end-of-run plot (curves.py)
     windows: WindowExtremes | None = None  # tracking.window_extremes: each N-step window's min and max (curves.py)
+    tensorboard: TensorBoardWriter | None = None  # tracking.tensorboard: each batch the store took, as event files too
     latest: dict[str, float] = field(default_factory=dict)  # last value of each metric (the progress bar)
     points_written: int = 0
     points_lost: int = 0
     error: BaseException | None = None
+    tensorboard_error: BaseException | None = None  # why the event files stopped (the store's points are whole)
 
     def __post_init__(self) -> None:
         from trainer.tracking.writers import writer_for
@@ -138,6 +143,8 @@ class MetricSink:
             self._deadline = time.monotonic() + self.close_timeout
             self._cond.notify_all()
         self._threads[1].join()
+        if self.tensorboard is not None:
+            self._to_tensorboard(self.tensorboard.close)
 
     def _store_ok(self) -> bool:
         stalled = self._call_started is not None and time.monotonic() - self._call_started > self.stall_seconds
@@ -186,7 +193,23 @@ class MetricSink:
                 self._healthy, self._call_started = True, None
                 self.points_written += n
                 self._cond.notify_all()
+            if batch and self.tensorboard is not None:  # what the store took, once: a retried batch is written
+                self._to_tensorboard(self.tensorboard.write, batch)  # here only after it succeeds
             self._durable(barrier)
+
+    def _to_tensorboard(self, call: Callable[..., None], *args: Any) -> None:
+        """`call` of the event files' writer; a failure (a full disk) ends the event files, never the run: the
+        store holds every point, and the warning says where the files stop."""
+        try:
+            call(*args)
+        except Exception as e:
+            self.tensorboard_error, writer, self.tensorboard = e, self.tensorboard, None
+            with contextlib.suppress(Exception):
+                writer.close()
+            logging.getLogger(__name__).warning(
+                "the TensorBoard event files in %s end here, at %d metric points written: %s",
+                writer.directory, self.points_written, first_line(e),
+            )  # fmt: skip
 
     def _durable(self, barrier: int | None) -> None:
         if barrier is None or self.on_durable is None or self.points_lost:
