@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import finetune
+from trainer.callbacks import Callback
 from trainer.config import TrainerError
 from trainer.train import train
 
@@ -105,3 +106,22 @@ def test_freeze_backbone_leaves_a_keras_app_its_head_only():
     assert [v.path for v in model.trainable_variables] == ["keras_app/head/kernel", "keras_app/head/bias"]
     assert len(model.non_trainable_variables) > 100  # the whole application, its BatchNorm statistics too
     assert model.get_config()["freeze"] == ["backbone"]  # saved with the model, so a loaded one is frozen alike
+
+
+class _Unfreeze(Callback):
+    """A callback unfreezing the conv block mid-run: before, its weights silently never moved."""
+
+    def on_chunk_end(self, ctx, step, arrays) -> bool:
+        if step >= 40:
+            for layer in ctx.model.stack[:2]:
+                layer.trainable = True
+        return False
+
+
+def test_a_callback_that_changes_what_trains_mid_run_is_one_line(tmp_path, compose_cfg, digits):
+    overrides = ["model=cnn", "model.filters=[8]", "loss=sparse_categorical_crossentropy", "data=image_folder",
+                 f"data.path={digits['root'] / 'png'}", "data.color_mode=grayscale", "trainer.max_steps=100",
+                 "trainer.steps_per_loop=20", "model.freeze=[conv_*,bn_*]"]  # fmt: skip
+    with pytest.raises(TrainerError, match=r"^at step 40 the trainable variables of optimizer 'optimizer' changed "
+                                           r"\(conv_0/kernel, 3 in all\): the compiled step trains"):  # fmt: skip
+        train(compose_cfg(overrides), overrides=overrides, output_dir=tmp_path / "out", callbacks=[_Unfreeze()])

@@ -148,6 +148,7 @@ def _train(loop: StepLoop, t: DictConfig, ctx: Context, actions: list[Callback],
             if action.on_chunk_end(ctx, step, last) and ctx.stopped_by is None:
                 ctx.stopped_by = type(action).__qualname__
                 ctx.run.set_tag("stopped_by", f"{ctx.stopped_by} at step {step}")
+        loop.check_trainable(step)  # a callback's `trainable = ...` would otherwise change nothing, silently
     if step == step_timed:  # a single call: the rate includes the trace
         t_timed, step_timed = t_start, start
     return last, (step - step_timed) / max(time.perf_counter() - t_timed, 1e-9)

@@ -203,6 +203,23 @@ class StepLoop:
         return (self.input.example(n), self.input.y[:n], *([] if weight is None else [weight[:n]]))
 
     # --- the step ------------------------------------------------------------------------------
+    def check_trainable(self, step: int) -> None:
+        """The compiled step trains the variables it was traced with: a layer a callback froze or unfroze
+        mid-run changed nothing (a callback setting `trainable = True` on a backbone left its weights where
+        they were, silently). Checked between chunks, in Python, never in the step."""
+        for slot in self.layout.slots:
+            traced = {id(v) for v in slot.variables}
+            now = [v for m in slot.models for v in m.trainable_variables]
+            changed = [v.path for v in now if id(v) not in traced] or [
+                v.path for v in slot.variables if all(v is not w for w in now)]  # fmt: skip
+            if changed:
+                raise TrainerError(
+                    f"at step {step} the trainable variables of optimizer {slot.name!r} changed ({changed[0]}, "
+                    f"{len(changed)} in all): the compiled step trains the variables it began with. Freeze with "
+                    "model.freeze, and train the next phase as a new run with trainer.init_from=<this run> "
+                    "(README: Fine-tuning)"
+                )
+
     def use_averages(self) -> bool:
         """optimizer.use_ema: each such optimizer's moving averages replace the weights it trains (Keras'
         `finalize_variable_values`, which `fit` calls at its end). The averages are optimizer variables, so they
