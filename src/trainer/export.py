@@ -1,7 +1,8 @@
-"""`trainer export`: a logged model as a TensorFlow SavedModel (TF Serving) or a TensorFlow Lite file.
+"""`trainer export`: a logged model as a TensorFlow SavedModel (TF Serving), a TensorFlow Lite file, or ONNX.
 
     trainer export run_id=<id> output=exported/                        # format=saved_model
     trainer export model=models:/<name>/<version> format=tflite output=model.tflite
+    trainer export run_id=<id> format=onnx output=model.onnx              # pip install -e ".[onnx]": tf2onnx
 
 What is exported is what `trainer predict` and the MLflow model answer, preprocessing included: the data's
 scaling (inside the logged Keras model), and for a typed table its fitted schema as TensorFlow ops (`TableEncoder`:
@@ -22,7 +23,9 @@ from typing import Any
 from trainer import cli, startup
 from trainer.config import TrainerError, first_line
 
-FORMATS = ("saved_model", "tflite")
+FORMATS = ("saved_model", "tflite", "onnx")
+SUFFIXES = {"saved_model": "", "tflite": ".tflite", "onnx": ".onnx"}  # a file's; a SavedModel is a folder
+ONNX_OPSET = 17  # tf2onnx's opset: ONNX Runtime 1.20+ runs it
 TOKEN_SPLIT = r"[^\pL\pN_]+"  # what is not a word character in Python's (?u)\w: columns.TOKEN's tokens, in RE2
 
 
@@ -59,9 +62,12 @@ def table_encoder(table: dict[str, Any]) -> Any:
             self.lookups = {c.name: keras.layers.StringLookup(vocabulary=c.values, num_oov_indices=1,
                                                               name=f"lookup_{i}")
                             for i, c in enumerate(self.columns) if c.kind in ("categorical", "text")}  # fmt: skip
+            self.blank = keras.layers.StringLookup(vocabulary=[""], num_oov_indices=1, name="blank")  # 1: a missing
+            # cell (""), by lookup rather than string equality, which ONNX's converter casts to a number
 
         def call(self, inputs: dict[str, Any]) -> Any:
-            return tf.concat([self._encode(c, inputs[c.name]) for c in self.columns], axis=1)
+            parts = [tf.reshape(self._encode(c, inputs[c.name]), [-1, len(c.outputs())]) for c in self.columns]
+            return tf.concat(parts, axis=1)  # each part's width static: converters (ONNX) infer the shapes
 
         def _encode(self, c: Any, x: Any) -> Any:
             if c.kind == "numeric":
@@ -72,10 +78,12 @@ def table_encoder(table: dict[str, Any]) -> Any:
             n = len(c.values)
             if c.kind == "categorical":  # lookup: 0 for a value never seen, 1..n the values
                 ids = tf.cast(self.lookups[c.name](x), tf.int32)
-                slots = tf.where(tf.equal(x, ""), n + 1, tf.where(tf.equal(ids, 0), n, ids - 1))
+                missing = tf.equal(tf.cast(self.blank(x), tf.int32), 1)
+                slots = tf.where(missing, n + 1, tf.where(tf.equal(ids, 0), n, ids - 1))
                 if c.embed:
                     return tf.cast(slots, tf.float32)[:, None]
-                return tf.one_hot(slots, n + 2, dtype=tf.float32)
+                return tf.cast(tf.equal(slots[:, None], tf.range(n + 2)[None, :]), tf.float32)  # one-hot, in ops
+                # every converter takes (ONNX's mistranslated tf.one_hot)
             words = tf.strings.split(tf.strings.regex_replace(tf.strings.lower(x, encoding="utf-8"), TOKEN_SPLIT, " "))
             words = tf.ragged.boolean_mask(words, tf.strings.length(words, unit="UTF8_CHAR") >= 2)
             ids = tf.cast(self.lookups[c.name](words), tf.int32)
@@ -147,9 +155,10 @@ def export(predictor: Any, fmt: str, output: Path) -> Path:
 
     wrapper = predictor.wrapper
     text = [c["name"] for c in (wrapper.table or {}).get("columns", []) if c["kind"] == "text"]
-    if fmt == "tflite" and text:
-        raise TrainerError(f"format=tflite: text column {text[0]!r} needs TensorFlow's string ops (regex, split), "
-                           "which TensorFlow Lite's built-in ops lack; export format=saved_model")  # fmt: skip
+    if fmt != "saved_model" and text:
+        raise TrainerError(f"format={fmt}: text column {text[0]!r} needs TensorFlow's string ops (regex, split), "
+                           f"which {'TensorFlow Lite' if fmt == 'tflite' else 'ONNX'}'s built-in ops lack; export "
+                           "format=saved_model")  # fmt: skip
     encoder = table_encoder(wrapper.table) if wrapper.table is not None else None
     archive = keras.export.ExportArchive()
     archive.track(wrapper.keras_model)
@@ -162,13 +171,13 @@ def export(predictor: Any, fmt: str, output: Path) -> Path:
         return output
     with tempfile.TemporaryDirectory(prefix="trainer-export-") as tmp:
         archive.write_out(tmp, verbose=False)
-        output.write_bytes(_tflite(tmp, strings=encoder is not None))
+        output.write_bytes(_tflite(tmp) if fmt == "tflite" else _onnx(tmp))
     return output
 
 
-def _tflite(saved_model: str, strings: bool) -> bytes:
-    """TensorFlow Lite's converter on the SavedModel; a typed table's string ops and lookups need TensorFlow's
-    own kernels (SELECT_TF_OPS: the interpreter in the tensorflow package has them)."""
+def _tflite(saved_model: str) -> bytes:
+    """TensorFlow Lite's converter on the SavedModel: built-in ops only (the interpreter of the tensorflow-cpu
+    wheel has no TensorFlow kernels linked in), which a typed table's lookups and NaN tests are written for."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
@@ -179,8 +188,27 @@ def _tflite(saved_model: str, strings: bool) -> bytes:
         raise TrainerError(f"format=tflite: TensorFlow Lite cannot convert this model ({reason})") from None
 
 
+def _onnx(saved_model: str) -> bytes:
+    """tf2onnx's converter on the SavedModel, in its own process (it switches TensorFlow to graph mode and logs
+    a page of INFO lines); its last error line when it fails."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("tf2onnx") is None:
+        raise TrainerError('format=onnx needs tf2onnx: pip install -e ".[onnx]" (or pip install tf2onnx)')
+    with tempfile.TemporaryDirectory(prefix="trainer-onnx-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", saved_model, "--signature_def",
+               "serving_default", "--opset", str(ONNX_OPSET), "--output", str(out)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.is_file():
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+            raise TrainerError(f"format=onnx: tf2onnx cannot convert this model ({(lines or ['no output'])[-1][:300]})")
+        return out.read_bytes()
+
+
 def output_path(opts: Options, name: str) -> Path:
-    path = Path(opts.output or f"exported-{name}{'.tflite' if opts.format == 'tflite' else ''}")
+    path = Path(opts.output or f"exported-{name}{SUFFIXES[opts.format]}")
     if path.exists() and not opts.overwrite:
         raise TrainerError(f"output={path} exists; name another, or add overwrite=true")
     if path.exists() and path.is_dir() != (opts.format == "saved_model"):
