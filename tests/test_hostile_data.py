@@ -240,6 +240,7 @@ def test_evaluate_a_binary_run_on_a_file_of_one_class(tmp_path, mlflow_template)
     assert 0.0 <= report["loss"] < 1.0 and report["accuracy"] > 0.8  # malignant rows, scored against id 1
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_a_fifo_where_data_should_be_is_named_not_read(tmp_path):
     """A named pipe blocks whoever opens it: inside an image folder, a TFRecord or Parquet glob it hung the loading
     forever with no output, and as the CSV path it said "no such file". Each is one line naming the FIFO."""

@@ -72,6 +72,7 @@ def test_suggestion_falls_in_the_measured_good_range(compose_cfg, tracking_uri, 
     assert np.allclose(np.diff(np.log(lrs)), math.log(1e8) / 99, rtol=1e-3)  # exponential: even steps in log(lr)
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_divergence_stops_early_and_is_no_error(compose_cfg, tracking_uri, digits_npz, tmp_path):
     """SGD driven to lr 1e4 blows the loss up: the test stops at the chunk where the smoothed loss passed 4x
     its best, the run is FINISHED, and every step it ran (no more) is logged."""

@@ -193,6 +193,7 @@ def test_exported_tables_answer_as_the_served_model_to_1e5(penguin_runs, tmp_pat
     np.testing.assert_allclose(got["predictions"], expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_images_predict_and_export_from_the_png_folder(digits, tmp_path, compose_cfg, capsys):
     """A CNN on digits' PNG folder: predict reads the folder as training decoded it (one row per image, by
     path), from .npy too; both exports take raw uint8 pixels and answer as the served model, to 1e-5."""

@@ -189,6 +189,7 @@ def test_resume_dir_builds_what_the_user_allows(tmp_path, mlflow_template, impor
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(6))
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_cli_resume_dir_with_a_payload_exits_1_with_one_line(finished, tmp_path, run_cli):
     checkpoints, _ = finished
     copy = shutil.copytree(checkpoints, tmp_path / "checkpoints")
@@ -238,6 +239,7 @@ def test_resume_run_id_refuses_a_directory_the_run_did_not_write(two_runs, tmp_p
     assert not (tmp_path / "marker").exists()
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_cli_resume_run_id_with_a_foreign_directory_exits_1_with_one_line(two_runs, tmp_path, run_cli):
     uri, a_id, _, b = two_runs
     edit_run_file(b, data=touch(tmp_path / "marker"))
@@ -331,6 +333,7 @@ def test_evaluate_builds_what_the_user_allows(logged, tmp_path, importable, caps
     assert json.loads(out)["loss"] == pytest.approx(logged_loss, rel=1e-5)
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_cli_evaluate_with_a_payload_exits_1_with_one_line(logged, tmp_path):
     run_id = log_run(logged, with_data(logged, touch(tmp_path / "marker")), logged.keras_file)
     proc = subprocess.run(

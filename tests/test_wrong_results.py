@@ -58,6 +58,7 @@ def _val_and_train_rows(n: int, val_fraction: float = 0.2, seed: int = 0) -> tup
     return int(order[0]) + 1, int(order[n_val]) + 1
 
 
+@pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)
 def test_a_nan_in_a_csv_row_is_a_data_error_before_training(tmp_path, run_cli):
     """Before: a NaN in a validation row gave a finite val/loss and exit 0 (in a training row: "lower optimizer.lr").
     Now a NaN is a missing cell, by default filled inside the model (test_sources); data.missing=error refuses it."""
