@@ -5,6 +5,9 @@ weights stay bitwise; phase 2 moves them and beats phase 1's accuracy; bad setti
 from __future__ import annotations
 
 import glob
+import itertools
+import os
+import signal
 
 import mlflow
 import numpy as np
@@ -85,6 +88,12 @@ def test_init_from_a_run_directory_copies_the_weights_exactly(tmp_path, compose_
         (["model.freeze=[backbone]"], "model.freeze=[backbone] is for model=keras_app; name this model's layers"),
         (["model.freeze=[conv_*,bn_*,head]"], "optimizer 'optimizer' has no trainable variable"),
         (["trainer.init_from=nosuchrun"], "trainer.init_from=nosuchrun: no run 'nosuchrun' in sqlite:"),
+        (["trainer.unfreeze.at_step=400"], "trainer.unfreeze.at_step=400 is not before the run's end (step 300)"),
+        (["trainer.unfreeze.at_step=10"], "trainer.unfreeze.layers=null unfreezes what model.freeze froze, and it"),
+        (
+            ["model.freeze=[head]", "trainer.unfreeze.at_step=10", "trainer.unfreeze.layers=[conv]"],
+            "trainer.unfreeze.layers: 'conv' names no layer of the model",
+        ),
         (["model.filters=[4]", "trainer.init_from=SOURCE"], "trainer.init_from=SOURCE: its weights do not fit"),
     ],
 )
@@ -125,3 +134,78 @@ def test_a_callback_that_changes_what_trains_mid_run_is_one_line(tmp_path, compo
     with pytest.raises(TrainerError, match=r"^at step 40 the trainable variables of optimizer 'optimizer' changed "
                                            r"\(conv_0/kernel, 3 in all\): the compiled step trains"):  # fmt: skip
         train(compose_cfg(overrides), overrides=overrides, output_dir=tmp_path / "out", callbacks=[_Unfreeze()])
+
+
+class _Snapshots(Callback):
+    """The conv block's kernel after every chunk, by step."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[int, np.ndarray] = {}
+
+    def on_chunk_end(self, ctx, step, arrays) -> bool:
+        self.kernels[step] = ctx.model.stack[0].kernel.numpy().copy()
+        return False
+
+
+PHASES = ["model.freeze=[conv_*,bn_*]", "trainer.unfreeze.at_step=150", "trainer.unfreeze.lr_multiplier=0.3"]
+
+
+def test_unfreeze_at_a_step_trains_the_frozen_block_from_there_with_a_new_optimizer(tmp_path, compose_cfg, digits):
+    """One run, two phases: the conv block bitwise still up to step 150, moving after; its gradient norms logged
+    at exactly steps 150..299; the lr 1e-3 then 3e-4; one retrace."""
+    snapshots = _Snapshots()
+    overrides = ["model=cnn", "model.filters=[8]", "loss=sparse_categorical_crossentropy", "data=image_folder",
+                 f"data.path={digits['root'] / 'png'}", "data.color_mode=grayscale", "trainer.max_steps=300",
+                 "trainer.steps_per_loop=50", "tracking.system_metrics=false", *PHASES]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    train(cfg, overrides=overrides, output_dir=tmp_path / "two", callbacks=[snapshots])
+    steps = sorted(snapshots.kernels)
+    assert steps == [44, 88, 132, 150, 176, 220, 264, 300]  # epochs of 44 steps, and a chunk ends at 150
+    first = snapshots.kernels[44]
+    for step in (88, 132, 150):
+        np.testing.assert_array_equal(snapshots.kernels[step], first)  # frozen through the first phase
+    for before, after in itertools.pairwise(steps[3:]):  # and moving in every chunk of the second
+        assert not np.array_equal(snapshots.kernels[before], snapshots.kernels[after]), after
+    client = mlflow.MlflowClient(str(cfg.tracking.uri))
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
+    conv = client.get_metric_history(run.info.run_id, "train/grad_norm_by_var/conv_0/kernel")
+    assert sorted(m.step for m in conv) == list(range(150, 300))
+    head = client.get_metric_history(run.info.run_id, "train/grad_norm_by_var/head/kernel")
+    assert sorted(m.step for m in head) == list(range(300))
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert all(lr[s] == pytest.approx(1e-3) for s in range(150))
+    assert all(lr[s] == pytest.approx(3e-4) for s in range(150, 300))
+    assert run.data.tags["unfrozen_at_step"] == "150"
+
+
+class _InterruptAt(Callback):
+    """Ctrl-C from the first chunk end at or past `at`: the run stops after its round, checkpointed."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.sent = at, False
+
+    def on_chunk_end(self, ctx, step, arrays) -> bool:
+        if step >= self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return False
+
+
+@pytest.mark.slow  # 2 x 15 s: the fast suite's time (the slow suite runs them)
+@pytest.mark.parametrize("stop", [100, 200])  # interrupted before the second phase, and inside it
+def test_a_run_resumed_across_the_unfreeze_ends_bitwise_equal(tmp_path, compose_cfg, digits, stop):
+    common = ["model=cnn", "model.filters=[8]", "loss=sparse_categorical_crossentropy", "data=image_folder",
+              f"data.path={digits['root'] / 'png'}", "data.color_mode=grayscale", "trainer.steps_per_loop=25",
+              "trainer.deterministic=true", "tracking.system_metrics=false", "trainer.max_steps=300",
+              *PHASES]  # fmt: skip
+    train(compose_cfg(common), overrides=common, output_dir=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_cfg(common), overrides=common, output_dir=tmp_path / "b", callbacks=[_InterruptAt(stop)])
+    stopped = max(int(p.stem.removeprefix("ckpt-")) for p in (tmp_path / "b" / "checkpoints").glob("ckpt-*.index"))
+    assert (stopped < 150) == (stop < 150)  # resumed before the unfreeze, or after it
+    train(compose_cfg([*common, f"resume={tmp_path / 'b'}"]), output_dir=tmp_path / "b")
+    a = tf.keras.models.load_model(tmp_path / "a" / "model.keras", compile=False).weights
+    b = tf.keras.models.load_model(tmp_path / "b" / "model.keras", compile=False).weights
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)  # bitwise

@@ -57,7 +57,14 @@ class Checkpoints:
         self.directory = Path(directory)
         self.durable_file = Path(durable_file) if durable_file else self.directory / DURABLE_FILE
         self.max_to_keep = max_to_keep
+        self.state = state
         self.checkpoint = tf.train.Checkpoint(**state)
+
+    def retrack(self, **changed: tf.Module | tf.Variable) -> None:
+        """What a checkpoint holds, changed from here on (trainer.unfreeze: a new optimizer, other variables
+        trainable). Checkpoints before the change hold the old layout: `newest_candidate` tells a resume which."""
+        self.state = {**self.state, **changed}
+        self.checkpoint = tf.train.Checkpoint(**self.state)
 
     def claim(self) -> None:
         """Hold the run's lock for as long as this process trains it; a second trainer of the same run (two
@@ -153,11 +160,9 @@ class Checkpoints:
         A damaged newest checkpoint (a kill while writing, a truncated copy) falls back to the one before,
         saying so. Errors name the directory and what is wrong.
         """
-        durable, steps = self.durable_step(), self.steps()
-        if durable is not None:
-            steps = [s for s in steps if s <= durable]
+        steps = self._candidates()
         if not steps:
-            raise NoCheckpoint(self.directory, durable)
+            raise NoCheckpoint(self.directory, self.durable_step())
         failures = []
         for step in reversed(steps):
             path = str(self.directory / f"{PREFIX}{step}")
@@ -170,6 +175,15 @@ class Checkpoints:
                 print(f"resume: {'; '.join(failures)} cannot be restored; using {path}", file=sys.stderr)
             return step
         raise TrainerError(f"resume: no checkpoint in {self.directory} can be restored: {'; '.join(failures)}")
+
+    def _candidates(self) -> list[int]:
+        """The steps a resume may start from: the intact ones the store's history covers, oldest first."""
+        durable, steps = self.durable_step(), self.steps()
+        return [s for s in steps if s <= durable] if durable is not None else steps
+
+    def newest_candidate(self) -> int | None:
+        """The step restore_latest tries first (None: none), read before restoring: its layout may differ."""
+        return (self._candidates() or [None])[-1]
 
     def _prune(self) -> None:
         """Keep the newest `max_to_keep`; the newest one the store's history covers (what a resume would take

@@ -510,6 +510,18 @@ class EarlyStopping:
 
 
 @dataclass
+class Unfreeze:
+    at_step: int | None = MISSING  # the step the second phase begins at (a chunk ends there); None: no second phase
+    layers: list[str] | None = MISSING  # names or patterns to unfreeze; None: every layer model.freeze froze
+    lr_multiplier: float = MISSING  # the new optimizer's learning rate: optimizer.lr (and its schedule) times this
+
+    def __post_init__(self) -> None:
+        ok = self.at_step is None or self.at_step >= 1
+        _require(ok, "trainer.unfreeze.at_step", self.at_step, "null (off) or an integer >= 1")
+        _require(self.lr_multiplier > 0, "trainer.unfreeze.lr_multiplier", self.lr_multiplier, "a number > 0")
+
+
+@dataclass
 class TrainerSettings:
     max_steps: int = MISSING
     epochs: int | None = MISSING  # when set, wins over max_steps: epochs * (train examples // batch_size)
@@ -519,6 +531,7 @@ class TrainerSettings:
     clip_norm: float | None = MISSING  # clip gradients to this global norm
     seed: int = MISSING
     init_from: str | None = MISSING  # a run id, run directory or models:/name/version: its weights, then train anew
+    unfreeze: Unfreeze = MISSING  # a second phase within the run: layers unfrozen, a new optimizer
     jit: bool = MISSING  # XLA-compile the step; measure it per job, it is slower on most CPUs
     device: str = MISSING  # auto | cpu | gpu | a TF device string such as /GPU:1
     print_gradients: bool = MISSING  # print each variable's gradient at the first step (a host sync, once)

@@ -13,12 +13,13 @@ from the store); the new run has its own optimizer, learning rate and schedule, 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
 
+from trainer.callbacks import Callback
 from trainer.config import TrainerError, first_line
 
 BACKBONE = "backbone"  # model.freeze=[backbone]: a keras_app model's pretrained network, all of it
@@ -32,21 +33,54 @@ def freeze(model: keras.Model, patterns: Sequence[str] | None) -> list[str]:
     if not all(isinstance(p, str) and p for p in patterns):
         raise TrainerError(f"model.freeze={patterns} is invalid: expected layer names or patterns, e.g. "
                            "model.freeze=[conv_*,bn_*], or [backbone] for model=keras_app")  # fmt: skip
+    for layer in _select(model, patterns, "model.freeze"):
+        layer.trainable = False
+    return patterns
+
+
+def unfreeze(model: keras.Model, patterns: Sequence[str] | None) -> None:
+    """trainer.unfreeze's layers trainable again: `patterns`, or (None) every one model.freeze named."""
+    patterns = list(patterns) if patterns is not None else list(getattr(model, "freeze", None) or [])
+    if not patterns:
+        raise TrainerError("trainer.unfreeze.layers=null unfreezes what model.freeze froze, and it froze nothing: "
+                           "set model.freeze=[...], or name the layers in trainer.unfreeze.layers")  # fmt: skip
+    for layer in _select(model, patterns, "trainer.unfreeze.layers"):
+        layer.trainable = True
+
+
+def _select(model: keras.Model, patterns: list[str], key: str) -> list[Any]:
     layers = _layers(model) if patterns else []
+    selected = []
     for pattern in patterns:
         if pattern == BACKBONE:
             found = [getattr(model, "backbone", None)] if getattr(model, "backbone", None) is not None else []
             if not found:
-                raise TrainerError(f"model.freeze=[{BACKBONE}] is for model=keras_app; name this model's layers "
+                raise TrainerError(f"{key}=[{BACKBONE}] is for model=keras_app; name this model's layers "
                                    f"instead: {', '.join(sorted(_names(layers)))}")  # fmt: skip
         else:
             found = [layer for layer in layers if _matches(layer, pattern)]
             if not found:
-                raise TrainerError(f"model.freeze: {pattern!r} names no layer of the model; its layers: "
+                raise TrainerError(f"{key}: {pattern!r} names no layer of the model; its layers: "
                                    f"{', '.join(sorted(_names(layers)))}")  # fmt: skip
-        for layer in found:
-            layer.trainable = False
-    return patterns
+        selected += found
+    return selected
+
+
+class Unfreeze(Callback):
+    """trainer.unfreeze: at `at_step` (a chunk ends there) the second phase begins (`begin`: layers unfrozen, a
+    new optimizer, the loop retraced once, checkpoints holding the new layout). A run resumed past it began
+    that phase before restoring (train.py)."""
+
+    def __init__(self, at_step: int, begin: Callable[[], None], start: int) -> None:
+        self.at_step, self.begin, self.done = at_step, begin, start >= at_step
+        self.boundaries = (at_step,)
+
+    def on_chunk_end(self, ctx: Any, step: int, arrays: Any) -> bool:
+        if not self.done and step >= self.at_step:
+            self.begin()
+            self.done = True
+            ctx.run.set_tag("unfrozen_at_step", str(step))
+        return False
 
 
 def _layers(model: Any) -> list[Any]:

@@ -103,6 +103,7 @@ class StepLoop:
                 "that, trainer.accumulate_steps 1 and trainer.on_nonfinite stop"
             )
         self.batch_size, self.seed, self.clip_norm, self.grad_norms = batch_size, seed, clip_norm, grad_norms
+        self.jit = jit
         self.on_nonfinite, self.accumulate_steps = on_nonfinite, accumulate_steps
         # the input side (inputs.py): arrays held on the device, or a tf.data stream; x, y arrays are the former
         inputs = x if isinstance(x, ArrayInput | StreamInput) else None
@@ -120,11 +121,17 @@ class StepLoop:
             self.layout = self._layout()
             for slot in self.layout.slots:
                 slot.optimizer.build(slot.variables)  # its slots exist before the trace: one trace, not two
+        self._compile()
+        self._eval_keys: list[str] | None = None
+        self._calls = 0
+
+    def _compile(self) -> None:
+        """The layout's variables, the step's ops and the compiled functions around them (traced at first call)."""
         self.variables = [v for slot in self.layout.slots for v in slot.variables]
         self.variable_names = self.layout.variable_names
-        self.ops = Ops(self.layout, self.step, seed, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
-                       accumulate_steps=accumulate_steps, replicas=self.replicas, distributed=self.distributed,
-                       jit=jit)  # fmt: skip
+        self.ops = Ops(self.layout, self.step, self.seed, clip_norm=self.clip_norm, on_nonfinite=self.on_nonfinite,
+                       accumulate_steps=self.accumulate_steps, replicas=self.replicas, distributed=self.distributed,
+                       jit=self.jit)  # fmt: skip
         # Outside the strategy's scope: written and read only in cross-replica context, one copy is enough
         self._rows = tf.Variable(tf.zeros([MAX_ROWS, self.layout.width]), trainable=False, name="metric_rows")
         self._chunk = _compiled(self._run_stream_chunk if self.input.streamed else self._run_chunk)
@@ -132,8 +139,19 @@ class StepLoop:
         self._eval_stream = _compiled(self._evaluate_stream)
         self._step_eval = _compiled(self._evaluate_step)
         self._step_eval_stream = _compiled(self._evaluate_step_stream)
-        self._eval_keys: list[str] | None = None
-        self._calls = 0
+
+    def retrain(self, optimizers: dict[str, Any]) -> None:
+        """A new phase of the run (trainer.unfreeze): the step's optimizers replaced, its layout taken again from
+        what is trainable now, the chunk traced once more. Between chunks only; the new optimizers' slots are
+        built here, before the trace, as at the start."""
+        with self.strategy.scope():
+            for name, optimizer in optimizers.items():
+                setattr(self.step_impl, name, optimizer)
+            self.layout = self._layout()
+            for slot in self.layout.slots:
+                slot.optimizer.build(slot.variables)
+        self._compile()
+        self._eval_keys, self._calls = None, 0
 
     def _layout(self) -> Layout:
         try:

@@ -95,12 +95,17 @@ def train(
     with process_settings(t.precision) as stop, _device(t.device):  # process-wide state, restored on exit
         model, loop, optimizer = _build(cfg, data, strategy, total_steps, schedule)
         initialized = _init_from(cfg, model) if t.get("init_from") and not resume else None
+        _check_unfreeze(cfg, loop, total_steps)
         chief = _is_chief(strategy)
         checkpoints = _checkpoints(t, model, optimizer, loop, resume, output_dir, strategy, chief)
         checkpoints.claim()  # one process per run: a second resume of it is refused here
         if resume:
             _remove_stale_cache_locks(cfg.data)  # the run's own, and this process now holds the run
+        second_phase = partial(_second_phase, cfg, loop, checkpoints, total_steps)
+        unfreeze = _unfreeze(t)
         try:
+            if resume and unfreeze and (checkpoints.newest_candidate() or 0) >= unfreeze.at_step:
+                second_phase()  # the checkpoint holds the second phase's layout: built before it is read
             start = _restore(checkpoints, resume, cfg, chief, total_steps) if resume else 0
             tags = {"checkpoint_dir": str(checkpoints.directory), **(tags or {})}
             run_id = resume.run_id if resume else None
@@ -123,7 +128,8 @@ def train(
                     checkpoints.save(0)  # a base to resume from, even for a run killed before its first save
                 if t.print_gradients and start == 0:
                     _report_gradients(loop, run)
-                result = fit(loop, data, run, t, total_steps, checkpoints, start, callbacks, stop)
+                phases = [finetune.Unfreeze(unfreeze.at_step, second_phase, start)] if unfreeze else []
+                result = fit(loop, data, run, t, total_steps, checkpoints, start, [*phases, *callbacks], stop)
                 if chief:
                     _log_data_facts(data, run)
                 if cfg.tracking.log_model and chief:  # retried whole while the store is locked
@@ -198,6 +204,44 @@ def _init_from(cfg: DictConfig, model: Any) -> str:
         raise TrainerError(f"trainer.init_from: step {cfg.step._target_} builds its own models; init_from loads the "
                            "weights of model=... only")  # fmt: skip
     return finetune.init_from(model, str(cfg.trainer.init_from), cfg.tracking.uri)
+
+
+def _check_unfreeze(cfg: DictConfig, loop: StepLoop, total_steps: int) -> None:
+    """trainer.unfreeze that could never happen, or that has nothing to unfreeze, is one line before training."""
+    u = _unfreeze(cfg.trainer)
+    if u is None:
+        return
+    if not loop.supervised:
+        raise TrainerError(f"trainer.unfreeze: step {cfg.step._target_} is not the supervised step; its own models' "
+                           "phases are its own to write (README: Your own step)")  # fmt: skip
+    if u.at_step >= total_steps:
+        raise TrainerError(f"trainer.unfreeze.at_step={u.at_step} is not before the run's end (step {total_steps}): "
+                           "it would never happen; set it lower, or trainer.max_steps higher")  # fmt: skip
+    if u.layers is None and not getattr(loop.model, "freeze", None):
+        finetune.unfreeze(loop.model, None)  # raises: nothing was frozen
+
+
+def _unfreeze(t: DictConfig) -> DictConfig | None:
+    """trainer.unfreeze when it asks for a second phase (at_step set); None for one phase (or a run's config
+    written before the key)."""
+    u = t.get("unfreeze")
+    return u if u is not None and u.get("at_step") is not None else None
+
+
+def _second_phase(cfg: DictConfig, loop: StepLoop, checkpoints: Checkpoints, total_steps: int) -> None:
+    """trainer.unfreeze: the layers trainable, a new optimizer (optimizer.lr times lr_multiplier, the schedule
+    going on from at_step, fresh moments, as Keras' transfer-learning guide recompiles), the loop retraced."""
+    u = cfg.trainer.unfreeze
+    finetune.unfreeze(loop.step_impl.model, None if u.layers is None else list(u.layers))
+    node = cfg.optimizer.copy()
+    node.lr = float(node.lr) * u.lr_multiplier
+    with loop.strategy.scope():
+        optimizer = build_optimizer(node, cfg.schedule, total_steps)
+        if cfg.trainer.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.iterations.assign(u.at_step)
+    loop.retrain({"optimizer": optimizer})
+    checkpoints.retrack(**loop.checkpointed())
 
 
 def _step_takes(cfg: DictConfig) -> set[str]:
