@@ -408,6 +408,8 @@ def test_experiment_tape_example(compose_cfg):
     [
         ("optimizer.beta_1=abc", ValidationError, ["optimizer.beta_1", "abc"]),
         ("trainer.max_steps=ten", ValidationError, ["trainer.max_steps", "ten"]),
+        ("trainer.cluster_timeout=soon", ValidationError, ["trainer.cluster_timeout", "soon"]),
+        ("trainer.slurm_port=auto", ValidationError, ["trainer.slurm_port", "auto"]),
         ("tracking.log_model=maybe", ValidationError, ["tracking.log_model", "maybe"]),
         ("trainer.batch_sise=8", ConfigAttributeError, ["batch_sise"]),
         ("optimizer.betta_1=0.5", ConfigAttributeError, ["betta_1"]),
@@ -469,6 +471,9 @@ def test_unknown_option_rejected_at_compose(compose_cfg):
         (["tracking.log_every=0"], "tracking.log_every", "0"),
         (["trainer.device=tpu"], "trainer.device", "tpu"),
         (["trainer.intra_op_threads=0"], "trainer.intra_op_threads", "0"),
+        (["trainer.cluster_timeout=0"], "trainer.cluster_timeout", "0"),
+        (["trainer.strategy=multi_worker", "trainer.slurm_port=70000"], "trainer.slurm_port", "70000"),
+        (["trainer.slurm_port=23456"], "trainer.slurm_port", "null unless trainer.strategy=multi_worker"),
         (["data=csv"], "data.path", "must be set"),
     ],
 )

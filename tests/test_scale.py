@@ -127,42 +127,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.mark.slow
-def test_multi_worker_two_processes_on_loopback_one_run_same_weights(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import mlflow
-    import tensorflow as tf
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    procs = []
-    for i in range(2):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}  # fmt: skip
-        cmd = [sys.executable, "-m", "trainer", "trainer.strategy=multi_worker", "model=mlp", "data.n_samples=512",
-               "trainer.max_steps=30", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/w{i}"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-    client = mlflow.MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id])
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(30))
-
-    def weights(directory) -> list[np.ndarray]:
-        reader = tf.train.load_checkpoint(str(directory))
-        return [reader.get_tensor(n) for n in sorted(reader.get_variable_to_shape_map()) if n.startswith("model/")]
-
-    chief, other = weights(tmp_path / "w0" / "checkpoints"), weights(tmp_path / "w1" / "checkpoints-worker1")
-    assert len(chief) == len(other) > 0
-    for a, b in zip(chief, other, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 # --- long runs in the MLflow UI: thinned per-variable norms, the charts' index (trainer/store.py) -------------
 VARIABLES = ("dense_0/kernel", "dense_0/bias", "dense_1/kernel", "dense_1/bias", "dense_2/kernel", "dense_2/bias")
 PER_STEP_KEYS = ("train/loss", "train/lr", "train/grad_norm")

@@ -115,6 +115,21 @@ def test_launcher_configs_compose(launcher, target):
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240
 
 
+def test_launcher_slurm_off_a_cluster_is_one_line_and_leaves_no_run(tmp_path):
+    """Before: submitit's 31-line traceback ('Could not detect "srun"') after an empty FAILED parent run was made."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no srun, even on a SLURM login node
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "trainer", "-m", "launcher=slurm", "optimizer.lr=1e-3,1e-2",
+           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.sweep.dir={tmp_path}/sweep"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "error: launcher=slurm: this machine is no SLURM cluster's (srun is not on PATH): run the sweep where sbatch "
+        "and srun are (a login node), or use launcher=local_parallel here"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no sweep directory
+
+
 # --- a failing job is one failed trial, not the end of the sweep ------------------------------------------
 DIVERGES = "non-finite loss or gradient at step"  # sgd at lr=100 on the MLP: NaN at step 2
 

@@ -106,6 +106,10 @@ def main() -> None:
     status = cli.main(sys.argv[1:])
     if status is not None:
         sys.exit(status)
+    if not {"-m", "--multirun"} & set(sys.argv[1:]):  # one run: before Hydra's callback imports start threads
+        from trainer.process import hold_signals
+
+        hold_signals()  # until the config is known (_train): a multi-worker run holds them on (trainer/cluster.py)
     _train_main() if _HYDRA_HOOKED else _report_errors(_train_main)  # the objective goes to the sweeper
 
 
@@ -121,12 +125,26 @@ def _train_main(cfg: DictConfig) -> float | FailedJob:
 
 
 def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
+    from trainer import process
+
+    if cfg.trainer.get("strategy") != "multi_worker":
+        process.release_signals(take=False)  # held since main(): only a multi-worker run needs them held on
+        return _start_training(cfg, hc, tags)
+    process.hold_signals()  # held since main() for one run; a multirun's job holds them from here
+    try:
+        return _start_training(cfg, hc, tags)
+    finally:
+        process.release_signals()
+
+
+def _start_training(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
     from trainer.secrets import scrub_files
 
     scrub_files(Path(hc.runtime.output_dir) / hc.output_subdir) if hc.output_subdir else None  # Hydra's copies
     check(cfg)  # range errors too fail before TensorFlow is imported
     startup.before_training(cfg)  # quiet libraries, the store opened, TensorFlow imported (its chatter dropped)
 
+    from trainer.cluster import Stopped
     from trainer.fit import Interrupted
     from trainer.process import stop_within
     from trainer.train import train
@@ -135,6 +153,9 @@ def _train(cfg: DictConfig, hc: DictConfig, tags: dict[str, str]) -> float:
 
     try:
         return train(cfg, overrides=list(hc.overrides.task), output_dir=hc.runtime.output_dir, tags=tags)
+    except Stopped as e:  # before training began: nothing to save
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except Interrupted as e:
         print(f"stopped: {e}; continue with: python -m trainer resume={Path(e.directory).parent}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

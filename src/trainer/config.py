@@ -546,6 +546,8 @@ class TrainerSettings:
     accumulate_steps: int = MISSING  # micro-batches of batch_size whose mean gradient makes one update
     precision: str = MISSING  # float32 | mixed_float16 (with loss scaling) | mixed_bfloat16
     strategy: str = MISSING  # auto | default | mirrored | multi_worker (tf.distribute)
+    cluster_timeout: float | None = MISSING  # multi_worker: seconds to wait for every worker; None: no limit
+    slurm_port: int | None = MISSING  # multi_worker under srun: the first worker port on each node; None: 8888
     logical_cpus: int | None = MISSING  # split the CPU into this many devices (try mirrored without GPUs)
     intra_op_threads: int | None = MISSING  # threads inside one op (a matmul); None: TensorFlow's default
     inter_op_threads: int | None = MISSING  # ops run side by side; None: TensorFlow's default
@@ -568,6 +570,12 @@ class TrainerSettings:
         _require(self.accumulate_steps >= 1, "trainer.accumulate_steps", self.accumulate_steps, "an integer >= 1")
         strategies = ("auto", "default", "mirrored", "multi_worker")
         _require(self.strategy in strategies, "trainer.strategy", self.strategy, " | ".join(strategies))
+        ok = self.cluster_timeout is None or self.cluster_timeout > 0
+        _require(ok, "trainer.cluster_timeout", self.cluster_timeout, "a number of seconds > 0, or null (no limit)")
+        port = self.slurm_port
+        _require(port is None or 1 <= port <= 65535, "trainer.slurm_port", port, "a port in 1-65535, or null")
+        ok = port is None or self.strategy == "multi_worker"
+        _require(ok, "trainer.slurm_port", port, "null unless trainer.strategy=multi_worker (nothing else reads it)")
         ok = self.logical_cpus is None or self.logical_cpus >= 1
         _require(ok, "trainer.logical_cpus", self.logical_cpus, "null or an integer >= 1")
         for key in ("intra_op_threads", "inter_op_threads"):

@@ -18,6 +18,12 @@ Not restored, and why: TensorFlow's thread pools and logical devices (trainer.in
 inter_op_threads, logical_cpus; train._strategy) are fixed when TensorFlow starts and cannot change after;
 op determinism (trainer.deterministic) has no public switch back; the seeds are the run's starting state.
 The sink's threads lower their own priority (tracking/sink.py); on Linux that is per thread and ends with them.
+
+Held signals (`hold_signals`): the CLI blocks SIGINT and SIGTERM as a single run starts, before any library
+starts a thread (numpy's, pyarrow's, TensorFlow's: each inherits the block), and releases them once the config
+is known, except for a multi-worker run: that one holds them until its strategy exists, so that the SIGTERM
+handler TensorFlow installs during MultiWorkerMirroredStrategy's set-up never takes one. The cluster's wait takes
+them (`held_signal`); `release_signals` ends the hold with Python's handlers in place again (trainer/cluster.py).
 """
 
 from __future__ import annotations
@@ -26,22 +32,63 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-
-import keras
 
 GIL_SWITCH_SECONDS = 2e-4
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE_SECONDS = 20.0  # from the first signal to the exit, at most: the end of a round (a chunk of ~0.2 s, a
 # validation pass, a checkpoint: 1.6 GB of them took 4.5 s here); under Kubernetes' 30-s grace before its SIGKILL
 _WATCHED = {"on": False}  # set by the CLI (stop_within): an in-process caller (a notebook) is never exited
+_HELD = {"on": False}  # SIGINT and SIGTERM blocked in the main thread (hold_signals)
 
 
 def stop_within() -> None:
     """The CLI's processes end at most STOP_GRACE_SECONDS after a signal, whatever the model's size."""
     _WATCHED["on"] = True
+
+
+def exits_at_signals() -> bool:
+    """Whether this process is the CLI's (stop_within): one a signal may end; never an in-process caller's."""
+    return _WATCHED["on"]
+
+
+def hold_signals() -> None:
+    """Block SIGINT and SIGTERM in this (the main) thread and every thread started from now on, until
+    release_signals: one sent meanwhile waits, pending, for held_signal or the release. Only from the main
+    thread (the one signals are meant for, and the only one that can release them)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        _HELD["on"] = True
+
+
+def held_signal(seconds: float) -> int:
+    """Wait up to `seconds` for a held SIGINT or SIGTERM and take it: its number, or 0. Without a hold, a sleep
+    (Python's handlers run as usual)."""
+    if not _HELD["on"]:
+        time.sleep(seconds)
+        return 0
+    info = signal.sigtimedwait(SIGNALS, seconds)
+    return info.si_signo if info is not None else 0
+
+
+def release_signals(take: bool = True) -> int:
+    """Put back the handlers Python holds for SIGINT and SIGTERM (a library may have installed its own in C:
+    TensorFlow's preemption notifier does for SIGTERM), then end any hold. `take`: a signal held meanwhile is
+    taken and returned (0: none); else it reaches those handlers as the hold ends. Only the main thread can do
+    either: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return 0
+    pending = held_signal(0) if _HELD["on"] and take else 0
+    for signum in SIGNALS:
+        if (handler := signal.getsignal(signum)) is not None:  # None: not one Python installed
+            signal.signal(signum, handler)
+    if _HELD["on"]:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        _HELD["on"] = False
+    return pending
 
 
 @dataclass
@@ -104,6 +151,9 @@ OVERDUE_RECORD_SECONDS = 5.0  # for marking the run KILLED before a hard stop
 @contextmanager
 def process_settings(precision: str) -> Iterator[StopFlag]:
     """Set what a run needs of the process; give back what was there before, however the run ends."""
+    import keras  # here: the CLI holds signals through this module before TensorFlow's import (hold_signals)
+
+    release_signals(take=False)  # a run never trains with them held (one held meanwhile is handled as below)
     main = threading.current_thread() is threading.main_thread()
     flag = StopFlag(watched=main and _WATCHED["on"])
     policy, interval = keras.config.dtype_policy(), sys.getswitchinterval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -156,8 +157,25 @@ def _varying_keys(overrides: Sequence[str], sweeper: dict) -> list[str]:
     return keys + [str(k) for k in (sweeper.get("params") or {})]
 
 
+def launcher_problem(config: DictConfig) -> str | None:
+    """Why the sweep's launcher cannot start a job here, found before the parent run is made; None if it can.
+    launcher=slurm off a cluster was submitit's 31-line traceback, after an empty FAILED parent run."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if target.endswith(".SlurmLauncher") and shutil.which("srun") is None:  # what submitit checks first
+        return ("launcher=slurm: this machine is no SLURM cluster's (srun is not on PATH): run the sweep where "
+                "sbatch and srun are (a login node), or use launcher=local_parallel here")  # fmt: skip
+    return None
+
+
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from trainer.process import release_signals
+
+        release_signals(take=False)  # a launcher's processes and threads must not inherit signals held (hydra.mode)
+        if problem := launcher_problem(config):  # SystemExit: Hydra turns a callback's exception into a warning
+            from trainer import cli
+
+            sys.exit(cli.print_error(problem))
         client = _client(config)
         experiment = client.get_experiment_by_name(config.tracking.experiment)
         exp_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)

@@ -410,8 +410,10 @@ def _strategy(t: DictConfig) -> tf.distribute.Strategy:
                 tf.config.set_logical_device_configuration(cpu, wanted)
             except RuntimeError as e:
                 raise TrainerError(f"trainer.logical_cpus={t.logical_cpus}: TensorFlow already started ({e})") from e
-    if t.strategy == "multi_worker":  # reads TF_CONFIG; must come before anything starts TensorFlow
-        return tf.distribute.MultiWorkerMirroredStrategy()
+    if t.strategy == "multi_worker":  # TF_CONFIG or SLURM; must come before anything starts TensorFlow
+        from trainer import cluster
+
+        return cluster.strategy(t)
     gpus = tf.config.list_logical_devices("GPU")
     if t.strategy == "mirrored" or (t.strategy == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
