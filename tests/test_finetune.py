@@ -209,3 +209,20 @@ def test_a_run_resumed_across_the_unfreeze_ends_bitwise_equal(tmp_path, compose_
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)  # bitwise
+
+
+def test_a_run_logged_before_model_freeze_existed_resumes(tmp_path, compose_cfg):
+    """Its run.json has no model.freeze: the option's default (null) fills it, as for other keys added since."""
+    import json
+
+    overrides = ["model=mlp", "data.n_samples=256", "trainer.max_steps=20", "tracking.log_model=false"]
+    train(compose_cfg(overrides), overrides=overrides, output_dir=tmp_path / "old")
+    run_file = tmp_path / "old" / "checkpoints" / "run.json"
+    record = json.loads(run_file.read_text())
+    del record["config"]["model"]["freeze"]
+    run_file.write_text(json.dumps(record))
+    train(compose_cfg([f"resume={tmp_path / 'old'}"]), overrides=["trainer.max_steps=30"], output_dir=tmp_path / "old")
+    steps = int(
+        tf.train.load_checkpoint(str(tmp_path / "old" / "checkpoints")).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
+    )
+    assert steps == 30

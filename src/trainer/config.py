@@ -1051,10 +1051,13 @@ def with_current_defaults(stored: DictConfig) -> DictConfig:
     return with_option_defaults(merged)
 
 
-def with_option_defaults(stored: DictConfig, groups: Sequence[str] = ("data", "optimizer", "loss")) -> DictConfig:
+OPTION_GROUPS = ("data", "optimizer", "loss", "model")  # the groups whose options grew keys runs may predate
+
+
+def with_option_defaults(stored: DictConfig, groups: Sequence[str] = OPTION_GROUPS) -> DictConfig:
     """Each of `groups` whose `_target_` a built-in option has, with the keys it lacks from that option's YAML (a
-    run logged before `data.class_weight` or `optimizer.use_ema` existed): its own values win. Nodes of your own
-    `_target_`s, and anything not a mapping, stay as stored."""
+    run logged before `data.class_weight`, `optimizer.use_ema` or `model.freeze` existed): its own values win.
+    Nodes of your own `_target_`s, and anything not a mapping, stay as stored."""
     for group in groups:
         node = stored.get(group) if group in stored and not OmegaConf.is_interpolation(stored, group) else None
         if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
