@@ -28,6 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import compose_config, new_store, option_kwargs, run_cli
+from trainer.tracking.curves import ARTIFACT
 
 EXPERIMENT = "tape-trainer"
 E2E_STEPS = 37
@@ -65,6 +66,7 @@ JOBS: dict[str, Callable[[Path], list[str]]] = {
         "trainer.print_gradients=true",
     ],
     "tape": lambda cwd: ["experiment=tape_example"],
+    "one_step": lambda cwd: ["model=linear", "trainer.max_steps=1", "tracking.log_model=false"],
     "bad:out-of-range": lambda cwd: ["trainer.max_steps=-1"],
     "bad:missing-file": lambda cwd: ["data=csv", "data.path=missing.csv", "data.target=[y]"],
     "csv:non-numeric": _csv_job(GOOD_CSV.replace("4,5,6", "4,x,6"), "y"),
@@ -126,7 +128,7 @@ class CliJobs:
     def _run(self, name: str, cwd: Path) -> CliResult:
         uri = new_store(cwd, self._template)
         args = [*JOBS[name](cwd), f"tracking.uri={uri}"]
-        flags = ["-X", "importtime"] if name.startswith("bad:") else []  # to see whether TF was imported
+        flags = ["-X", "importtime"] if name.startswith("bad:") or name == "one_step" else []  # what it imported
         proc = run_cli(args, cwd, python_flags=flags)
         modules, stderr = _split_importtime(proc.stderr)
         return CliResult(proc, cwd, uri, modules, stderr)
@@ -270,7 +272,27 @@ def test_compose_errors_fail_before_tensorflow(name, cli):
 def test_range_errors_fail_before_tensorflow(cli):
     result = cli.result("bad:out-of-range")
     assert result.proc.returncode != 0 and "trainer" in result.modules
-    assert "tensorflow" not in result.modules
+    assert "tensorflow" not in result.modules and "mlflow" not in result.modules  # Hydra's sweep callback: light
+
+
+@pytest.mark.cli_job("one_step")
+def test_a_one_step_run_logs_its_plot_without_matplotlib(cli):
+    """The end-of-run plot is drawn for the shortest run too (its one point marked in each panel), and the whole
+    run never imports matplotlib: not with TensorFlow (startup.py hides it there) nor for the plot (curves.py)."""
+    import matplotlib.image
+
+    result = _finished(cli, "one_step")
+    run = _single_run(result.uri)
+    assert run.info.status == "FINISHED" and ARTIFACT in _artifact_files(run)
+    png = matplotlib.image.imread(Path(urlparse(run.info.artifact_uri).path) / ARTIFACT)
+    assert png.shape[:2] == (900, 1200)
+    blue = (png[..., 2] > 0.5) & (png[..., 0] < 0.4)  # the curves' colour, C0
+    assert all(blue[rows].any() for rows in (slice(0, 300), slice(300, 600), slice(600, 900)))
+    assert {"trainer", "tensorflow"} <= result.modules
+    lines = result.proc.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    # what loading matplotlib would log (Keras' tries of `import matplotlib` and its pyplot are logged too: they fail)
+    assert not {"matplotlib.rcsetup", "matplotlib.figure"} & imported
 
 
 CSV_ERRORS = {

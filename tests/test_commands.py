@@ -191,14 +191,31 @@ def test_optuna_sweep_logs_without_colour_codes(tmp_path, mlflow_template):
     assert re.search(r"^\[I [-\d: ,]+\] A new study created", both, flags=re.M), both[-3000:]
 
 
-def test_tensorflow_imported_by_the_trainer_leaves_scikit_learn_importable():
-    """startup.import_tensorflow hides scikit-learn from `import tensorflow` alone (Keras' optional wrappers: 0.75 s
-    of the import); user code imports it as usual afterwards, and TensorFlow works."""
-    code = ("from trainer import startup; tf = startup.import_tensorflow(); import sklearn.datasets as d; "
-            "x, y = d.load_diabetes(return_X_y=True); print(x.shape, float(tf.reduce_sum(tf.ones([3]))))")  # fmt: skip
+def test_tensorflow_imported_by_the_trainer_leaves_scikit_learn_and_matplotlib_importable():
+    """startup.import_tensorflow hides scikit-learn and matplotlib from `import tensorflow` alone (Keras' optional
+    wrappers and image gallery: 0.75 s and 0.2-0.6 s of the import); user code imports them as usual afterwards,
+    and TensorFlow works."""
+    code = ("import sys; from trainer import startup; tf = startup.import_tensorflow(); "
+            "hidden = not {'sklearn', 'matplotlib'} & set(sys.modules); import sklearn.datasets as d; "
+            "from matplotlib.figure import Figure; Figure().subplots().plot([1, 2]); x, y = d.load_diabetes("
+            "return_X_y=True); print(hidden, x.shape, float(tf.reduce_sum(tf.ones([3]))))")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "(442, 10) 3.0" and not any(map(startup.NOISE.match, proc.stderr.splitlines()))
+    assert proc.stdout.strip() == "True (442, 10) 3.0"
+    assert not any(map(startup.NOISE.match, proc.stderr.splitlines()))
+
+
+def test_the_collector_is_paused_for_a_first_start_up_only():
+    """startup.collector_paused: no cyclic collection within the block, then what is alive is frozen out of later
+    collections and the collector is on again; a process that already imported the module is left as it is."""
+    code = ("import gc, sys; from trainer import startup\n"
+            "with startup.collector_paused(first_only='not_imported_yet'): paused = not gc.isenabled()\n"
+            "frozen = gc.get_freeze_count()\n"
+            "with startup.collector_paused(first_only='sys'): again = not gc.isenabled()\n"
+            "print(paused, gc.isenabled(), frozen > 0, again, gc.get_freeze_count() == frozen)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "True", "False", "True"]
 
 
 # --- reading commands never write ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import compose_config, new_store
 from trainer.tracking import Chunk, Run
-from trainer.tracking.curves import ARTIFACT, BINS, WindowExtremes, envelope
+from trainer.tracking.curves import ARTIFACT, BINS, WindowExtremes, envelope, nice_ticks, tick_labels
 
 SPIKE_STEP, SPIKE = 123_457, 50.0
 
@@ -44,6 +44,21 @@ def test_a_short_curve_is_drawn_raw():
     values = np.array([3.0, 1.0, 2.0])
     env = envelope(np.array([10, 11, 12]), values, BINS)
     assert env.raw and env.x.tolist() == [10, 11, 12] and env.lo.tolist() == env.hi.tolist() == values.tolist()
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "log", "labels"),
+    [
+        (0.0, 1.0, False, ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]),
+        (-0.03, 0.12, False, ["-0.025", "0.000", "0.025", "0.050", "0.075", "0.100"]),
+        (0.003, 40.0, True, ["0.01", "0.1", "1", "10"]),
+        (2.5, 4.5, True, ["2.5", "3.0", "3.5", "4.0", "4.5"]),  # no decade nor 1-2-5 inside: linear ticks
+        (1e-7, 10.0, True, ["1e-07", "1e-05", "0.001", "0.1", "10"]),  # every other decade
+    ],
+)
+def test_the_plots_axis_ticks_are_round_and_labelled_by_their_spacing(lo, hi, log, labels):
+    ticks = nice_ticks(lo, hi, log)
+    assert all(lo <= t <= hi for t in ticks) and tick_labels(ticks, log) == labels
 
 
 def windows_of(extremes: WindowExtremes, chunks: list[tuple[int, np.ndarray]]) -> dict[str, dict[int, float]]:

@@ -6,6 +6,7 @@
     python scripts/bench --sink --jobs mlp    # the other program: what writing every step's points adds
     python scripts/bench --stream             # a third: ours on files streamed from disk vs Keras fit, RSS
     python scripts/bench --cost tracking.system_metrics=false --jobs mlp  # a fourth: a setting's price
+    python scripts/bench --launch --repeats 3  # a fifth: a whole 1-step run against `import tensorflow`
 
 Every competitor gets the same model (built from the job's config with the trainer's seed), data, batch order
 (`trainer.loop.epoch_order`, the trainer's own per-epoch shuffle), loss and optimizer:
@@ -13,12 +14,13 @@ Every competitor gets the same model (built from the job's config with the train
   keras-fit  `model.compile(...)` + `model.fit(...)`, no callbacks, verbose=0, each steps_per_execution
   bare       a tf.function running K steps per call, no metrics at all: the limit for our loop
   ours       `trainer.train.train(cfg)` on a Hydra-composed config, every step logged to a SQLite store
-and a fresh `python -m trainer` (launch to step 0) is raced against a fresh `import tensorflow`.
+and a fresh `python -m trainer` (launch to step 0) is raced against a fresh `import tensorflow`; --launch races
+a whole 1-step run as a user types it (the end-of-run plot drawn) against it, launch to exit.
 
-Modules: harness (jobs, processes, timing, medians, stores), competitors (the four loops), startup (the two
-fresh processes), race (one job: sweep, final race, summary), sink (the --sink program), stream (the
---stream program), cost (the --cost program), report (tables, targets, the exit status), __main__ (the
-command line).
+Modules: harness (jobs, processes, timing, medians, stores), competitors (the four loops), startup (the fresh
+processes, and the --launch program), race (one job: sweep, final race, summary), sink (the --sink program),
+stream (the --stream program), cost (the --cost program), report (tables, targets, the exit status), __main__
+(the command line).
 """
 
 import os

@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"tracking.system_metrics=false (--steps, default {COST_STEPS})",
     )
     p.add_argument(
+        "--launch",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="instead: a whole 1-step `python -m trainer` (the plot on, log_model off; OVERRIDEs added) against "
+        "`python -c 'import tensorflow'`, launch to exit, --repeats pairs",
+    )
+    p.add_argument(
         "--step",
         action="store_true",
         help="instead: a custom step (SAM), ours with every metric logged / the same step hand-written",
@@ -164,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer.config.register()
     if args.threads:
         use_threads(*args.threads)
-    if args.cost:
+    if args.launch is not None:
+        checks = run_launch(args)
+    elif args.cost:
         checks = run_cost(args)
     elif args.step:
         checks = run_step(args)
@@ -193,6 +202,19 @@ def run_race(args: argparse.Namespace) -> list[Check]:
         args.json.write_text(
             json.dumps({"meta": meta, "jobs": [asdict(r) for r in results], "targets": targets}, indent=1)
         )
+    return checks
+
+
+def run_launch(args: argparse.Namespace) -> list[Check]:
+    from bench.startup import measure_launch
+
+    with workdir([]) as tmp:
+        result = measure_launch(tmp, args.repeats, args.launch)
+    checks = report.launch_report(result)
+    if args.json:
+        targets = [asdict(c) for c in checks]
+        payload = {"argv": sys.argv, **machine(), "launch": asdict(result), "targets": targets}
+        args.json.write_text(json.dumps(payload, indent=1))
     return checks
 
 

@@ -35,8 +35,9 @@ SPE_CHOICES = (1, 10, 50, 100, 200)  # Keras steps_per_execution values tried; t
 QUICK_SPE_CHOICES = (1, 50)  # --quick: both of fit's code paths (one step per call, a while_loop of them)
 STOCK = {"trainer.optim.Adam": "keras.optimizers.Adam", "trainer.optim.AdamW": "keras.optimizers.AdamW"}
 # Ours as a user runs it, less what only adds fixed cost or noise: the model file and the curves plot (both
-# written after training; the plot's ~1.5 s varied by +-0.5 s, against the ~11 s between the wide job's N and n
-# runs) and the progress bar (drawn between chunks). All would cancel in the marginal rate but for their noise.
+# written after training; the plot's ~1.5 s with matplotlib varied by +-0.5 s, against the ~11 s between the wide
+# job's N and n runs; ~0.03 s with Pillow since) and the progress bar (drawn between chunks). All would cancel in
+# the marginal rate but for their noise.
 # --threads appends the thread pools' sizes here.
 OURS_OVERRIDES = [
     "tracking.log_every=1",

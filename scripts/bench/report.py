@@ -20,7 +20,7 @@ from bench.cost import CostResult
 from bench.harness import fmt_rate, fmt_ratio, peak_rss_mb
 from bench.race import JobResult
 from bench.sink import SinkResult
-from bench.startup import CLI_STEPS
+from bench.startup import CLI_STEPS, ONE_STEP_MARGIN_S, LaunchResult
 from bench.stream import StreamResult
 
 OTHERS_CPU_WARN = 0.1  # above this share of the CPUs taken by other programs the rates are not comparable
@@ -178,6 +178,33 @@ def notes(results: list[JobResult]) -> Iterator[str]:
         busy = r.others_cpu > OTHERS_CPU_WARN
         warn = "; WARNING: they competed with every run, the rates are noisy" if busy else ""
         yield f"  other programs took {r.others_cpu:.0%} of the CPUs during the repeats{warn}"
+
+
+# --- a whole 1-step run (--launch) ------------------------------------------------------------------------
+def launch_report(result: LaunchResult) -> list[Check]:
+    """Each kind's seconds per child, launch to its mark and to its exit, and its CPU seconds; the 1-step run's
+    exit against the import's, as a difference and a ratio of medians."""
+    out = console()
+    title = (f"a whole `python -m trainer {' '.join(result.overrides)}` against `python -c 'import tensorflow'`: "
+             f"seconds per child, {result.pairs} pair(s), run in turn")  # fmt: skip
+    t = Table(title=title, title_justify="left")
+    for col in ("child", "launch->import done / step 0 done", "launch->exit", "median to exit", "CPU s (median)"):
+        t.add_column(col, justify="right")
+    for kind, label in (("import_tf", "import tensorflow"), ("one_step", "1-step run")):
+        t.add_row(label, ", ".join(f"{x:.2f}" for x in result.to_mark[kind]),
+                  ", ".join(f"{x:.2f}" for x in result.to_exit[kind]), f"{result.median(kind):.2f}",
+                  f"{result.median(kind, 'cpu'):.2f}")  # fmt: skip
+    out.print(t)
+    tf, run = result.median("import_tf"), result.median("one_step")
+    cpu = result.median("one_step", "cpu") / result.median("import_tf", "cpu")
+    out.print(f"1-step run / import tensorflow, launch to exit: {run / tf:.2f}x ({run - tf:+.2f} s; CPU {cpu:.2f}x); "
+              f"launch to step 0: {result.median('one_step', 'to_mark'):.2f} s; peak RSS of a run "
+              f"{result.peak_rss_mb:,.0f} MB", highlight=False, soft_wrap=True)  # fmt: skip
+    line = f"1-step run launch->exit <= import tensorflow + {ONE_STEP_MARGIN_S:g} s: {run:.2f} s vs {tf:.2f} s"
+    checks = [Check(run <= tf + ONE_STEP_MARGIN_S, True, line)]
+    for check in checks:
+        out.print(str(check), highlight=False, soft_wrap=True)
+    return checks
 
 
 # --- the store's cost (--sink) -----------------------------------------------------------------------

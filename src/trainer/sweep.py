@@ -8,6 +8,9 @@ the comparison table and plot of the children and the best child (trainer.object
 
 A job that fails does not end the sweep (see `FailedJob`): it is a FAILED child with its `error` tag,
 the parent counts it in `sweep/failed_jobs` and ends FINISHED unless every job failed.
+
+MLflow is imported where a sweep uses it, not with this module: Hydra instantiates the callback for every
+command, a single run too, and a run imports MLflow later with the collector paused (trainer/startup.py).
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import lifecycle
 from trainer.lr_find import TAG as LR_FIND_TAG
 from trainer.secrets import redact, redact_tree
-from trainer.tracking import flatten, ui
+from trainer.tracking import ui
+
+if TYPE_CHECKING:
+    import mlflow
 
 PARENT_FILE = ".mlflow_sweep.json"
 
@@ -118,6 +122,8 @@ def record_failed_job(
     if run_id is None:
         return
     try:
+        import mlflow
+
         client = mlflow.MlflowClient(uri or None)
         experiment_id = client.get_run(run_id).info.experiment_id
         query = f"tags.`mlflow.parentRunId` = '{run_id}' and tags.sweep_job = '{job_num}'"
@@ -176,6 +182,9 @@ class SweepCallback(Callback):
             from trainer import cli
 
             sys.exit(cli.print_error(problem))
+        from trainer import lifecycle
+        from trainer.tracking import flatten
+
         client = _client(config)
         experiment = client.get_experiment_by_name(config.tracking.experiment)
         exp_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
@@ -242,6 +251,8 @@ def _job_num(run) -> int:
 
 
 def _client(config: DictConfig) -> mlflow.MlflowClient:
+    import mlflow
+
     return mlflow.MlflowClient(config.tracking.uri or None)
 
 
