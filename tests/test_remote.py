@@ -118,7 +118,7 @@ def test_a_refusing_server_is_waited_for_once_then_calls_fail_at_once(monkeypatc
     from trainer.tracking.connect import brief_http
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries out of the timing
-    monkeypatch.setattr(lifecycle, "_away", {"patience": 3.0, "since": None})
+    monkeypatch.setattr(lifecycle, "_away", {"patience": 4.0, "since": None})
     client = mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens there: refused
     start = time.monotonic()
     with pytest.raises(Exception, match="Connection refused"):
@@ -127,7 +127,7 @@ def test_a_refusing_server_is_waited_for_once_then_calls_fail_at_once(monkeypatc
     with pytest.raises(Exception, match="Connection refused"):
         lifecycle.retry_busy(client.get_experiment, "0")
     second = time.monotonic() - start - first
-    assert 1.5 < first < 6.0 and second < 1.0, (first, second)  # the wait once; then one try (~0.4 s here)
+    assert first > 2.5 and second < first / 2, (first, second)  # the wait once (~4 s); then one try (~0.4 s here)
     calls = []
 
     def back_on_the_third_try() -> str:  # the server listening again: the wait ends at the first answer
