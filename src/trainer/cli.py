@@ -212,6 +212,19 @@ def _expected(key: dataclasses.Field, base: Any) -> str:
     return "a string"
 
 
+def one_model(command: str, run_id: str | None, run_name: str | None, model: str | None,
+              directory: bool = False) -> None:  # fmt: skip
+    """The commands that read a logged model (evaluate, predict, export) take exactly one of its three names."""
+    picked = [
+        f"{key}={value}" for key, value in (("run_id", run_id), ("run_name", run_name), ("model", model)) if value
+    ]
+    if len(picked) > 1:
+        raise TrainerError(f"{' and '.join(picked)}: the model is already picked by one; give one")
+    if not picked:
+        where = "models:/<name>/<version>" + (" | <directory>" if directory else "")
+        raise TrainerError(f"say which model: run_id=<id>, run_name=<name> or model={where} (trainer {command} --help)")
+
+
 def default_experiment() -> str:
     """`tracking.experiment` as training has it: the value in conf/tracking/default.yaml, its one home."""
     from omegaconf import OmegaConf

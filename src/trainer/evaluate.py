@@ -450,13 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(opts: Options, overrides: list[str]) -> None:
-    picked = [f"{key}={value}" for key, value in (("run_id", opts.run_id), ("run_name", opts.run_name),
-                                                  ("model", opts.model)) if value]  # fmt: skip
-    if len(picked) > 1:
-        raise TrainerError(f"{' and '.join(picked)}: the model is already picked by one; give one")
-    if not picked:
-        raise TrainerError("say which model: run_id=<id>, run_name=<name> or model=models:/<name>/<version> "
-                           "(trainer evaluate --help)")  # fmt: skip
+    cli.one_model("evaluate", opts.run_id, opts.run_name, opts.model)
     startup.quiet_libraries(opts.verbose)
     startup.import_tensorflow(opts.verbose)  # the model's loading imports it: its C++ start-up lines dropped
     report = evaluate(opts.run_id, opts.run_name, overrides, opts.uri, opts.experiment, opts.trusted_targets,

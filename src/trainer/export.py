@@ -229,14 +229,7 @@ def _export(opts: Options, _: list[str]) -> None:
 
     from trainer import predict
 
-    picked = [f"{k}={v}" for k, v in (("run_id", opts.run_id), ("run_name", opts.run_name), ("model", opts.model)) if v]
-    if len(picked) != 1:
-        raise TrainerError(
-            f"{' and '.join(picked)}: give one"
-            if picked
-            else "say which model: run_id=<id>, "
-            "run_name=<name> or model=models:/<name>/<version> | <directory> (trainer export --help)"
-        )
+    cli.one_model("export", opts.run_id, opts.run_name, opts.model, directory=True)
     name = (opts.run_id or opts.run_name or Path(opts.model or "model").name.replace(":", "_")).replace("/", "_")
     output = output_path(opts, name)
     startup.quiet_libraries(opts.verbose)

@@ -453,14 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(opts: Options, _: list[str]) -> None:
-    picked = [f"{k}={v}" for k, v in (("run_id", opts.run_id), ("run_name", opts.run_name), ("model", opts.model)) if v]
-    if len(picked) != 1:
-        raise TrainerError(
-            f"{' and '.join(picked)}: give one"
-            if picked
-            else "say which model: run_id=<id>, "
-            "run_name=<name> or model=models:/<name>/<version> | <directory> (trainer predict --help)"
-        )
+    cli.one_model("predict", opts.run_id, opts.run_name, opts.model, directory=True)
     if not opts.input:
         raise TrainerError("say what to predict: input=<file.csv | file.parquet | file.npy | image folder>")
     if opts.batch_size < 1:

@@ -19,6 +19,7 @@ import pandas as pd
 
 KERAS_ARTIFACT = "keras_model"  # the key of the `.keras` file among the pyfunc model's artifacts (artifacts/)
 SETTINGS_ARTIFACT, SETTINGS_FILE = "settings", "predict.json"  # the wrapper's settings as plain JSON (artifacts/)
+SETTINGS = ("task", "names", "from_logits", "dtype", "columns", "table", "targets", "inputs")  # predict.json's keys
 LABEL_COLUMN = "label"  # a classifier's pyfunc output: one probability column per class, then this one
 
 
@@ -53,13 +54,12 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
     def settings(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON (`artifacts/predict.json`): what `trainer predict` and
         `trainer export` read to rebuild this wrapper without unpickling `python_model.pkl`, which is code."""
-        keys = ("task", "names", "from_logits", "dtype", "columns", "table", "targets", "inputs")
-        return {key: getattr(self, key, None) for key in keys}
+        return {key: getattr(self, key, None) for key in SETTINGS}
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], model: Any) -> KerasPyfunc:
         """The wrapper of `settings()` around an already loaded Keras `model` (loaded with safe_mode)."""
-        known = {k: settings.get(k) for k in ("task", "names", "from_logits", "dtype", "columns", "table", "inputs")}
+        known = {k: settings.get(k) for k in SETTINGS if k != "targets"}
         return cls(modules=(), targets=settings.get("targets") or (), model=model, **known)
 
     def load_context(self, context: Any) -> None:
