@@ -164,17 +164,19 @@ def test_the_next_run_on_the_store_marks_a_dead_run_failed_and_leaves_live_ones(
     victim = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "hydra.run.dir=victim")
     alive = start(tmp_path, *TRAIN, "trainer.max_steps=1000000", "hydra.run.dir=alive")
     db = tmp_path / "mlflow.db"
-    client = mlflow.MlflowClient(uri(tmp_path))
 
     def running() -> int:
+        """Plain SQL, as stored_steps: an MLflow client here would migrate the new store beside the trainers
+        (CI: "table sql_trace_metric_daily_rollups already exists", the trainers' lock does not cover it)."""
         try:
-            return len(client.search_runs(["0", *[e.experiment_id for e in client.search_experiments()]],
-                                          "attributes.status = 'RUNNING'"))  # fmt: skip
-        except Exception:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+                return c.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
+        except sqlite3.OperationalError:
             return 0
 
     for proc in (victim, alive):
         wait_for(lambda: db.is_file() and running() == 2, what="two running runs", proc=proc)
+    client = mlflow.MlflowClient(uri(tmp_path))
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     rc, err = finish(start(tmp_path, *TRAIN, "trainer.max_steps=20", "hydra.run.dir=third"))
