@@ -32,8 +32,8 @@ def _logged_weights(uri: str, tmp_path, name: str) -> tuple[float, float, dict]:
     [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id],
                                f"attributes.run_name = '{name}'")  # fmt: skip
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path / name))
-    weights = {v.path.split("/")[-1]: float(np.ravel(v.numpy())[0]) for v in keras.saving.load_model(local).weights}
-    return weights["w"], weights["b"], run.data.tags
+    w, b = (float(np.ravel(v.numpy())[0]) for v in keras.saving.load_model(local).weights)  # a Dense's kernel, bias
+    return w, b, run.data.tags
 
 
 def _settings(ema: str) -> list[str]:

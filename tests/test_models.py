@@ -7,6 +7,8 @@ models are composed from conf/ as the CLI composes them, `units` set as the trai
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -200,6 +202,80 @@ def test_keras_file_round_trip_predicts_the_same(name, digits, tmp_path):
     as_saved = json.loads(json.dumps({**model.get_config(), "name": loaded.get_config()["name"]}))  # tuples: lists
     assert json.loads(json.dumps(loaded.get_config())) == as_saved
     np.testing.assert_array_equal(np.asarray(loaded(x)), expected)
+
+
+TABLE_MODELS = {  # a table's models, fresh: a Linear (with the targets' units after it), an MLP, embeddings
+    "linear": lambda: models.Linear(2, None, 1.0),
+    "mlp": lambda: models.MLP([8, 4], 3, "relu", 0.2, None),
+    "embedded": lambda: models.Embedded(models.MLP([8], 2, "relu", 0.5, None), [1], [5], 6),
+}
+
+
+def _fresh(name: str):
+    return _model(name) if name in SMALL else TABLE_MODELS[name]()
+
+
+@pytest.fixture(scope="module")
+def built_ins(digits) -> dict[str, tuple]:
+    """Each built-in model, one step away from its init, with examples it takes and what sits around it."""
+    found = {}
+    for name in SMALL:
+        model, x = _model(name), _images(name, digits)[:8]
+        _train(model, x, digits[1][:8], steps=1, lr=1e-3)
+        found[name] = (model, x, [keras.layers.Rescaling(0.5, name="rescale")], [])
+    table = digits[0][:8].reshape(8, -1)[:, :6] * 10
+    table[:, 1] = np.arange(8) % 5  # the ids of an embedded column
+    after = {"linear": [keras.layers.Normalization(axis=-1, mean=[3.0, 1.0], variance=[4.0, 9.0], invert=True,
+                                                   name="target_units")]}  # fmt: skip
+    for name, make in TABLE_MODELS.items():
+        found[name] = (make(), table, [], after.get(name, []))
+    return found
+
+
+def test_the_logged_keras_file_of_each_built_in_model_loads_with_keras_alone(built_ins, tmp_path):
+    """models.portable: the file a run logs names Keras' own classes only, so a new process that never imports
+    trainer loads it (a file naming trainer.models.CNN could not: "Could not locate class 'CNN'"), and it answers
+    exactly as the trained model, with its preprocessing; the graph shares the model's weights."""
+    expected = {}
+    for name, (model, x, before, after) in built_ins.items():
+        graph = models.portable(model, x.shape[1:], str(x.dtype), before, after)
+        out = np.asarray(model(before[0](x) if before else x))
+        expected[name] = np.asarray(after[0](out)) if after else out
+        np.testing.assert_array_equal(np.asarray(graph(x)), expected[name])
+        shared = {id(v) for v in model.weights}
+        assert name == "linear" or all(id(v) in shared for v in graph.weights)  # a Linear's w and b: copied
+        graph.save(tmp_path / f"{name}.keras")
+        np.save(tmp_path / f"{name}.npy", x)
+    code = (
+        "import sys, json, keras, numpy as np\n"
+        "out = {}\n"
+        f"for name in {sorted(expected)!r}:\n"
+        f"    model = keras.saving.load_model({str(tmp_path)!r} + f'/{{name}}.keras')\n"
+        f"    out[name] = np.asarray(model(np.load({str(tmp_path)!r} + f'/{{name}}.npy'))).tolist()\n"
+        "out['imported'] = sorted(m for m in sys.modules if m.split('.')[0] == 'trainer')\n"
+        "print(json.dumps(out))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got.pop("imported") == []
+    for name, out in expected.items():
+        np.testing.assert_allclose(np.asarray(got[name], np.float32), out, rtol=0, atol=0, err_msg=name)
+
+
+def test_init_from_a_portable_file_copies_each_built_in_models_weights(built_ins, tmp_path):
+    """trainer.init_from reads the portable file layer by layer, by name, into a fresh model of the same kind."""
+    from trainer import finetune
+
+    for name, (model, x, before, after) in built_ins.items():
+        (tmp_path / name).mkdir()
+        models.portable(model, x.shape[1:], str(x.dtype), before, after).save(tmp_path / name / "model.keras")
+        fresh = _fresh(name)
+        fresh(x[:1])
+        assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True))
+        finetune.init_from(fresh, str(tmp_path / name), None)
+        for ours, theirs in zip(fresh.get_weights(), model.get_weights(), strict=True):
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
 
 
 def test_keras_app_from_a_saved_config_downloads_nothing():

@@ -4,6 +4,10 @@ model's, streamed chunk by chunk; exports (SavedModel, TF Lite) equal it to 1e-5
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -191,6 +195,35 @@ def test_exported_tables_answer_as_the_served_model_to_1e5(penguin_runs, tmp_pat
     expected = _served(p["mass"], rows)  # grams: the targets' scaling is inside the export too
     print(f"{fmt}: body mass, largest relative difference {np.abs(got['predictions'] / expected - 1).max():.2e}")
     np.testing.assert_allclose(got["predictions"], expected, rtol=1e-5)
+
+
+def test_the_logged_keras_file_loads_with_keras_alone(penguin_runs, tmp_path):
+    """The MLflow model's `artifacts/model.keras`, in a new process that imports Keras and nothing of ours: Keras'
+    own layers (models.portable), the targets' units included; its outputs equal the served model's raw ones."""
+    p, names = penguin_runs, ("species", "mass")
+    for name in names:
+        path = mlflow.artifacts.download_artifacts(
+            f"runs:/{p[name]}/model/artifacts/model.keras", dst_path=str(tmp_path / "download"), tracking_uri=p["uri"]
+        )
+        (tmp_path / name).mkdir()
+        shutil.move(path, tmp_path / name / "model.keras")
+        served = mlflow.pyfunc.load_model(f"runs:/{p[name]}/model").unwrap_python_model()
+        x = served.cast(p["frame"].drop(columns=served.targets).head(50))
+        np.save(tmp_path / name / "x.npy", x)
+        np.save(tmp_path / name / "out.npy", np.asarray(served.keras_model(x)))
+    code = (
+        "import sys, keras, numpy as np\n"
+        f"for name in {names!r}:\n"
+        f"    folder = {str(tmp_path)!r} + '/' + name\n"
+        "    model = keras.saving.load_model(folder + '/model.keras')\n"
+        "    out = np.asarray(model(np.load(folder + '/x.npy')))\n"
+        "    print(name, float(np.abs(out - np.load(folder + '/out.npy')).max()))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'trainer'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *differences, imported = done.stdout.strip().splitlines()[-3:]
+    assert differences == ["species 0.0", "mass 0.0"] and imported == "[]", done.stdout
 
 
 @pytest.mark.slow  # ~10-35 s on 2 cores: the fast suite's time (the slow suite runs it)

@@ -105,22 +105,48 @@ def init_from(model: keras.Model, source: str, uri: str | None) -> str:
     from. `source`: a run directory (its `model.keras`), a registered version (models:/<name>/<version>), or a
     run id in the tracking store `uri`."""
     loaded, where = _load(source, uri)
-    donor = _same_model(loaded, model)
-    if donor is None:
+    donor = _same_model(loaded, model)  # a model logged whole, by its class (before models.portable)
+    if donor is not None:
+        _copy(list(zip(model.weights, donor.weights, strict=False)), len(model.weights), len(donor.weights), source)
+        model.set_weights(donor.get_weights())
+        return where
+    if not getattr(loaded, "inputs", None):
         raise TrainerError(f"trainer.init_from={source}: {where} holds no {type(model).__name__} model to take "
                            f"weights from (it holds {type(loaded).__name__}); init_from takes a run of the same "
                            "model")  # fmt: skip
-    ours, theirs = model.weights, donor.weights
-    for a, b in zip(ours, theirs, strict=False):
+    _copy_by_layer(loaded, model, source)
+    return where
+
+
+def _copy_by_layer(loaded: Any, model: Any, source: str) -> None:
+    """Weights from a logged model of Keras' own layers (models.portable) into `model`: layer by layer, by name
+    (the built-in models name every layer by its place), through `model`'s own graph, which shares its layers."""
+    from trainer import models
+
+    graph = models.portable(model, tuple(loaded.inputs[0].shape[1:]), loaded.inputs[0].dtype)
+    theirs = {layer.name: layer for layer in loaded.layers}
+    for layer in graph.layers:
+        if not layer.weights:
+            continue
+        donor = theirs.get(layer.name)
+        if donor is None:
+            raise TrainerError(f"trainer.init_from={source}: its model has no layer {layer.name!r}, which this one "
+                               "has; init_from takes a run of the same model")  # fmt: skip
+        _copy(list(zip(layer.weights, donor.weights, strict=False)), len(layer.weights), len(donor.weights), source)
+        layer.set_weights(donor.get_weights())
+    models.from_portable(model, graph)
+
+
+def _copy(pairs: list[tuple[Any, Any]], ours: int, theirs: int, source: str) -> None:
+    """Refuse weights that do not fit: a shape, then a count."""
+    for a, b in pairs:
         if tuple(a.shape) != tuple(b.shape):
             raise TrainerError(f"trainer.init_from={source}: its weights do not fit this model ({b.path} is "
                                f"{tuple(b.shape)}, {a.path} here is {tuple(a.shape)}); init_from takes a run of "
                                "the same model and data shape")  # fmt: skip
-    if len(ours) != len(theirs):
-        raise TrainerError(f"trainer.init_from={source}: its model has {len(theirs)} weights, this one "
-                           f"{len(ours)}; init_from takes a run of the same model")  # fmt: skip
-    model.set_weights(donor.get_weights())
-    return where
+    if ours != theirs:
+        raise TrainerError(f"trainer.init_from={source}: its model has {theirs} weights, this one "
+                           f"{ours}; init_from takes a run of the same model")  # fmt: skip
 
 
 def _same_model(loaded: Any, model: Any) -> Any:

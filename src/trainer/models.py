@@ -83,7 +83,7 @@ class MLP(keras.Model):
 def _as_input(x, dtype: str):
     """Images as the layers take them: a channel axis for [b, H, W] (grey images), and floats (uint8 pixels
     would reach Conv2D as ints, which it refuses)."""
-    x = keras.ops.convert_to_tensor(x)
+    x = x if isinstance(x, keras.KerasTensor) else keras.ops.convert_to_tensor(x)  # symbolic: portable()
     x = keras.ops.expand_dims(x, -1) if len(x.shape) == 3 else x
     return keras.ops.cast(x, dtype)
 
@@ -324,11 +324,15 @@ class Embedded(keras.Model):
         return width - len(sizes) + sum(embedding_dim(n) for n in sizes)
 
     def call(self, x, training: bool = False):
+        return self.inner(self.joined(x), training=training)
+
+    def joined(self, x):
+        """What `inner` takes: the other columns, then each embedded column's vector."""
         x = keras.ops.cast(x, "float32")
         ids = [keras.ops.cast(x[:, p], "int32") for p in self.positions]
         rest = keras.ops.take(x, np.asarray(self.rest, dtype="int32"), axis=1)
         parts = [rest, *(table(i) for table, i in zip(self.tables, ids, strict=True))]
-        return self.inner(keras.ops.concatenate(parts, axis=-1), training=training)
+        return keras.ops.concatenate(parts, axis=-1)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "inner": keras.saving.serialize_keras_object(self.inner),
@@ -342,6 +346,54 @@ class Embedded(keras.Model):
 
 def embedding_dim(ids: int) -> int:
     return min(MAX_EMBEDDING_DIM, (ids + 1) // 2)
+
+
+# --- the logged model: Keras' own layers only ---------------------------------------------------
+LINEAR_LAYER = "linear"  # a Linear's Dense in its portable graph (the model's own name is numbered per process)
+
+
+def portable(model: Any, shape: Sequence[int], dtype: str, before: Sequence[Any] = (), after: Sequence[Any] = (),
+             name: str | None = None) -> keras.Model:  # fmt: skip
+    """`model` as a functional keras.Model of Keras' built-in layers and ops, between `before` and `after` (the
+    fitted preprocessing, the targets' units): the `.keras` file a run logs.
+
+    Keras 3 imports the classes a saved model names from Keras' own packages only: a file naming
+    trainer.models.CNN loaded only after `import trainer.models` ("Could not locate class 'CNN'"), where this one
+    loads with a bare `keras.saving.load_model`, safe_mode on. The graph shares `model`'s layers, and so its
+    weights (a Linear's w and b are copied into a Dense: from_portable copies them back). A model of your own
+    class stays whole inside it, as Keras saves any model (loading it needs your module, as it always did)."""
+    inputs = keras.Input(tuple(shape), dtype=dtype)
+    x = inputs
+    for layer in before:
+        x = layer(x)
+    x = _graph(model, x)
+    for layer in after:
+        x = layer(x)
+    return keras.Model(inputs, x, name=name or model.name)
+
+
+def _graph(model: Any, x: Any) -> Any:
+    """`model` applied to the symbolic `x` layer by layer: the built-in models' `call` run on a KerasTensor
+    adds their layers, not the model, to the graph (training=None: a layer's training flag stays the caller's)."""
+    kind = type(model)
+    if kind is Linear:
+        if not model.built:
+            model.build(tuple(x.shape))
+        dense = keras.layers.Dense(model.units, name=LINEAR_LAYER, dtype=model.dtype_policy)
+        y = dense(x)
+        dense.set_weights([model.w.numpy(), model.b.numpy()])
+        return y
+    if kind is Embedded:
+        return _graph(model.inner, model.joined(x))
+    if kind in (MLP, CNN, Sequential, KerasApp):
+        return model.call(x, training=None)
+    return model(x)
+
+
+def from_portable(model: Any, graph: keras.Model) -> None:
+    """After weights were set in `portable(model, ...)`'s graph: the ones it copied (a Linear's) back into `model`."""
+    if type(model) is Linear:
+        model.set_weights(next(layer for layer in graph.layers if layer.name == LINEAR_LAYER).get_weights())
 
 
 def check_fits(model: Any, input_shape: Sequence[int]) -> None:

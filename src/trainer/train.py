@@ -43,7 +43,7 @@ from trainer.data.weights import require_sample_weight, weighted_loss
 from trainer.fit import Result, fit
 from trainer.inputs import ArrayInput, StreamInput, read_error
 from trainer.loop import StepLoop
-from trainer.models import Embedded, check_fits
+from trainer.models import Embedded, check_fits, portable
 from trainer.optim import Schedule, build_optimizer
 from trainer.process import STOP_GRACE_SECONDS, process_settings
 from trainer.profile import check_profile
@@ -544,7 +544,8 @@ def _report_gradients(loop: StepLoop, run: Run) -> None:
 
 
 def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: DictConfig) -> None:
-    """The model the step exports, twice over: a plain `.keras` file any Keras loads, and an MLflow pyfunc model
+    """The model the step exports, twice over: a plain `.keras` file any Keras loads (no `import trainer` needed:
+    models.portable), and an MLflow pyfunc model
     that `mlflow.pyfunc.load_model` loads and `mlflow models serve` serves (class probabilities and labels for a
     classifier; trainer.evaluate reads its `.keras` file), registered when tracking.register_model names one.
     With preprocessing (rescale, normalization) the logged model carries it in front, so it takes raw inputs. A
@@ -554,10 +555,9 @@ def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: D
     example = own_example() if own_example else _raw_example(data)
     layers = [] if own_example else preprocessing_layers(data.preprocess)
     after = [unscale_layer(loop.output_scale)] if loop.output_scale is not None else []  # the targets' units
-    if isinstance(model, keras.Model) and (layers or after):
-        model = keras.Sequential(
-            [keras.Input(data.x_shape, dtype=example.dtype), *layers, model, *after], name="with_preprocessing"
-        )
+    if isinstance(model, keras.Model):  # Keras' own layers only: a bare keras.saving.load_model loads it
+        name = "with_preprocessing" if layers or after else None
+        model = portable(model, np.shape(example)[1:], str(example.dtype), layers, after, name)
     if isinstance(model, keras.Model):
         path = output_dir / "model.keras"
         model.save(path)
