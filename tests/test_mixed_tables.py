@@ -308,6 +308,7 @@ def test_a_column_with_more_values_than_a_pass_can_count_is_one_line(tmp_path, m
         assert message in str(e.value) and "data.columns={" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # ~16 s on 2 cores: the fast suite stays under 10 minutes (the slow suite runs it)
 def test_a_categorical_column_of_many_values_is_embedded(tmp_path, compose_cfg):
     """Above 64 values a categorical column is one column of ids the model embeds (models.Embedded): each
     docstring's first and last word (417 and 502 values), the submodule to predict. Validation accuracy against

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,6 +21,7 @@ from trainer import predict as pr
 from trainer.train import train
 
 EXAMPLES = 344  # penguins
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # my_models.py, my_conf/
 
 
 def _train(tmp_path, compose_cfg, name: str, overrides: list[str]) -> tuple[str, str]:
@@ -175,7 +177,9 @@ def _exported(tmp_path, run_id: str, uri: str, fmt: str, inputs) -> dict[str, np
     return runner(**(inputs if isinstance(inputs, dict) else {"inputs": inputs}))
 
 
-@pytest.mark.parametrize("fmt", ex.FORMATS)
+@pytest.mark.parametrize(  # TF Lite's and ONNX's converters take 6-16 s each: the slow suite runs them
+    "fmt", [f if f == "saved_model" else pytest.param(f, marks=pytest.mark.slow) for f in ex.FORMATS]
+)
 def test_exported_tables_answer_as_the_served_model_to_1e5(penguin_runs, tmp_path, fmt):
     """The typed table's schema (categories, a missing cell's indicator and fill) inside the export."""
     p, frame = penguin_runs, penguin_runs["frame"]
@@ -197,6 +201,7 @@ def test_exported_tables_answer_as_the_served_model_to_1e5(penguin_runs, tmp_pat
     np.testing.assert_allclose(got["predictions"], expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~7 s, a new process: test_models checks each built-in model's file in the fast suite
 def test_the_logged_keras_file_loads_with_keras_alone(penguin_runs, tmp_path):
     """The MLflow model's `artifacts/model.keras`, in a new process that imports Keras and nothing of ours: Keras'
     own layers (models.portable), the targets' units included; its outputs equal the served model's raw ones."""
@@ -255,3 +260,54 @@ def test_images_predict_and_export_from_the_png_folder(digits, tmp_path, compose
         got = _exported(tmp_path, run_id, uri, fmt, pixels)
         print(f"{fmt}: digits probabilities, largest difference {np.abs(got['probabilities'] - expected).max():.2e}")
         np.testing.assert_allclose(got["probabilities"], expected, atol=1e-5)
+
+
+@pytest.mark.slow  # a third penguins run (~10 s) and two loads of your own class
+def test_a_model_of_your_own_class_predicts_exports_and_fine_tunes_once_you_name_it(penguin_runs, tmp_path, capsys,
+                                                                                     monkeypatch):  # fmt: skip
+    """examples/my_models.py's Quadratic, registered nowhere: the logged file names it, so predict and export load
+    it only with `trusted_targets` naming its class or module (nothing of it is imported otherwise), and
+    init_from loads it as the class the new run builds."""
+    from conftest import compose_config
+
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
+    p = penguin_runs
+    overrides = [f"hydra.searchpath=[file://{EXAMPLES_DIR / 'my_conf'}]", "model=quadratic", "data=csv",
+                 f"data.path={p['root'] / 'penguins.csv'}", "data.target=body_mass_g", "loss=mse",
+                 "trainer.max_steps=200", f"tracking.uri={p['uri']}", "tracking.run_name=quadratic",
+                 "tracking.system_metrics=false"]  # fmt: skip
+    train(compose_config(overrides), overrides=overrides, output_dir=tmp_path / "quadratic")
+    client = mlflow.MlflowClient(p["uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("tape-trainer").experiment_id],
+                               "attributes.run_name = 'quadratic'")  # fmt: skip
+    rows = p["frame"].drop(columns="body_mass_g").head(40)
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    base = [f"run_id={run.info.run_id}", f"uri={p['uri']}", f"input={tmp_path / 'rows.csv'}"]
+    code, err = _predict(capsys, *base, f"output={tmp_path / 'none.csv'}")
+    assert code == 1 and "names the class my_models.Quadratic" in err and "trusted_targets=[my_models.Quadratic]" in err
+    code, err = _predict(capsys, *base, f"output={tmp_path / 'bad.csv'}", "trusted_targets=[nosuch.Module]")
+    assert code == 1 and "trusted_targets: cannot import nosuch.Module" in err, err
+    served = _served(run.info.run_id, rows).reshape(-1)
+    for i, named in enumerate(("my_models.Quadratic", "my_models")):
+        code, err = _predict(capsys, *base, f"output={tmp_path / f'{i}.csv'}", f"trusted_targets=[{named}]")
+        assert code == 0, err
+        np.testing.assert_allclose(pd.read_csv(tmp_path / f"{i}.csv")["predicted_body_mass_g"], served, rtol=1e-5)
+    out = tmp_path / "export"
+    assert ex.main([f"run_id={run.info.run_id}", f"uri={p['uri']}", f"output={out}",
+                    "trusted_targets=[my_models.Quadratic]"]) == 0  # fmt: skip
+    signature = ex.input_signature(pr.load(pr.Options(run_id=run.info.run_id, uri=p["uri"],
+                                                      trusted_targets=("my_models",))).wrapper)  # fmt: skip
+    serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+    got = serve(**{k: tf.constant(v) for k, v in _feed(signature, rows).items()})["predictions"].numpy()
+    np.testing.assert_allclose(got.reshape(-1), served, rtol=1e-5)
+    import my_models
+
+    from trainer import finetune
+
+    logged = pr.load(pr.Options(run_id=run.info.run_id, uri=p["uri"], trusted_targets=("my_models",))).wrapper
+    [inner] = [layer for layer in logged.keras_model.layers if type(layer) is my_models.Quadratic]
+    model = my_models.Quadratic(1)
+    model(np.zeros((1, *logged.keras_model.inputs[0].shape[1:]), np.float32))
+    assert finetune.init_from(model, run.info.run_id, p["uri"]).endswith(f"of run {run.info.run_id}")
+    for ours, theirs in zip(model.get_weights(), inner.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)

@@ -20,7 +20,6 @@ never through the pickles MLflow logs beside it.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from trainer import cli, startup
 from trainer.config import (
     TrainerError,
     build,
+    causes,
     check_option,
     first_line,
     is_trusted,
@@ -54,7 +54,10 @@ from trainer.config import (
 )
 from trainer.objective import FALLBACK, PRIMARY
 from trainer.tracking.connect import check_readable
-from trainer.tracking.models import log_model  # noqa: F401  (tests and scripts log a model as trainer.evaluate did)
+from trainer.tracking.models import (
+    log_model,  # noqa: F401  (tests and scripts log a model as trainer.evaluate did)
+    trusted_classes,
+)
 
 BUILT = ("data", "loss")  # the config nodes evaluate instantiates; the model comes from its .keras file
 
@@ -189,12 +192,13 @@ def mlflow_model(client: MlflowClient, run: Run) -> tuple[str, str] | None:
 
 
 def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_target: str | None,
-                   found: tuple[str, str] | None = None) -> tuple[Any, str]:  # fmt: skip
+                   found: tuple[str, str] | None = None,
+                   custom_objects: dict[str, type] | None = None) -> tuple[Any, str]:  # fmt: skip
     """(model, where it came from): a Keras-native `.keras` file, the MLflow model's own first (`found`: a
     registered version's (URI, location), else the run's model), else the run's `model/model.keras` artifact.
     Never MLflow's loaders: they unpickle (cloudpickle) the python model or custom objects logged beside the
-    model, which is code. `model_target`, the run config's `model._target_` when trusted, is imported first
-    so that a class of yours registers its name."""
+    model, which is code. `model_target`, the run config's `model._target_` when trusted, and `custom_objects`
+    are the classes of yours it may name (trusted_classes)."""
     path, found = None, found or mlflow_model(client, run)
     if found is not None:
         source, location = found
@@ -209,9 +213,8 @@ def load_run_model(client: MlflowClient, run: Run, uri: str, dst: Path, model_ta
                 f"run {run.info.run_id} has no model in Keras' native format (its MLflow model's data/*.keras or "
                 "a model/model.keras artifact); evaluate loads nothing else, as other formats unpickle code"
             ) from None
-    if model_target:
-        _import_module_of(model_target)
-    return load_keras(path, f"run {run.info.run_id}'s {source}"), source
+    own = trusted_classes([model_target], strict=False) if model_target else {}
+    return load_keras(path, f"run {run.info.run_id}'s {source}", {**own, **(custom_objects or {})}), source
 
 
 def logged_labels(client: MlflowClient, run: Run, uri: str, dst: Path) -> list[str] | None:
@@ -282,16 +285,10 @@ def _check_own_source(client: MlflowClient, model: str, run_id: str, model_id: s
     raise TrainerError(f"model={model}: {why}, not run {run_id}'s own; evaluate takes only a run's own model")
 
 
-def _import_module_of(target: str) -> None:
-    """Import the module a trusted `_target_` lives in, so its @register_keras_serializable classes exist."""
-    module = target.rpartition(".")[0]
-    with contextlib.suppress(ImportError, ValueError):  # no such module: Keras names the class it cannot find
-        importlib.import_module(module)
-
-
-def load_keras(path: Path, source: str) -> Any:
+def load_keras(path: Path, source: str, custom_objects: dict[str, type] | None = None) -> Any:
     """Keras' own format with safe_mode: a Lambda's bytecode is refused, and classes are found only among
-    Keras' own and the registered ones (trainer.models, trainer.optim), never imported by module name."""
+    Keras' own, the registered ones (trainer.models, trainer.optim) and `custom_objects` (trusted_classes:
+    those you named), never imported by module name."""
     import keras
 
     import trainer.models
@@ -300,9 +297,24 @@ def load_keras(path: Path, source: str) -> Any:
     if not zipfile.is_zipfile(path):
         raise TrainerError(f"{source} is not a .keras archive (Keras' native format)")
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        return keras.saving.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=True)
     except Exception as e:  # a lambda, an unknown class, a damaged archive: all one line to the user
-        raise TrainerError(f"{source} cannot be loaded safely: {first_line(e)[:300]}") from None
+        raise TrainerError(f"{source} cannot be loaded safely: {_unknown_class(e) or first_line(e)[:300]}") from None
+
+
+def _unknown_class(error: BaseException) -> str | None:
+    """Keras' "Could not locate class 'Quadratic'" (under a first line about Functional) as the class's full name
+    and the fix: a class of yours, not registered, that the file names."""
+    import re
+
+    text = "\n".join(str(e) for e in causes(error))
+    found = re.search(r"Could not locate class '([\w.]+)'", text)
+    if found is None:
+        return None
+    module = re.search(rf"'module': '([\w.]+)', 'class_name': '{re.escape(found[1])}'", text)
+    name = f"{module[1]}.{found[1]}" if module else found[1]
+    return (f"it names the class {name}, neither Keras' own nor registered; if you trust it, name it: "
+            f"trusted_targets=[{name}]")  # fmt: skip
 
 
 def evaluate(

@@ -41,7 +41,7 @@ class Options:
     overwrite: bool = cli.key(False, "replace an existing output")
     uri: str | None = cli.key(None, "tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     experiment: str | None = cli.key(None, "where run_name is looked up; null: tracking.experiment's")
-    trusted_targets: tuple[str, ...] = cli.key((), "modules of your own model classes to import: [my_pkg.models]")
+    trusted_targets: tuple[str, ...] = cli.key((), "your own model classes, or their modules: [my_pkg.models.MyNet]")
     verbose: bool = cli.key(False, "TensorFlow's and MLflow's start-up lines as they print them")
 
 

@@ -104,7 +104,8 @@ def init_from(model: keras.Model, source: str, uri: str | None) -> str:
     """Copy the weights of `source`'s logged model into `model` (same architecture); returns where they came
     from. `source`: a run directory (its `model.keras`), a registered version (models:/<name>/<version>), or a
     run id in the tracking store `uri`."""
-    loaded, where = _load(source, uri)
+    own = {type(c).__name__: type(c) for c in [model, *_layers(model)] if not type(c).__module__.startswith("keras")}
+    loaded, where = _load(source, uri, own)  # a model of your own class: the one you built here, no other
     donor = _same_model(loaded, model)  # a model logged whole, by its class (before models.portable)
     if donor is not None:
         _copy(list(zip(model.weights, donor.weights, strict=False)), len(model.weights), len(donor.weights), source)
@@ -157,7 +158,7 @@ def _same_model(loaded: Any, model: Any) -> Any:
     return None
 
 
-def _load(source: str, uri: str | None) -> tuple[Any, str]:
+def _load(source: str, uri: str | None, own: dict[str, type]) -> tuple[Any, str]:
     """The logged Keras model `source` names, loaded safely, and a description of where it came from."""
     from trainer import evaluate as ev
 
@@ -167,7 +168,7 @@ def _load(source: str, uri: str | None) -> tuple[Any, str]:
         if not found.is_file():
             raise TrainerError(f"trainer.init_from={source}: the directory has no model.keras (a run's output "
                                "directory has one when tracking.log_model is true)")  # fmt: skip
-        return ev.load_keras(found, f"trainer.init_from={source}"), str(found)
+        return ev.load_keras(found, f"trainer.init_from={source}", own), str(found)
     import tempfile
 
     import mlflow
@@ -182,7 +183,7 @@ def _load(source: str, uri: str | None) -> tuple[Any, str]:
             if source.startswith("models:/"):
                 run_id, found = ev.registered_version(client, source)
             run = ev.find_run(client, run_id, None, "")
-            model, where = ev.load_run_model(client, run, client.tracking_uri, Path(tmp), None, found)
+            model, where = ev.load_run_model(client, run, client.tracking_uri, Path(tmp), None, found, own)
     except TrainerError as e:
         raise TrainerError(f"trainer.init_from={source}: {first_line(e)}") from None
     except MlflowException as e:

@@ -52,7 +52,7 @@ class Options:
     experiment: str | None = cli.key(None, "where run_name is looked up; null: tracking.experiment's")
     batch_size: int = cli.key(1024, "rows read, predicted and written at a time: memory stays bounded by it")
     overwrite: bool = cli.key(False, "replace an existing output file")
-    trusted_targets: tuple[str, ...] = cli.key((), "modules of your own model classes to import: [my_pkg.models]")
+    trusted_targets: tuple[str, ...] = cli.key((), "your own model classes, or their modules: [my_pkg.models.MyNet]")
     verbose: bool = cli.key(False, "TensorFlow's and MLflow's start-up lines as they print them")
 
 
@@ -106,8 +106,8 @@ def load(opts: Options) -> Predictor:
     if found is None:
         raise TrainerError(f"run {run.info.run_id} has no logged model (was tracking.log_model=false?)")
     with tempfile.TemporaryDirectory(prefix="trainer-predict-") as tmp, ev.no_progress_bars():
-        _import_trusted(opts.trusted_targets)
-        model, source = ev.load_run_model(client, run, uri, Path(tmp), None, found)
+        own = ev.trusted_classes(opts.trusted_targets)
+        model, source = ev.load_run_model(client, run, uri, Path(tmp), None, found, own)
         settings = _logged_settings(found[1], uri, Path(tmp)) or _settings_of_run(client, run, uri, Path(tmp), model)
     return Predictor(_wrapper(settings, model), f"{source} of run {run.info.run_id}")
 
@@ -124,19 +124,8 @@ def _from_directory(path: Path, trusted: Sequence[str]) -> Predictor:
     if not files or not settings.is_file():
         raise TrainerError(f"model={path}: not a model the trainer logged (it has no artifacts/*.keras and "
                            f"artifacts/{SETTINGS_FILE}); download one with `mlflow artifacts download`")  # fmt: skip
-    _import_trusted(trusted)
-    model = ev.load_keras(files[0], f"model={path}")
+    model = ev.load_keras(files[0], f"model={path}", ev.trusted_classes(trusted))
     return Predictor(_wrapper(_read_settings(settings, f"model={path}"), model), str(path))
-
-
-def _import_trusted(modules: Sequence[str]) -> None:
-    import importlib
-
-    for module in modules:
-        try:
-            importlib.import_module(module.removesuffix(".*"))
-        except ImportError as e:
-            raise TrainerError(f"trusted_targets: cannot import {module} ({first_line(e)})") from None
 
 
 def _read_settings(path: Path, source: str) -> dict[str, Any]:

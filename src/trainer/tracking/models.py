@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,11 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import keras
 
-        for module in ["trainer.models", "trainer.optim", *self.modules]:  # registered classes, by name
+        for module in ["trainer.models", "trainer.optim"]:  # registered classes, by name
             importlib.import_module(module)
-        self._model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
+        own = trusted_classes(self.modules, strict=False)  # the model's own classes, registered or not
+        self._model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], custom_objects=own, compile=False,
+                                              safe_mode=True)  # fmt: skip
 
     @property
     def keras_model(self) -> Any:
@@ -138,6 +140,35 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame({name: probs[:, i] for i, name in enumerate(names)})
         frame[LABEL_COLUMN] = np.asarray(names, dtype=object)[probs.argmax(axis=1)]
         return frame
+
+
+def trusted_classes(names: Iterable[str], option: str = "trusted_targets", strict: bool = True) -> dict[str, type]:
+    """The Keras classes a `.keras` file may name besides Keras' own and the registered ones: those of `names`,
+    which you named (a class `my_pkg.models.MyNet`, or the classes a module `my_pkg.models` / `my_pkg.models.*`
+    defines). Importing them also registers any @keras.saving.register_keras_serializable class; an unregistered
+    one (examples/my_models.py's Quadratic) is found only by being passed (Keras: "Could not locate class
+    'Quadratic'"). `strict`: a name that cannot be imported is one line naming `option`; else it is skipped
+    (Keras then names the class it cannot find)."""
+    import keras
+
+    from trainer.config import TrainerError, first_line
+
+    found: dict[str, type] = {}
+    for name in names:
+        name = name.removesuffix(".*")
+        try:
+            module = importlib.import_module(name)
+            classes = [c for c in vars(module).values() if getattr(c, "__module__", None) == module.__name__]
+        except ImportError:
+            parent, _, attr = name.rpartition(".")
+            try:
+                classes = [getattr(importlib.import_module(parent), attr)]
+            except (ImportError, ValueError, AttributeError) as e:
+                if strict:
+                    raise TrainerError(f"{option}: cannot import {name} ({first_line(e)})") from None
+                continue
+        found.update({c.__name__: c for c in classes if isinstance(c, type) and issubclass(c, keras.layers.Layer)})
+    return found
 
 
 def _invalid(message: str) -> Exception:
