@@ -127,6 +127,7 @@ def test_bench_exits_1_when_a_target_is_missed(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # ~7 s, a whole process: the fast suite stays under 10 minutes
 def test_bench_rejects_a_floor_it_cannot_check(tmp_path: Path) -> None:
     proc = bench(tmp_path, "--floor", "tape:bar=1", timeout=120)
     assert proc.returncode == 2
@@ -186,6 +187,7 @@ def test_stream_file_is_the_regression_written_in_blocks(tmp_path: Path) -> None
     assert abs(np.sqrt(residual[0] / files.rows) - NOISE) < 0.002
 
 
+@pytest.mark.slow  # ~7 s, a whole process: the fast suite stays under 10 minutes
 def test_bench_stream_rejects_steps_keras_cannot_split(tmp_path: Path) -> None:
     proc = bench(tmp_path, "--stream", "--steps", "300", timeout=120)
     assert proc.returncode == 2

@@ -143,6 +143,7 @@ def lone_worker(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, list[int]
     return proc, ports, time.monotonic()
 
 
+@pytest.mark.slow  # ~7 s, a whole process: the fast suite stays under 10 minutes
 def test_a_worker_whose_peer_never_starts_names_it_after_cluster_timeout(tmp_path):  # one process: 9-12 s
     """Before: it waited forever, printing nothing, deaf to SIGTERM and Ctrl-C (only kill -9 ended it)."""
     proc, ports, waiting = lone_worker(tmp_path, "trainer.cluster_timeout=3")
