@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import queue
 import threading
 import time
@@ -58,13 +57,6 @@ def disk_full(error: BaseException | None) -> bool:
         if any(words in str(e) for words in ("database or disk is full", "No space left on device", "Disk quota")):
             return True
     return False
-
-
-def _yield_cpu() -> None:
-    """Run this sink thread at the lowest CPU priority (Linux: per thread), so training keeps the cores and
-    the sink uses what they leave; it catches up at the end or when the pending bound pushes back."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 @dataclass
@@ -151,7 +143,6 @@ class MetricSink:
         return self._healthy and not stalled
 
     def _collect(self) -> None:
-        _yield_cpu()
         while (chunk := self._queue.get()) is not None:
             series = [] if chunk.barrier is not None else self._series(chunk)
             n = sum(len(s[1]) for s in series)
@@ -169,7 +160,6 @@ class MetricSink:
                 self._cond.notify_all()
 
     def _write_loop(self) -> None:
-        _yield_cpu()
         backoff = 0.0
         while True:
             with self._cond:
