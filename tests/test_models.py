@@ -278,6 +278,23 @@ def test_init_from_a_portable_file_copies_each_built_in_models_weights(built_ins
             np.testing.assert_array_equal(ours, theirs, err_msg=name)
 
 
+def test_init_from_a_portable_file_of_another_model_is_one_line(built_ins, tmp_path):
+    """A run of another model: a layer it lacks, or examples this model cannot take, named in one line."""
+    from trainer import finetune
+
+    model, x, _, _ = built_ins["mlp"]
+    models.portable(model, x.shape[1:], str(x.dtype)).save(tmp_path / "model.keras")
+    deeper = models.MLP([8, 4, 4], 3, "relu", 0.2, None)
+    deeper(x[:1])
+    with pytest.raises(TrainerError, match="its model has no layer 'dense_2', which this one has"):
+        finetune.init_from(deeper, str(tmp_path), None)
+    cnn = _model("cnn")
+    cnn(np.zeros((1, 8, 8, 1), np.float32))
+    with pytest.raises(TrainerError, match=r"its model takes examples of shape \(6,\), which this CNN cannot") as e:
+        finetune.init_from(cnn, str(tmp_path), None)
+    assert "\n" not in str(e.value)
+
+
 def test_keras_app_from_a_saved_config_downloads_nothing():
     config = {
         "name": "MobileNetV3Small",

@@ -108,8 +108,7 @@ def init_from(model: keras.Model, source: str, uri: str | None) -> str:
     loaded, where = _load(source, uri, own)  # a model of your own class: the one you built here, no other
     donor = _same_model(loaded, model)  # a model logged whole, by its class (before models.portable)
     if donor is not None:
-        _copy(list(zip(model.weights, donor.weights, strict=False)), len(model.weights), len(donor.weights), source)
-        model.set_weights(donor.get_weights())
+        _copy(model, donor, source)
         return where
     if not getattr(loaded, "inputs", None):
         raise TrainerError(f"trainer.init_from={source}: {where} holds no {type(model).__name__} model to take "
@@ -124,7 +123,13 @@ def _copy_by_layer(loaded: Any, model: Any, source: str) -> None:
     (the built-in models name every layer by its place), through `model`'s own graph, which shares its layers."""
     from trainer import models
 
-    graph = models.portable(model, tuple(loaded.inputs[0].shape[1:]), loaded.inputs[0].dtype)
+    shape = tuple(loaded.inputs[0].shape[1:])
+    try:
+        graph = models.portable(model, shape, loaded.inputs[0].dtype)
+    except Exception as e:  # Keras' ValueError or TypeError, whichever layer refuses the shape
+        raise TrainerError(f"trainer.init_from={source}: its model takes examples of shape {shape}, which this "
+                           f"{type(model).__name__} cannot ({first_line(e)[:200]}); init_from takes a run of the "
+                           "same model and data") from None  # fmt: skip
     theirs = {layer.name: layer for layer in loaded.layers}
     for layer in graph.layers:
         if not layer.weights:
@@ -133,21 +138,22 @@ def _copy_by_layer(loaded: Any, model: Any, source: str) -> None:
         if donor is None:
             raise TrainerError(f"trainer.init_from={source}: its model has no layer {layer.name!r}, which this one "
                                "has; init_from takes a run of the same model")  # fmt: skip
-        _copy(list(zip(layer.weights, donor.weights, strict=False)), len(layer.weights), len(donor.weights), source)
-        layer.set_weights(donor.get_weights())
+        _copy(layer, donor, source)
     models.from_portable(model, graph)
 
 
-def _copy(pairs: list[tuple[Any, Any]], ours: int, theirs: int, source: str) -> None:
-    """Refuse weights that do not fit: a shape, then a count."""
-    for a, b in pairs:
+def _copy(target: Any, donor: Any, source: str) -> None:
+    """`donor`'s weights into `target` (a model or a layer), refused when they do not fit: a shape, then a count."""
+    ours, theirs = target.weights, donor.weights
+    for a, b in zip(ours, theirs, strict=False):
         if tuple(a.shape) != tuple(b.shape):
             raise TrainerError(f"trainer.init_from={source}: its weights do not fit this model ({b.path} is "
                                f"{tuple(b.shape)}, {a.path} here is {tuple(a.shape)}); init_from takes a run of "
                                "the same model and data shape")  # fmt: skip
-    if ours != theirs:
-        raise TrainerError(f"trainer.init_from={source}: its model has {theirs} weights, this one "
-                           f"{ours}; init_from takes a run of the same model")  # fmt: skip
+    if len(ours) != len(theirs):
+        raise TrainerError(f"trainer.init_from={source}: its model has {len(theirs)} weights, this one "
+                           f"{len(ours)}; init_from takes a run of the same model")  # fmt: skip
+    target.set_weights(donor.get_weights())
 
 
 def _same_model(loaded: Any, model: Any) -> Any:

@@ -545,9 +545,9 @@ def _report_gradients(loop: StepLoop, run: Run) -> None:
 
 def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: DictConfig) -> None:
     """The model the step exports, twice over: a plain `.keras` file any Keras loads (no `import trainer` needed:
-    models.portable), and an MLflow pyfunc model
-    that `mlflow.pyfunc.load_model` loads and `mlflow models serve` serves (class probabilities and labels for a
-    classifier; trainer.evaluate reads its `.keras` file), registered when tracking.register_model names one.
+    models.portable), and an MLflow pyfunc model that `mlflow.pyfunc.load_model` loads and `mlflow models serve`
+    serves (class probabilities and labels for a classifier; trainer.evaluate reads its `.keras` file),
+    registered when tracking.register_model names one.
     With preprocessing (rescale, normalization) the logged model carries it in front, so it takes raw inputs. A
     step whose model does not take the data's inputs (a GAN's generator takes noise) gives its own example."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -558,7 +558,6 @@ def _log_model(loop: StepLoop, run: Run, output_dir: Path, data: Dataset, cfg: D
     if isinstance(model, keras.Model):  # Keras' own layers only: a bare keras.saving.load_model loads it
         name = "with_preprocessing" if layers or after else None
         model = portable(model, np.shape(example)[1:], str(example.dtype), layers, after, name)
-    if isinstance(model, keras.Model):
         path = output_dir / "model.keras"
         model.save(path)
     else:

@@ -142,12 +142,12 @@ class KerasPyfunc(mlflow.pyfunc.PythonModel):
         return frame
 
 
-def trusted_classes(names: Iterable[str], option: str = "trusted_targets", strict: bool = True) -> dict[str, type]:
+def trusted_classes(names: Iterable[str], strict: bool = True) -> dict[str, type]:
     """The Keras classes a `.keras` file may name besides Keras' own and the registered ones: those of `names`,
     which you named (a class `my_pkg.models.MyNet`, or the classes a module `my_pkg.models` / `my_pkg.models.*`
     defines). Importing them also registers any @keras.saving.register_keras_serializable class; an unregistered
     one (examples/my_models.py's Quadratic) is found only by being passed (Keras: "Could not locate class
-    'Quadratic'"). `strict`: a name that cannot be imported is one line naming `option`; else it is skipped
+    'Quadratic'"). `strict`: a name that cannot be imported is one line naming trusted_targets; else it is skipped
     (Keras then names the class it cannot find)."""
     import keras
 
@@ -165,7 +165,7 @@ def trusted_classes(names: Iterable[str], option: str = "trusted_targets", stric
                 classes = [getattr(importlib.import_module(parent), attr)]
             except (ImportError, ValueError, AttributeError) as e:
                 if strict:
-                    raise TrainerError(f"{option}: cannot import {name} ({first_line(e)})") from None
+                    raise TrainerError(f"trusted_targets: cannot import {name} ({first_line(e)})") from None
                 continue
         found.update({c.__name__: c for c in classes if isinstance(c, type) and issubclass(c, keras.layers.Layer)})
     return found
