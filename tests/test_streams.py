@@ -160,3 +160,60 @@ def test_a_resumed_run_with_augmentation_draws_on_as_the_uninterrupted_one(tmp_p
     assert any(n.startswith("augment_seeds") for n in names)
     for name in names:
         assert np.array_equal(readers["a"].get_tensor(name), readers["b"].get_tensor(name)), name
+
+
+# --- blocks: the .npy read by TensorFlow, the windowed shuffle -------------------------------------------------
+def _concat(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(ds.as_numpy_iterator())
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+@pytest.mark.parametrize("y_kind", ["class ids", "targets"])
+def test_an_npy_pair_is_read_by_tensorflow_in_the_generators_blocks(tmp_path, y_kind):
+    """Two .npy files in C order are read by FixedLengthRecordDataset (no Python in the pipeline): the same rows,
+    the same blocks and dtypes as the generator of `_rows`, which big-endian files still take."""
+    from trainer.data.core import BLOCK
+    from trainer.data.files import _raw_blocks, numpy
+
+    n = 2 * BLOCK + 1234  # two whole blocks and a short one
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 3, 2)).astype(np.float32)
+    y = rng.integers(0, 5, n) if y_kind == "class ids" else rng.normal(size=(n, 2))  # int64 / float64 on disk
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "xb.npy", x.astype(">f4"))  # big-endian: the generator's path
+    raw = numpy(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "x", "y", None)
+    generated = numpy(str(tmp_path / "xb.npy"), str(tmp_path / "y.npy"), "x", "y", None)
+    assert _raw_blocks(raw.arrays[0]) is not None and _raw_blocks(generated.arrays[0]) is None
+    sizes = [len(xb) for xb, _ in raw.blocks().as_numpy_iterator()]
+    assert sizes == [BLOCK, BLOCK, 1234] == [len(xb) for xb, _ in generated.blocks().as_numpy_iterator()]
+    (xa, ya), (xg, yg) = _concat(raw.blocks()), _concat(generated.blocks())
+    np.testing.assert_array_equal(xa, x)
+    np.testing.assert_array_equal(xg, x)
+    expected = y.astype(np.int64) if y_kind == "class ids" else y.astype(np.float32)
+    np.testing.assert_array_equal(ya, expected)
+    np.testing.assert_array_equal(yg, expected)
+    assert ya.dtype == yg.dtype == expected.dtype and xa.dtype == np.float32
+    assert raw.blocks().element_spec == generated.blocks().element_spec
+
+
+def test_the_windowed_shuffle_takes_every_row_once_within_its_window_and_is_a_function_of_seed_and_epoch():
+    """data.shuffle_buffer=W: each epoch every row once (the ragged last batch dropped), no row farther from its
+    place than its window, each window's order fresh per epoch and the same for the same (seed, epoch)."""
+    n, batch, window = 10_000, 32, 1_000
+    rows = np.arange(n, dtype=np.float32).reshape(-1, 1)
+    stream = Stream(lambda: tf.data.Dataset.from_tensor_slices((rows, rows)), n)
+
+    def epoch(seed: int, e: int) -> np.ndarray:
+        inputs = StreamInput(stream, batch, seed, shuffle=True, shuffle_buffer=window)
+        return np.concatenate([x[:, 0] for x, _ in inputs.dataset(e, batch).as_numpy_iterator()]).astype(int)
+
+    first = epoch(0, 0)
+    assert len(first) == n // batch * batch and len(set(first)) == len(first)  # each row at most once
+    assert set(first) <= set(range(n)) and (np.arange(n)[: len(first)] != first).mean() > 0.9  # shuffled
+    assert (first // window == np.arange(len(first)) // window).all()  # within its window
+    np.testing.assert_array_equal(epoch(0, 0), first)  # a function of (seed, epoch): a resume sees it again
+    assert (epoch(0, 1) != first).mean() > 0.9 and (epoch(1, 0) != first).mean() > 0.9
+    unshuffled = StreamInput(stream, batch, 0, shuffle=False).dataset(0, batch)
+    np.testing.assert_array_equal(np.concatenate([x[:, 0] for x, _ in unshuffled.as_numpy_iterator()]),
+                                  np.arange(len(first)))  # fmt: skip

@@ -191,7 +191,7 @@ class Data:
     in_memory: str = MISSING  # auto | true | false: held on the device, or streamed with tf.data
     memory_limit_mb: float = MISSING  # auto: data up to this size is held in memory
     shuffle: bool = MISSING  # false: the file's order, every epoch
-    shuffle_buffer: int = MISSING  # streamed data: tf.data's shuffle buffer, in examples
+    shuffle_buffer: int = MISSING  # streamed data: rows shuffled together, a window at a time (inputs.shuffled)
     cache: str | None = MISSING  # streamed data: None | memory | a file path prefix (tf.data.Dataset.cache)
     class_weight: Any = MISSING  # None | balanced | {label: weight}: each class's weight in the loss (data/weights.py)
     target_scale: str = MISSING  # auto | standard | none: regression targets standardized for the loss (scaling.py)

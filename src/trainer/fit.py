@@ -75,6 +75,7 @@ def fit(
             action.on_train_begin(ctx)
         with stop.catching():
             last, steps_per_sec = _train(loop, t, ctx, actions, checkpoints, stop)
+        loop.input.release()
         if ctx.signum:
             raise Interrupted(ctx.signum, ctx.step, str(checkpoints.directory))
         if t.on_nonfinite == "skip_step":  # an early stop ran fewer steps: the fraction is of those run
@@ -85,6 +86,7 @@ def fit(
         result = _finish(loop, run, validation, ctx, last, steps_per_sec)
         return result
     finally:
+        loop.input.release()
         for action in actions:
             action.on_train_end(ctx, result)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +21,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import COLOR_MODES, TFRECORD_COMPRESSION, TrainerError, check_augment, first_line
-from trainer.data.core import Examples, check_numbers, regular_files
+from trainer.data.core import BLOCK, Examples, check_numbers, regular_files
 
-NUMPY_CHUNK_ROWS = 4096  # rows per slice of a memory-mapped array handed to the stream
+_LITTLE = sys.byteorder == "little"  # a native-order .npy TensorFlow decodes as little-endian
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what image_dataset_from_directory reads
 TF_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # PIL's names of what tf.io.decode_image decodes: a TIFF
 # saved as x.png opens in PIL but failed in the stream ("Unknown image file format")
@@ -66,18 +67,23 @@ def numpy(path: str, y: str | None, x_key: str, y_key: str, rescale: float | Non
     if xs.ndim == 0 or ys.ndim == 0 or len(xs) != len(ys):
         raise TrainerError(f"{source}: x has shape {xs.shape} and y {ys.shape}; they need the same number of rows")
     check_numbers(xs, ys, f"{source} holds")
+    y_file, y_rows = ys, [-1, *(() if ys.ndim == 1 and ys.dtype.kind in "iu" else (int(np.prod(ys.shape[1:])),))]
     ys = ys.astype(np.int64) if ys.ndim == 1 and ys.dtype.kind in "iu" else ys.reshape(len(ys), -1).astype(np.float32)
 
-    def read() -> tf.data.Dataset:
+    def blocks() -> tf.data.Dataset:
+        raw = [_raw_blocks(xs), _raw_blocks(y_file)]
+        if all(r is not None for r in raw):  # TensorFlow reads the files itself: no Python, no GIL, per block
+            return tf.data.Dataset.zip(tuple(raw)).map(lambda x, y: (x, tf.reshape(tf.cast(y, ys.dtype), y_rows)))
+
         def chunks():
-            for i in range(0, len(xs), NUMPY_CHUNK_ROWS):
-                yield _rows(xs, i, NUMPY_CHUNK_ROWS), ys[i : i + NUMPY_CHUNK_ROWS]
+            for i in range(0, len(xs), BLOCK):
+                yield _rows(xs, i, BLOCK), ys[i : i + BLOCK]
 
         signature = (
             tf.TensorSpec((None, *xs.shape[1:]), xs.dtype),
             tf.TensorSpec((None, *ys.shape[1:]), ys.dtype),
         )
-        return tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+        return tf.data.Dataset.from_generator(chunks, output_signature=signature)
 
     return Examples(
         count=len(xs),
@@ -86,7 +92,7 @@ def numpy(path: str, y: str | None, x_key: str, y_key: str, rescale: float | Non
         x_dtype=str(xs.dtype),
         y_dtype=str(ys.dtype),
         arrays=(xs, ys),
-        read=read,
+        blocks=blocks,
         source=source,
         numeric=xs.ndim == 2 and xs.dtype.kind == "f",
         rescale=rescale,
@@ -98,11 +104,40 @@ def _rows(a: np.ndarray, start: int, n: int) -> np.ndarray:
     then holds one block, where reading through the mapping kept every page it had touched in the process
     (its RSS grew with the file: 1.5 GB for a 1 GB file, measured with the stream benchmark)."""
     if not isinstance(a, np.memmap) or a.filename is None or not a.flags.c_contiguous:
-        return np.asarray(a[start : start + n])
+        return np.array(a[start : start + n])  # a copy: TensorFlow may take a returned array's memory as its own
     row = int(np.prod(a.shape[1:], dtype=np.int64))
     count = max(0, min(n, len(a) - start)) * row
     values = np.fromfile(a.filename, dtype=a.dtype, count=count, offset=a.offset + start * row * a.dtype.itemsize)
     return values.reshape(-1, *a.shape[1:])
+
+
+def _raw_blocks(a: np.ndarray) -> tf.data.Dataset | None:
+    """The rows of a memory-mapped .npy, BLOCK at a time, read and decoded by TensorFlow: None where it cannot
+    (not a file's map, not C order, big-endian, a dtype decode_raw lacks). The same rows in the same blocks as
+    `_rows`, without the GIL: a generator's blocks wait for it while the metric sink's threads hold it."""
+    kind_ok = a.dtype.kind in "fiu" and a.dtype.byteorder in "<=|" and (a.dtype.byteorder != "=" or _LITTLE)
+    if not isinstance(a, np.memmap) or a.filename is None or not a.flags.c_contiguous or not kind_ok:
+        return None
+    try:
+        dtype = tf.as_dtype(a.dtype.newbyteorder("="))
+    except TypeError:
+        return None
+    row = a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+    n, size = len(a), os.path.getsize(a.filename)
+    full = n // BLOCK
+    parts = []  # (record bytes, where the records start, their count)
+    if full:
+        parts.append((BLOCK * row, a.offset, full))
+    if n > full * BLOCK:
+        parts.append(((n - full * BLOCK) * row, a.offset + full * BLOCK * row, 1))
+    if not parts or row == 0:
+        return None
+    reads = [tf.data.FixedLengthRecordDataset(a.filename, length, header_bytes=start,
+                                              footer_bytes=size - start - length * count)
+             for length, start, count in parts]  # fmt: skip
+    records = reads[0] if len(reads) == 1 else reads[0].concatenate(reads[1])
+    shape = [-1, *a.shape[1:]]
+    return records.map(lambda r: tf.reshape(tf.io.decode_raw(r, dtype, little_endian=True), shape))
 
 
 def _npy(path: str | None, key: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import TrainerError, build, check_data_settings, conf_dir, first_line
-from trainer.data.core import Dataset, Examples, Stream, check_numbers, check_values, split, val_mask
+from trainer.data.core import BLOCK, Dataset, Examples, Stream, check_numbers, check_values, split, val_mask
 from trainer.data.scaling import target_scale
 from trainer.data.weights import class_weights, sample_weights
 
@@ -26,7 +26,6 @@ CONTRACT = (
     "expected trainer.data.Examples, a tf.data.Dataset of unbatched (x, y) pairs, a pair (train, val) of "
     "datasets, arrays (x, y), or ((x, y), (x_val, y_val)) (README: Your own data)"
 )
-STATS_BATCH = 4096  # examples per batch of the statistics pass over a stream
 
 
 @functools.cache
@@ -210,7 +209,7 @@ def _arrays(ex: Examples) -> tuple[np.ndarray, np.ndarray]:
         x, y = ex.arrays() if callable(ex.arrays) else ex.arrays
         return np.asarray(x), np.asarray(y)
     xs, ys = [], []
-    for xb, yb in ex.read().batch(STATS_BATCH).as_numpy_iterator():
+    for xb, yb in ex.blocks().as_numpy_iterator():
         xs.append(xb)
         ys.append(yb)
     return np.concatenate(xs), np.concatenate(ys)
@@ -315,19 +314,19 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
     """Train and validation as streams: the split is a filter by example index against `val_mask`."""
     import tensorflow as tf
 
-    read = ex.read or _reader_of_arrays(ex)
+    blocks = ex.blocks or _reader_of_arrays(ex)
     task, n_classes = _task(s) or ex.task, len(ex.labels) if ex.labels else None
     if task is None or (task == "multiclass" and n_classes is None):  # the targets only, once
         if ex.arrays is not None and not callable(ex.arrays):  # memory-mapped: y alone is read
             ys = np.asarray(ex.arrays[1])
         else:
-            ys = np.concatenate([yb for _, yb in read().batch(STATS_BATCH).as_numpy_iterator()])
+            ys = np.concatenate([yb for _, yb in blocks().as_numpy_iterator()])
         task, _, n_classes = targets(ys, ex, task)
     targets_of = _block_targets(task)
     if ex.val is not None:
-        val_read = ex.val.read or _reader_of_arrays(ex.val)
-        train = Stream(_in_blocks(read, lambda i, x, y: (x, targets_of(y))), ex.count, ex.diagnose)
-        val = Stream(_in_blocks(val_read, lambda i, x, y: (x, targets_of(y))), ex.val.count, ex.val.diagnose)
+        val_blocks = ex.val.blocks or _reader_of_arrays(ex.val)
+        train = Stream(None, ex.count, ex.diagnose, _in_blocks(blocks, lambda i, x, y: (x, targets_of(y))))
+        val = Stream(None, ex.val.count, ex.val.diagnose, _in_blocks(val_blocks, lambda i, x, y: (x, targets_of(y))))
     else:
         mask = val_mask(ex.count, s.val_fraction, s.seed, s.folds, s.fold)
         n_val = int(mask.sum())
@@ -340,10 +339,10 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
                 keep = tf.gather(table, rows) == want_val
                 return tf.boolean_mask(x, keep), targets_of(tf.boolean_mask(y, keep))
 
-            return _in_blocks(read, pick)
+            return _in_blocks(blocks, pick)
 
-        train = Stream(part(False), ex.count - n_val, ex.diagnose)
-        val = Stream(part(True), n_val, ex.diagnose) if n_val else None
+        train = Stream(None, ex.count - n_val, ex.diagnose, part(False))
+        val = Stream(None, n_val, ex.diagnose, part(True)) if n_val else None
     one_value = int(np.prod(ex.y_shape)) == 1  # a class id per example, integer or float (a CSV's 0..9 column)
     y_shape = {"binary": (1,), "multiclass": () if one_value else ex.y_shape}.get(
         task, ex.y_shape if ex.y_shape else (1,)
@@ -357,10 +356,12 @@ def _streamed(ex: Examples, s: DictConfig) -> Dataset:
 
 def _as_streams(data: Dataset) -> Dataset:
     """Arrays as streams (data.in_memory=false on an in-memory source): the same examples, the same order."""
-    import tensorflow as tf
 
     def stream(x, y):
-        return Stream(lambda: tf.data.Dataset.from_tensor_slices((x, y)), len(x)) if x is not None else None
+        if x is None:
+            return None
+        specs = (x.shape[1:], x.dtype.name), (y.shape[1:], y.dtype.name)
+        return Stream(None, len(x), blocks=lambda: _array_blocks(x, y, *specs))
 
     out = Dataset(None, None, None, None, data.task, stream(data.x_train, data.y_train), stream(data.x_val, data.y_val),
                   data.n_classes, data.labels, x_shape=data.x_shape, y_shape=data.y_shape)  # fmt: skip
@@ -368,22 +369,19 @@ def _as_streams(data: Dataset) -> Dataset:
     return out
 
 
-BLOCK = 4096  # examples a streamed split is cut in for its split and targets, before the epoch's shuffle
-
-
-def _in_blocks(read, fn):
-    """read()'s examples in blocks of BLOCK, `fn(block index, x, y)` on each, then one example at a time again.
+def _in_blocks(blocks, fn):
+    """blocks()'s rows in blocks of exactly BLOCK (the last one shorter) and `fn(block index, x, y)` on each.
 
     Per block, not per example: a function per example (enumerate, filter by the validation mask, the targets'
     map) held the 1 GiB stream benchmark to ~95 batches of 256 a second; per block, ~3,400 (scripts/bench
-    --stream, README: Streamed data)."""
+    --stream, docs/performance.md: Streamed data). `rebatch` cuts a reader's chunks without a per-row op."""
     import tensorflow as tf
 
-    def split_read():
-        blocks = read().batch(BLOCK).enumerate()
-        return blocks.map(lambda i, xy: fn(i, *xy), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    def split_blocks():
+        ds = blocks().rebatch(BLOCK).enumerate()
+        return ds.map(lambda i, xy: fn(i, *xy), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    return split_read
+    return split_blocks
 
 
 def _block_targets(task: str):
@@ -403,31 +401,33 @@ def _block_targets(task: str):
 
 
 def _reader_of_arrays(ex: Examples):
-    """Stream arrays (memory-mapped ones are read a block at a time, never whole)."""
+    """Stream arrays in blocks (memory-mapped ones are read a block at a time, never whole)."""
+
+    def blocks():
+        x, y = ex.arrays() if callable(ex.arrays) else ex.arrays
+        return _array_blocks(x, y, (ex.x_shape, ex.x_dtype), (ex.y_shape, ex.y_dtype))
+
+    return blocks
+
+
+def _array_blocks(x: np.ndarray, y: np.ndarray, x_spec: tuple, y_spec: tuple):
+    """Rows of x and y, BLOCK at a time, as (shape per row, dtype) say."""
     import tensorflow as tf
 
-    block = STATS_BATCH
+    from trainer.data.files import _rows  # memory-mapped .npy: plain reads, so RSS stays one block
 
-    def read():
-        x, y = ex.arrays() if callable(ex.arrays) else ex.arrays
+    def rows(start):
+        start = int(start)
+        return _rows(x, start, BLOCK), np.array(y[start : start + BLOCK])  # copies, as _rows says why
 
-        from trainer.data.files import _rows  # memory-mapped .npy: plain reads, so RSS stays one block
-
-        def rows(start):
-            start = int(start)
-            return _rows(x, start, block), np.asarray(y[start : start + block])
-
-        spec = (tf.TensorSpec([None, *ex.x_shape], ex.x_dtype), tf.TensorSpec([None, *ex.y_shape], ex.y_dtype))
-        starts = tf.data.Dataset.range(0, ex.count, block)
-        blocks = starts.map(
-            lambda s: tf.numpy_function(rows, [s], [spec[0].dtype, spec[1].dtype], stateful=False),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        blocks = blocks.map(lambda a, b: (tf.ensure_shape(a, spec[0].shape), tf.ensure_shape(b, spec[1].shape)))
-        return blocks.unbatch()
-
-    return read
+    spec = [tf.TensorSpec([None, *shape], dtype) for shape, dtype in (x_spec, y_spec)]
+    starts = tf.data.Dataset.range(0, len(x), BLOCK)
+    blocks = starts.map(
+        lambda s: tf.numpy_function(rows, [s], [spec[0].dtype, spec[1].dtype], stateful=False),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return blocks.map(lambda a, b: (tf.ensure_shape(a, spec[0].shape), tf.ensure_shape(b, spec[1].shape)))
 
 
 # --- preprocessing -------------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def _statistics(data: Dataset) -> tuple[np.ndarray, ...]:
         lo, hi, mean, var = x.min(0), x.max(0), x.mean(0), x.var(0)
     else:
         n, total, squares, lo, hi = 0, 0.0, 0.0, np.inf, -np.inf
-        for xb, _ in data.train.read().batch(STATS_BATCH).as_numpy_iterator():
+        for xb, _ in data.train.blocks().as_numpy_iterator():
             xb = xb.reshape(len(xb), -1).astype(np.float64)
             n, total, squares = n + len(xb), total + xb.sum(0), squares + np.square(xb).sum(0)
             lo, hi = np.minimum(lo, xb.min(0)), np.maximum(hi, xb.max(0))
@@ -506,10 +506,8 @@ def relabel(data: Dataset, labels: list[str] | None) -> Dataset:
         table = tf.constant(mapping)
         for stream in (data.train, data.val):
             if stream is not None:
-                read = stream.read
-                stream.read = lambda read=read: read().map(
-                    lambda x, y: (x, tf.cast(tf.gather(table, tf.cast(y, tf.int64)), y.dtype))
-                )
+                renumbered = stream.mapped(lambda x, y: (x, tf.cast(tf.gather(table, tf.cast(y, tf.int64)), y.dtype)))
+                stream.read, stream.blocks = renumbered.read, renumbered.blocks
     else:
         data.y_train = renumber(data.y_train)
         data.y_val = None if data.y_val is None else renumber(data.y_val)

@@ -24,7 +24,6 @@ from trainer.config import TrainerError
 from trainer.data.core import Dataset
 
 SCALES = ("auto", "standard", "none")
-STATS_BATCH = 4096  # examples per batch of the statistics pass over a streamed split
 
 
 def target_scale(data: Dataset, setting: str, table: bool) -> tuple[np.ndarray, np.ndarray] | None:
@@ -48,7 +47,7 @@ def _target_batches(data: Dataset):
     if not data.streamed:
         yield np.asarray(data.y_train)
         return
-    for _, y in data.train.read().batch(STATS_BATCH).as_numpy_iterator():
+    for _, y in data.train.blocks().as_numpy_iterator():
         yield y
 
 

@@ -332,8 +332,8 @@ class _Table:
             tf.TensorSpec((None, *y_shape), y_dtype),
         )
 
-        def read() -> tf.data.Dataset:
-            return tf.data.Dataset.from_generator(self.converted, output_signature=signature).unbatch()
+        def blocks() -> tf.data.Dataset:
+            return tf.data.Dataset.from_generator(self.converted, output_signature=signature)
 
         targets = [f"{self.targets[0]}={k}" for k in self.labels or range(self.n_classes)] if self.one_hot else None
         return Examples(
@@ -343,7 +343,7 @@ class _Table:
             x_dtype="float32",
             y_dtype=y_dtype,
             arrays=arrays,
-            read=read,
+            blocks=blocks,
             source=self.source,
             columns=[*self.features, *(targets or self.targets)],
             labels=self.labels,
@@ -484,7 +484,7 @@ class _Typed:
         signature = (tf.TensorSpec((None, len(schema.features)), tf.float32), tf.TensorSpec((None, *y_shape), y_dtype))
         return Examples(
             count=kept, x_shape=(len(schema.features),), y_shape=y_shape, x_dtype="float32", y_dtype=y_dtype,
-            read=lambda: tf.data.Dataset.from_generator(batches, output_signature=signature).unbatch(),
+            blocks=lambda: tf.data.Dataset.from_generator(batches, output_signature=signature),
             source=self.source, columns=[*schema.features, *self.targets], labels=names,
             task="multiclass" if self.one_hot else None, numeric=True, table=True, scaled=schema.scaled,
             schema=schema, raw_example=example,

@@ -20,8 +20,6 @@ import numpy as np
 from trainer.config import TrainerError
 from trainer.data.core import Dataset, val_mask
 
-COUNT_BATCH = 4096  # examples per batch of the counting pass over a streamed split
-
 
 def class_weights(data: Dataset, setting: Any) -> np.ndarray | None:
     """The weight of each class id (float32, one per class), or None when `setting` is null."""
@@ -80,7 +78,7 @@ def class_counts(data: Dataset) -> np.ndarray:
     if not data.streamed:
         return _count(data.y_train, data, n)
     total = np.zeros(n, np.int64)
-    for _, y in data.train.read().batch(COUNT_BATCH).as_numpy_iterator():
+    for _, y in data.train.blocks().as_numpy_iterator():
         total += _count(y, data, n)
     return total
 

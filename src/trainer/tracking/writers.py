@@ -64,12 +64,12 @@ class SqlBulkWriter:
 
     def _insert(self, series: list[Series]) -> None:
         metric, _ = compat.tables()
-        columns, latest = [], []  # columns: (key, value, timestamp, step, is_nan) per point
+        columns, latest = [], []  # per point: compat.COLUMNS (key, value, timestamp, step, is_nan, run_uuid)
         for key, steps, values, stamps in series:
             is_nan = np.isnan(values)
             clean = np.where(is_nan, 0.0, np.clip(values, -FLOAT_MAX, FLOAT_MAX))  # as MLflow stores them
-            keys = [key] * len(steps)
-            columns += zip(keys, clean.tolist(), stamps.tolist(), steps.tolist(), is_nan.tolist(), strict=True)
+            keys, runs = [key] * len(steps), [self.run_id] * len(steps)
+            columns += zip(keys, clean.tolist(), stamps.tolist(), steps.tolist(), is_nan.tolist(), runs, strict=True)
             last = int(np.argmax(steps))
             latest.append(
                 metric(run_uuid=self.run_id, key=key, step=int(steps[last]), value=float(clean[last]),
@@ -92,9 +92,9 @@ class SqlBulkWriter:
         connection = session.connection()
         names = ", ".join(compat.COLUMNS)  # the columns compat checked
         if connection.dialect.name == "sqlite":
-            rows = [(*c, self.run_id) for c in columns]
             cursor = connection.connection.dbapi_connection.cursor()
-            cursor.executemany(f"INSERT INTO metrics ({names}) VALUES ({', '.join('?' * len(compat.COLUMNS))})", rows)
+            marks = ", ".join("?" * len(compat.COLUMNS))
+            cursor.executemany(f"INSERT INTO metrics ({names}) VALUES ({marks})", columns)
             cursor.close()
             return
         if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
@@ -103,11 +103,10 @@ class SqlBulkWriter:
                 cursor.copy(f"COPY metrics ({names}) FROM STDIN") as copy,
             ):
                 for c in columns:
-                    copy.write_row((*c, self.run_id))
+                    copy.write_row(c)
             return
         metric, _ = compat.tables()
-        connection.execute(insert(metric.__table__), [dict(zip(compat.COLUMNS, (*c, self.run_id), strict=True))
-                                                      for c in columns])  # fmt: skip
+        connection.execute(insert(metric.__table__), [dict(zip(compat.COLUMNS, c, strict=True)) for c in columns])
 
     def delete_after(self, step: int, finished: bool = False) -> None:
         """Remove what the resumed run redoes: train/* points at steps >= `step`, others past it, and the
