@@ -217,3 +217,27 @@ def test_the_windowed_shuffle_takes_every_row_once_within_its_window_and_is_a_fu
     unshuffled = StreamInput(stream, batch, 0, shuffle=False).dataset(0, batch)
     np.testing.assert_array_equal(np.concatenate([x[:, 0] for x, _ in unshuffled.as_numpy_iterator()]),
                                   np.arange(len(first)))  # fmt: skip
+
+
+def test_an_npy_cut_or_removed_while_streamed_is_one_line_naming_it(tmp_path):
+    """Before the file-size check: `reading the data failed: {{function_node __wrapped__IteratorGetNext...}}
+    Excluding the header (128 bytes) and footer ...`, TensorFlow's record lengths instead of the file's story."""
+    from trainer.config import TrainerError
+    from trainer.data.files import numpy
+    from trainer.inputs import reading
+
+    np.save(tmp_path / "x.npy", np.ones((20_000, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(20_000, np.float32))
+    for cut, said in ((128 + 4096 * 16 * 2, "is 131,200 bytes where its 20,000 rows need 320,128"), (None, "is gone")):
+        np.save(tmp_path / "x.npy", np.ones((20_000, 4), np.float32))
+        ex = numpy(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "x", "y", None)
+        batches = ex.blocks()
+        if cut is None:
+            (tmp_path / "x.npy").unlink()
+        else:
+            with open(tmp_path / "x.npy", "r+b") as f:
+                f.truncate(cut)
+        with pytest.raises(TrainerError) as e, reading(Stream(None, 20_000, ex.diagnose, blocks=ex.blocks)):
+            sum(len(x) for x, _ in batches.as_numpy_iterator())
+        assert str(e.value) == (f"data.path={tmp_path / 'x.npy'} {said}: it changed while the run read it; restore "
+                                "it and resume the run")  # fmt: skip

@@ -302,7 +302,8 @@ def _read_failure(error: tf.errors.OpError) -> TrainerError | None:
         )
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("[[")]
     reasons = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b[^:]*: ", line)]
-    why = (reasons[-1] if reasons else lines[0] if lines else type(error).__name__)[:300]
+    why = reasons[-1] if reasons else lines[0] if lines else type(error).__name__
+    why = re.sub(r"^\{\{[^}]*\}\}\s*", "", why)[:300]  # not TensorFlow's "{{function_node __wrapped__...}}"
     path = re.search(r"(/[^\s'\",;()\[\]]+\.\w+)", text)
     where = f" ({path.group(1)})" if path and path.group(1) not in why else ""
     return TrainerError(f"reading the data failed{where}: {why}; check the file, or restore it and resume the run")

@@ -96,7 +96,24 @@ def numpy(path: str, y: str | None, x_key: str, y_key: str, rescale: float | Non
         source=source,
         numeric=xs.ndim == 2 and xs.dtype.kind == "f",
         rescale=rescale,
+        diagnose=lambda: _resized(xs, "data.path") or _resized(y_file, "data.y"),
     )
+
+
+def _resized(a: np.ndarray, key: str) -> TrainerError | None:
+    """The line for a memory-mapped .npy whose file is not the size it had when the run opened it (cut, grown,
+    deleted), else None: TensorFlow's own words for it are about record lengths."""
+    if not isinstance(a, np.memmap) or a.filename is None:
+        return None
+    expected = a.offset + a.nbytes
+    try:
+        size: int | str = os.path.getsize(a.filename)
+    except OSError:
+        size = "gone"
+    if size == expected:
+        return None
+    now = "is gone" if size == "gone" else f"is {size:,} bytes where its {len(a):,} rows need {expected:,}"
+    return TrainerError(f"{key}={a.filename} {now}: it changed while the run read it; restore it and resume the run")
 
 
 def _rows(a: np.ndarray, start: int, n: int) -> np.ndarray:
