@@ -77,6 +77,19 @@ def test_class_ids_are_renumbered_to_the_models_own():
         relabel(Dataset(np.zeros((1, 1)), np.array([0]), None, None, "multiclass", labels=["d"]), ["a", "b"])
 
 
+def test_a_streamed_splits_class_ids_are_renumbered_in_its_rows_and_its_blocks():
+    """`trainer evaluate` of a streamed file whose classes are a subset: both splits' ids shift, read either way."""
+    from trainer.data import Stream
+    from trainer.data.prepare import _as_streams
+
+    held = Dataset(np.zeros((5, 1), np.float32), np.array([0, 1, 1, 0, 1], np.int32), np.zeros((2, 1), np.float32),
+                   np.array([1, 0], np.int32), "multiclass", labels=["b", "c"])  # fmt: skip
+    out = relabel(_as_streams(held), ["a", "b", "c"])
+    assert isinstance(out.train, Stream) and out.labels == ["a", "b", "c"] and out.n_classes == 3
+    assert [int(y) for _, y in out.train.read().as_numpy_iterator()] == [1, 2, 2, 1, 2]
+    assert np.concatenate([y for _, y in out.val.blocks().as_numpy_iterator()]).tolist() == [2, 1]
+
+
 def test_a_class_task_on_targets_that_are_no_class_ids_names_the_fix():
     ex = Examples(3, (1,), (1,), arrays=(np.zeros((3, 1), np.float32), np.array([[0.5], [1.0], [2.0]], np.float32)))
     with pytest.raises(TrainerError, match=r"data\.task=multiclass needs class ids .* set data\.task=regression"):

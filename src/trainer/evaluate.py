@@ -371,7 +371,7 @@ def evaluate(
         from trainer.metrics import eval_batch
 
         stream = data.val if split == "validation" else data.train  # all: the one split there is
-        x, y, examples = stream.read().batch(eval_batch(batch_size)), None, stream.count
+        x, y, examples = stream.blocks().rebatch(eval_batch(batch_size)), None, stream.count
     else:
         x, y = (data.x_val, data.y_val) if split == "validation" else (data.x_train, data.y_train)
         examples = len(x)

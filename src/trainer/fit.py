@@ -75,7 +75,7 @@ def fit(
             action.on_train_begin(ctx)
         with stop.catching():
             last, steps_per_sec = _train(loop, t, ctx, actions, checkpoints, stop)
-        loop.input.release()
+        loop.input.release()  # before the final validation; the `finally` covers a run that raised
         if ctx.signum:
             raise Interrupted(ctx.signum, ctx.step, str(checkpoints.directory))
         if t.on_nonfinite == "skip_step":  # an early stop ran fewer steps: the fraction is of those run

@@ -67,8 +67,9 @@ def numpy(path: str, y: str | None, x_key: str, y_key: str, rescale: float | Non
     if xs.ndim == 0 or ys.ndim == 0 or len(xs) != len(ys):
         raise TrainerError(f"{source}: x has shape {xs.shape} and y {ys.shape}; they need the same number of rows")
     check_numbers(xs, ys, f"{source} holds")
-    y_file, y_rows = ys, [-1, *(() if ys.ndim == 1 and ys.dtype.kind in "iu" else (int(np.prod(ys.shape[1:])),))]
-    ys = ys.astype(np.int64) if ys.ndim == 1 and ys.dtype.kind in "iu" else ys.reshape(len(ys), -1).astype(np.float32)
+    class_ids = ys.ndim == 1 and ys.dtype.kind in "iu"
+    y_file, y_rows = ys, [-1] if class_ids else [-1, int(np.prod(ys.shape[1:]))]  # y as the file has it, its rows
+    ys = ys.astype(np.int64) if class_ids else ys.reshape(len(ys), -1).astype(np.float32)
 
     def blocks() -> tf.data.Dataset:
         raw = [_raw_blocks(xs), _raw_blocks(y_file)]

@@ -504,10 +504,12 @@ def relabel(data: Dataset, labels: list[str] | None) -> Dataset:
         import tensorflow as tf
 
         table = tf.constant(mapping)
-        for stream in (data.train, data.val):
-            if stream is not None:
-                renumbered = stream.mapped(lambda x, y: (x, tf.cast(tf.gather(table, tf.cast(y, tf.int64)), y.dtype)))
-                stream.read, stream.blocks = renumbered.read, renumbered.blocks
+
+        def renumbered(x, y):
+            return x, tf.cast(tf.gather(table, tf.cast(y, tf.int64)), y.dtype)
+
+        data.train = data.train.mapped(renumbered)
+        data.val = data.val.mapped(renumbered) if data.val is not None else None
     else:
         data.y_train = renumber(data.y_train)
         data.y_val = None if data.y_val is None else renumber(data.y_val)
