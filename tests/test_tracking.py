@@ -76,6 +76,21 @@ def test_sql_bulk_path_writes_what_log_batch_writes(client):
     assert latest_bulk["train/grad_norm_by_var/a/b"] == pytest.approx(2 * 299)
 
 
+def test_one_bulk_write_of_whole_and_partial_insert_statements_equals_log_batch(client):
+    """411 points in one write: four ROWS_PER_INSERT-row statements and 11 single rows, as log_batch stores them."""
+    from trainer.tracking.writers import ROWS_PER_INSERT
+
+    steps = np.arange(137)
+    series = [(key, steps, np.sin(steps + i), 5_000 + steps) for i, key in enumerate(("x/a", "x/b", "x/c"))]
+    assert 3 * len(steps) // ROWS_PER_INSERT == 4 and 3 * len(steps) % ROWS_PER_INSERT == 11
+    bulk_run, batch_run = new_run(client, "bulk"), new_run(client, "batch")
+    SqlBulkWriter.for_client(client, bulk_run).write(series)
+    LogBatchWriter(client, batch_run).write(series)
+    for key, *_ in series:
+        assert len(history(client, bulk_run, key)) == 137
+        assert history(client, bulk_run, key) == history(client, batch_run, key), key
+
+
 def test_log_every_keeps_every_nth_step(client):
     run_id = new_run(client)
     sink = MetricSink(client, run_id, log_every=7)
