@@ -90,9 +90,9 @@ class SqlBulkWriter:
 
     def _execute_many(self, session, columns: list[tuple]) -> None:
         """SQLite: the driver's own executemany on the session's connection (same transaction), ROWS_PER_INSERT
-        rows a statement; PostgreSQL through psycopg 3: a COPY of the rows in the same transaction (32-39k points/s against
-        17-24k for the Core insert, 500k points here, server on the same 2 cores); other databases: a
-        SQLAlchemy Core insert of the same rows."""
+        rows a statement; PostgreSQL through psycopg 3: a COPY of the rows in the same transaction (32-39k
+        points/s against 17-24k for the Core insert, 500k points here, server on the same 2 cores); other
+        databases: a SQLAlchemy Core insert of the same rows."""
         from sqlalchemy import insert
 
         connection = session.connection()
