@@ -42,6 +42,7 @@ def _checkpoint(tmp_path, name: str, step: int) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow  # ~10 s, the fast suite's longest single test
 def test_frozen_conv_block_stays_bitwise_then_init_from_unfreezes_and_beats_it(tmp_path, compose_cfg, digits):
     client, phase1 = _run(tmp_path, compose_cfg, digits, "phase1", "model.freeze=[conv_*,bn_*]")
     before, after = _checkpoint(tmp_path, "phase1", 0), _checkpoint(tmp_path, "phase1", STEPS)
