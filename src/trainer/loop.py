@@ -546,6 +546,7 @@ def _compiled(method: Callable, **options) -> Callable:
 
 
 def _same(value: Any) -> Any:
+    """A cond's branch that keeps what it was given (the batch already held, after a call's last step)."""
     return value
 
 
