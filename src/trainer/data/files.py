@@ -78,7 +78,7 @@ def numpy(path: str, y: str | None, x_key: str, y_key: str, rescale: float | Non
 
         def chunks():
             for i in range(0, len(xs), BLOCK):
-                yield _rows(xs, i, BLOCK), ys[i : i + BLOCK]
+                yield _rows(xs, i, BLOCK), np.array(ys[i : i + BLOCK])  # a copy, as _rows says why
 
         signature = (
             tf.TensorSpec((None, *xs.shape[1:]), xs.dtype),
